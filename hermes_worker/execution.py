@@ -1,0 +1,449 @@
+"""One job attempt on the runtime loop: claim, generate, parse, stream, finish.
+
+Everything here runs on the runtime's event loop. Redis is awaited only to claim the job's
+lease (one script) and for the final write; deltas go through the :class:`StreamWriter`,
+which never blocks the loop that drains the engine.
+
+An attempt ends in exactly one terminal state, written once: ``done`` (succeeded),
+``error`` (failed, or expired before it started), or ``cancelled``. It can also be stopped
+without a terminal write: when its lease was lost (another worker owns the job now) or when
+the worker shuts down (the job goes back to the queue for another worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from hermes_worker.engine import Delta, Engine
+from hermes_worker.errors import (
+    EngineError,
+    HermesError,
+    InternalError,
+    JobCancelled,
+    JobExpired,
+    JobTimeout,
+)
+from hermes_worker.jobs import (
+    ChatJob,
+    Choice,
+    CompletionTokensDetails,
+    ErrorInfo,
+    FinishReason,
+    JobInfo,
+    JobResult,
+    JobStatus,
+    PromptTokensDetails,
+    ResponseMessage,
+    ResponseToolCall,
+    Usage,
+)
+from hermes_worker.leases import Claimed, Ended, Leases
+from hermes_worker.parsing import ContentParser, ParserEvent, StreamingParser
+from hermes_worker.sampling import GenerationPlan
+from hermes_worker.store import Keys, decode_event, job_info_from_record
+from hermes_worker.stream import JobStream, StreamWriter
+
+log = structlog.stdlib.get_logger(__name__)
+
+OutputParser = StreamingParser | ContentParser
+StopReason = Literal["cancel", "timeout", "lease_lost", "shutdown"]
+FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
+# The one place where an error becomes a job status and a terminal event.
+STATUS_FOR_ERROR = {"cancelled": JobStatus.CANCELLED, "expired": JobStatus.EXPIRED}
+EVENT_FOR_STATUS = {JobStatus.SUCCEEDED: "done", JobStatus.CANCELLED: "cancelled"}
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A validated, rendered job, ready for the engine."""
+
+    job_id: str
+    job: ChatJob
+    token_ids: list[int]
+    plan: GenerationPlan
+
+
+@dataclass
+class Control:
+    """Handle on a running generation, so cancel / deadline / shutdown can stop it."""
+
+    task: asyncio.Task[None] | None = None
+    reason: StopReason | None = None
+
+    def stop(self, reason: StopReason) -> None:
+        if self.reason is None:
+            self.reason = reason
+            if self.task is not None:
+                self.task.cancel()  # cancelling the iteration of generate() aborts in vLLM
+
+
+@dataclass
+class Attempt:
+    """What one attempt learned when it claimed the job and gathers while it runs."""
+
+    job_id: str
+    number: int
+    token: str
+    queued_at: float
+    started_at: float
+    stream: JobStream
+    cancel_requested: bool = False
+    prompt_tokens: int = 0
+    first_token_at: float | None = None
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str | None = None
+    call_ids: list[str] = field(default_factory=list)
+
+
+class JobContext:
+    """What job attempts share within one worker process."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        redis: Redis,
+        writer: StreamWriter,
+        leases: Leases,
+        keys: Keys,
+        *,
+        worker: str,
+        model: str,
+        max_generation_s: float,
+        fault_injection: bool = False,
+    ) -> None:
+        self.engine, self.redis, self.writer, self.leases = engine, redis, writer, leases
+        self.keys, self.worker, self.model = keys, worker, model
+        self.max_generation_s = max_generation_s
+        self.fault_injection = fault_injection
+        self.controls: dict[str, Control] = {}  # running generations by job id
+        self.held: dict[str, str] = {}  # leases held by this worker: job id -> token
+        # Called with every result this worker writes (metrics, vitals); must not raise or block.
+        self.observers: list[Callable[[JobResult], None]] = []
+        self.shutting_down = False
+
+    async def claim(self, job_id: str) -> Attempt | JobStatus | None:
+        """Claim the job: an Attempt, the status it already ended with, or None when this
+        worker is shutting down while another one holds the job."""
+        token = f"{self.worker}:{uuid.uuid4().hex[:12]}"
+        while not self.shutting_down:
+            now = time.time()
+            outcome = await self.leases.claim(job_id, token, now, self.worker)
+            if isinstance(outcome, Ended):
+                return JobStatus(outcome.status)
+            if isinstance(outcome, Claimed):
+                self.held[job_id] = token
+                return self._attempt(job_id, token, now, outcome)
+            # A live lease: the job runs elsewhere. Wait for it to end or for its worker to die.
+            await asyncio.sleep(min(max(outcome.ttl_ms, 50) / 1000, self.leases.ttl_ms / 3000))
+        return None
+
+    def _attempt(self, job_id: str, token: str, now: float, claimed: Claimed) -> Attempt:
+        stream = JobStream(job_id, next_seq=claimed.last_seq + 1)
+        attempt = Attempt(job_id, claimed.attempt, token, claimed.queued_at, now, stream)
+        attempt.cancel_requested = claimed.cancel_requested
+        if attempt.number > 1:  # an earlier attempt died: readers drop its partial output
+            self.writer.emit(stream, "restarted", {"attempt": attempt.number}, urgent=True)
+        return attempt
+
+    def job_info(self, attempt: Attempt, status: JobStatus, problems: tuple[str, ...]) -> JobInfo:
+        return JobInfo(
+            id=attempt.job_id,
+            status=status,
+            attempts=attempt.number,
+            worker=self.worker,
+            queued_at=attempt.queued_at,
+            started_at=attempt.started_at,
+            first_token_at=attempt.first_token_at,
+            finished_at=time.time(),
+            problems=problems,
+        )
+
+
+async def run_attempt(ctx: JobContext, prepared: PreparedJob) -> JobStatus | None:
+    """Run one attempt to its end. Returns the terminal status, or None when the job must be
+    handed back to the queue (this worker is shutting down)."""
+    claim = await ctx.claim(prepared.job_id)
+    if not isinstance(claim, Attempt):
+        return claim
+    attempt = claim
+    attempt.prompt_tokens = len(prepared.token_ids)
+    requeue = ended = False
+    # Every log line of this attempt names it (this task has a context of its own).
+    structlog.contextvars.bind_contextvars(job_id=attempt.job_id, attempt=attempt.number)
+    try:
+        status = await _run_claimed(ctx, attempt, prepared)
+        requeue, ended = status is None, status is not None
+        return status
+    finally:
+        ctx.held.pop(attempt.job_id, None)
+        if not ended:  # no terminal write flushed its events: they go out before the lease
+            await ctx.writer.settle(attempt.stream)
+        await ctx.leases.release(attempt.job_id, attempt.token, requeue=requeue)
+
+
+async def reject(ctx: JobContext, job_id: str, error: HermesError) -> JobStatus | None:
+    """End a job that cannot run (bad body, prompt too long) as failed, under its lease."""
+    claim = await ctx.claim(job_id)
+    if not isinstance(claim, Attempt):
+        return claim
+    try:
+        return await finish(ctx, claim, None, error)
+    finally:
+        ctx.held.pop(job_id, None)
+        await ctx.leases.release(job_id, claim.token)
+
+
+async def _run_claimed(
+    ctx: JobContext, attempt: Attempt, prepared: PreparedJob
+) -> JobStatus | None:
+    if ctx.fault_injection:
+        _inject_fault(prepared.job, attempt.number)
+    if attempt.cancel_requested:
+        return await finish(ctx, attempt, None, JobCancelled("cancelled before it started"))
+    deadline = prepared.job.effective_deadline(attempt.queued_at)
+    if deadline is not None and deadline <= attempt.started_at:
+        return await finish(ctx, attempt, None, JobExpired("the deadline passed while queued"))
+    ctx.writer.emit(
+        attempt.stream,
+        "started",
+        {"attempt": attempt.number, "worker": ctx.worker, "prompt_tokens": attempt.prompt_tokens},
+        urgent=True,
+    )
+    parser: OutputParser = ContentParser() if prepared.plan.json_document else StreamingParser()
+    by_deadline = deadline is not None and deadline - time.time() < ctx.max_generation_s
+    limit = deadline - time.time() if by_deadline and deadline else ctx.max_generation_s
+    try:
+        reason = await _generate_under_control(ctx, attempt, prepared, parser, limit)
+    except HermesError as exc:
+        if exc.retryable:
+            raise
+        return await finish(ctx, attempt, parser, exc)
+    except (RedisError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # a bug must still end the job, and the worker keeps serving
+        log.exception("job %s: unexpected failure", attempt.job_id)
+        return await finish(ctx, attempt, parser, InternalError(f"{type(exc).__name__}: {exc}"))
+    if reason is None:
+        return await finish(ctx, attempt, parser, None)
+    if reason == "cancel":
+        return await finish(ctx, attempt, parser, JobCancelled("cancelled while running"))
+    if reason == "timeout":
+        message = (
+            "the job's deadline was reached during generation"
+            if by_deadline
+            else f"generation reached the worker's limit of {ctx.max_generation_s:g} s"
+        )
+        return await finish(ctx, attempt, parser, JobTimeout(message))
+    log.warning("job %s stopped (%s): handing it back", attempt.job_id, reason)
+    if reason == "lease_lost":  # another attempt writes this stream now: ours would mix in
+        ctx.writer.discard(attempt.stream)
+    return None
+
+
+def _inject_fault(job: ChatJob, attempt: int) -> None:
+    """Tests only (``HERMES_FAULT_INJECTION``): fail the first N attempts as transient."""
+    spec = (job.metadata or {}).get("hermes_fault", "")
+    kind, _, count = spec.partition(":")
+    if kind == "transient" and attempt <= int(count or 1_000_000):
+        raise EngineError(f"injected transient failure (attempt {attempt})")
+
+
+async def _generate_under_control(
+    ctx: JobContext, attempt: Attempt, prepared: PreparedJob, parser: OutputParser, limit: float
+) -> StopReason | None:
+    """Generate with a handle for cancel / deadline / shutdown; returns why it stopped early."""
+    control = Control()
+    ctx.controls[attempt.job_id] = control
+    timer = asyncio.get_running_loop().call_later(max(limit, 0), control.stop, "timeout")
+    control.task = asyncio.create_task(_generate(ctx, attempt, prepared, parser))
+    try:
+        await control.task
+    except asyncio.CancelledError:
+        if control.reason is None:  # this attempt itself is being cancelled: pass it on
+            control.task.cancel()
+            raise
+    finally:
+        timer.cancel()
+        ctx.controls.pop(attempt.job_id, None)
+    return control.reason
+
+
+async def _generate(
+    ctx: JobContext, attempt: Attempt, prepared: PreparedJob, parser: OutputParser
+) -> None:
+    _send(ctx, attempt, parser.feed(prepared.plan.forced_prefix))
+    request_id = f"{prepared.job_id}:{attempt.number}"
+    async for delta in ctx.engine.generate(
+        request_id, prepared.token_ids, prepared.plan, prepared.job.priority
+    ):
+        _account(ctx, attempt, delta, parser)
+        if delta.finished:
+            attempt.finish_reason = delta.finish_reason
+            attempt.cached_tokens = delta.num_cached_tokens
+    _send(ctx, attempt, parser.feed(prepared.plan.forced_suffix))
+
+
+def _account(ctx: JobContext, attempt: Attempt, delta: Delta, parser: OutputParser) -> None:
+    if attempt.first_token_at is None and delta.num_tokens:
+        attempt.first_token_at = time.time()  # into the record with the result (one write)
+    was_reasoning = parser.in_reasoning
+    events = parser.feed(delta.text)
+    # A delta that touches a think block counts as reasoning: exact to the delta, which is
+    # a handful of tokens at most.
+    if was_reasoning or parser.in_reasoning:
+        attempt.reasoning_tokens += delta.num_tokens
+    attempt.completion_tokens += delta.num_tokens
+    ctx.writer.generated(attempt.stream, delta.num_tokens)
+    _send(ctx, attempt, events)
+
+
+def _send(ctx: JobContext, attempt: Attempt, events: list[ParserEvent]) -> None:
+    for event in events:
+        urgent = not attempt.call_ids and attempt.stream.next_seq <= 3
+        if event.tool_call is not None:
+            call_id = f"call_{uuid.uuid4().hex[:24]}"
+            data = _tool_call(call_id, event.tool_call.name, event.tool_call.arguments)
+            data["index"] = len(attempt.call_ids)
+            attempt.call_ids.append(call_id)
+            ctx.writer.emit(attempt.stream, "tool_call", data, urgent=True)
+        else:
+            ctx.writer.emit(attempt.stream, event.type, {"text": event.text}, urgent=urgent)
+
+
+def _tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _usage(attempt: Attempt) -> Usage:
+    return Usage(
+        prompt_tokens=attempt.prompt_tokens,
+        completion_tokens=attempt.completion_tokens,
+        total_tokens=attempt.prompt_tokens + attempt.completion_tokens,
+        completion_tokens_details=CompletionTokensDetails(
+            reasoning_tokens=attempt.reasoning_tokens
+        ),
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=attempt.cached_tokens),
+    )
+
+
+def _choice(
+    ctx: JobContext, attempt: Attempt, parser: OutputParser, error: HermesError | None
+) -> tuple[Choice, tuple[str, ...]]:
+    """The output so far as a choice (all of it on success, the partial output otherwise)."""
+    if not parser.finished:
+        _send(ctx, attempt, parser.finish())  # release held-back text, so stream == result
+    parsed = parser.result()
+    calls = [
+        ResponseToolCall.model_validate(_tool_call(call_id, call.name, call.arguments))
+        for call_id, call in zip(attempt.call_ids, parsed.tool_calls, strict=True)
+    ]
+    finish: FinishReason
+    if error is not None:
+        finish = error.type if error.type in ("cancelled", "timeout") else "error"  # type: ignore[assignment]
+    else:
+        finish = "tool_calls" if calls else FINISH_REASONS.get(attempt.finish_reason or "", "stop")
+    message = ResponseMessage(
+        content=parsed.content, reasoning_content=parsed.reasoning, tool_calls=calls or None
+    )
+    return Choice(index=0, message=message, finish_reason=finish), parsed.problems
+
+
+async def finish(
+    ctx: JobContext, attempt: Attempt, parser: OutputParser | None, error: HermesError | None
+) -> JobStatus:
+    """Write the attempt's one terminal state; partial output is kept whatever the ending."""
+    status = (
+        JobStatus.SUCCEEDED if error is None else STATUS_FOR_ERROR.get(error.type, JobStatus.FAILED)
+    )
+    choices: tuple[Choice, ...] = ()
+    problems: tuple[str, ...] = ()
+    usage = None
+    if parser is not None:
+        choice, problems = _choice(ctx, attempt, parser, error)
+        choices = (choice,)
+        usage = _usage(attempt)
+        ctx.writer.emit(attempt.stream, "usage", usage.model_dump(mode="json"))
+    result = JobResult(
+        id=attempt.job_id,
+        created=int(attempt.started_at),
+        model=ctx.model,
+        choices=choices,
+        usage=usage,
+        job=ctx.job_info(attempt, status, problems),
+        error=ErrorInfo.from_error(error) if error is not None else None,
+    )
+    event = EVENT_FOR_STATUS.get(status, "error")
+    if status is JobStatus.SUCCEEDED:
+        data: dict[str, Any] = {"finish_reason": choices[0].finish_reason}
+    else:
+        data = error.to_dict() if error is not None else {}
+    fields: dict[str, Any] = {
+        "status": status.value,
+        "first_token_at": attempt.first_token_at or "",
+        "finished_at": result.job.finished_at,
+        "result": result.model_dump_json(),
+        "problems": list(problems),
+    }
+    await ctx.writer.close(attempt.stream, fields, event, data)
+    _observe(ctx, result)
+    info = result.job
+    log.info(
+        "job ended",
+        status=status.value,
+        error=error.type if error is not None else None,
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        queue_wait_s=info.queue_wait_s,
+        time_to_first_token_s=info.time_to_first_token_s,
+        generation_s=info.generation_s,
+    )
+    return status
+
+
+def _observe(ctx: JobContext, result: JobResult) -> None:
+    for observer in ctx.observers:
+        try:
+            observer(result)
+        except Exception:  # an observer's bug must not fail the job it watches
+            log.exception("result observer %r failed", observer)
+
+
+async def dead_letter(ctx: JobContext, job_id: str, error: HermesError) -> None:
+    """Fail a job that ran out of retries and list it in the dead letters.
+
+    It is not claimed again (that would count one more attempt): the record says how many
+    attempts it had, and the failure is written after its last event."""
+    pipe = ctx.redis.pipeline(transaction=False)
+    pipe.hgetall(ctx.keys.job(job_id))
+    pipe.xrevrange(ctx.keys.events(job_id), count=1)
+    record, last = await pipe.execute()
+    info = job_info_from_record(job_id, record).model_copy(
+        update={"status": JobStatus.FAILED, "finished_at": time.time()}
+    )
+    result = JobResult(
+        id=job_id,
+        created=int(info.started_at or time.time()),
+        model=ctx.model,
+        job=info,
+        error=ErrorInfo.from_error(error),
+    )
+    stream = JobStream(job_id, next_seq=decode_event(*last[0]).seq + 1 if last else 1)
+    fields = {
+        "status": "failed",
+        "finished_at": info.finished_at,
+        "result": result.model_dump_json(),
+    }
+    await ctx.writer.close(stream, fields, "error", error.to_dict())
+    await ctx.redis.lpush(ctx.keys.dead_letters, job_id)
+    _observe(ctx, result)

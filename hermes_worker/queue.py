@@ -1,0 +1,100 @@
+"""The Celery app: Redis as broker, JSON only, one task name (``hermes.chat``).
+
+Celery is the transport and nothing more. Results and streams are written under our own
+Redis keys (``store.py``), so no result backend is configured. Producers in any language can
+submit by sending a Celery message for ``hermes.chat`` whose single argument is the job body.
+
+``HERMES_REDIS_URL`` is the one source of Redis credentials and TLS for Celery and for our own
+clients: ``redis://user:password@host:6379/0``, or ``rediss://…?ssl_ca_certs=/path/ca.crt``
+for TLS (the ``ssl_*`` query parameters are redis-py's, see :func:`broker_ssl`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import Celery
+from redis.connection import parse_url
+
+from hermes_worker.settings import Settings
+from hermes_worker.transport import TRANSPORT
+
+TASK_NAME = "hermes.chat"
+# The Redis transport emulates priorities with one list per step; ten steps give every
+# job priority (0-9) its own list, and "priority" order serves 0 (most urgent) first.
+PRIORITY_STEPS = list(range(10))
+UNACKED_MUTEX_EXPIRE_S = 10
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery settings both producers and workers use."""
+    return {
+        "broker_url": settings.redis_url,
+        # kombu's Redis transport, but one that survives raw garbage pushed on the queue.
+        "broker_transport": TRANSPORT,
+        "broker_connection_retry_on_startup": True,
+        "broker_use_ssl": broker_ssl(settings.redis_url),
+        # Pickle would let anyone who can write to Redis run code in the worker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "result_accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        # Ack after the job ran; a worker that dies mid-job leaves it to be delivered again.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue_name,
+        "task_default_priority": 5,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "priority_steps": PRIORITY_STEPS,
+            "sep": ":",
+            "queue_order_strategy": "priority",
+            # Sweep for messages whose worker died every few seconds, not every ~100 s
+            # (kombu's default interval x throttle), so recovery follows the timeout closely.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1,
+            # A sweep holds a mutex in Redis; a worker killed while holding it blocked every
+            # sweep on the database for kombu's default 300 s (seen after a kill -9). A sweep
+            # takes milliseconds, and restoring one message twice is impossible anyway (each
+            # restore is a WATCH transaction), so a dead holder now costs seconds.
+            "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
+        },
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+    }
+
+
+def broker_ssl(redis_url: str) -> dict[str, Any] | None:
+    """kombu's TLS options for a ``rediss://`` URL (None for ``redis://``): the URL's
+    ``ssl_*`` query parameters as redis-py reads them, certificates verified unless the URL
+    says ``ssl_cert_reqs=none``.
+
+    redis-py takes TLS from the URL alone. kombu, given our transport by name, connects in
+    plain TCP to a ``rediss://`` URL that has no ``ssl_*`` parameter (reproduced against a
+    TLS-only Redis: the server resets the connection), so the options are passed explicitly,
+    and both clients verify the server the same way.
+    """
+    if urlsplit(redis_url).scheme != "rediss":
+        return None
+    # redis-py's own parser, so both clients read the parameters alike (it has no annotations).
+    parsed: dict[str, Any] = parse_url(redis_url)  # type: ignore[no-untyped-call]
+    options = {k: v for k, v in parsed.items() if k.startswith("ssl_")}
+    options.setdefault("ssl_cert_reqs", "required")  # redis-py's default; never empty
+    return options
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured for hermes-worker (not set as Celery's current app)."""
+    app = Celery("hermes_worker", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def send_job(app: Celery, body: dict[str, Any], job_id: str, priority: int, queue: str) -> None:
+    """Put one job on the queue; the Celery task id is the job id."""
+    app.send_task(TASK_NAME, args=[body], task_id=job_id, priority=priority, queue=queue)

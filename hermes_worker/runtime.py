@@ -1,0 +1,225 @@
+"""The per-process runtime: one asyncio loop in its own thread, owning the engine.
+
+Celery's thread pool runs many tasks at once; each task validates and renders its job in
+its own thread, then hands the generation to this loop with ``run_coroutine_threadsafe``
+and blocks on the future. All jobs therefore share one ``AsyncLLM``, which batches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import structlog
+from redis.exceptions import RedisError
+
+from hermes_worker.engine import Engine
+from hermes_worker.errors import EngineError, HermesError, InvalidRequest, StoreUnavailable
+from hermes_worker.execution import JobContext, PreparedJob, dead_letter, reject, run_attempt
+from hermes_worker.heartbeat import heartbeat, listen_for_cancels, watch_engine
+from hermes_worker.jobs import JOB_ID_PATTERN, JobStatus, parse_job
+from hermes_worker.leases import Leases
+from hermes_worker.metrics import WorkerMetrics, start_metrics
+from hermes_worker.sampling import FORCED_CALL_PREFIX, forces_tool_call, plan_generation
+from hermes_worker.settings import Settings
+from hermes_worker.store import Keys, async_client
+from hermes_worker.stream import StreamWriter
+from hermes_worker.template import PromptRenderer
+from hermes_worker.vitals import Vitals
+
+log = structlog.stdlib.get_logger(__name__)
+T = TypeVar("T")
+EXIT_ENGINE_DEAD = 70  # EX_SOFTWARE: a supervisor restarts the worker
+
+
+def worker_name(settings: Settings) -> str:
+    return settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Runtime:
+    """Engine + Redis + stream writer on a private loop; build once per worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.worker = worker_name(settings)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="hermes-runtime")
+        self._thread.daemon = True
+        self._ctx: JobContext | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics: WorkerMetrics | None = None
+        self._renderer: PromptRenderer | None = None
+        self._encode_lock = threading.Lock()
+
+    # -- lifecycle (called from the worker's main thread) --------------------------------------
+
+    def start(self, timeout: float = 900.0) -> None:
+        """Start the loop thread and build the engine on it; returns when it is ready."""
+        self._thread.start()
+        self._call(self._startup(), timeout)
+        # Our own tokenizer for rendering: vLLM's lives on the loop and must not be shared.
+        self._renderer = PromptRenderer.from_pretrained(str(self.settings.model))
+        log.info("runtime ready: worker=%s max_model_len=%s", self.worker, self.max_model_len)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Flush pending writes, shut the engine down, stop the loop."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self._call(self._shutdown(), timeout)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._context.engine.max_model_len
+
+    @property
+    def _context(self) -> JobContext:
+        if self._ctx is None:
+            raise RuntimeError("the runtime is not started")
+        return self._ctx
+
+    async def _startup(self) -> None:
+        settings = self.settings
+        engine = Engine.start(settings)
+        redis = async_client(settings.redis_url)
+        writer = StreamWriter(
+            redis,
+            self.keys,
+            flush_s=settings.stream_flush_ms / 1000,
+            ttl_s=settings.result_ttl_s,
+            min_tokens=settings.stream_min_tokens,
+            max_flush_s=settings.stream_max_flush_ms / 1000,
+        )
+        writer.start()
+        self._ctx = JobContext(
+            engine,
+            redis,
+            writer,
+            Leases(redis, self.keys, settings.lease_ttl_s),
+            self.keys,
+            worker=self.worker,
+            model=settings.model or "unknown",
+            max_generation_s=settings.max_generation_s,
+            fault_injection=settings.fault_injection,
+        )
+        beat_s = settings.lease_ttl_s / 3
+        vitals = Vitals(self.worker, self._ctx.model, settings.queue_name, interval_s=beat_s)
+        self._ctx.observers.append(vitals.observe)
+        # Served once the engine runs, so that none of its processes inherits the socket.
+        if settings.metrics_port is not None:
+            self._metrics = start_metrics(self._ctx, vitals, settings.metrics_port)
+        self._tasks = [
+            asyncio.create_task(watch_engine(engine, _exit_engine_dead)),
+            asyncio.create_task(heartbeat(self._ctx, beat_s, vitals)),
+            asyncio.create_task(listen_for_cancels(self._ctx, vitals)),
+        ]
+
+    async def _shutdown(self) -> None:
+        ctx = self._ctx
+        if ctx is None:
+            return
+        for task in self._tasks:  # a deliberate shutdown is not a dead engine
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await ctx.writer.stop()
+        await ctx.redis.aclose()
+        if self._metrics is not None:
+            self._metrics.close()
+        ctx.engine.shutdown()
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Stop taking jobs; after ``grace_s`` abort what still runs and hand it back.
+        Thread-safe (called from Celery's signal handler)."""
+        self._loop.call_soon_threadsafe(self._begin_shutdown, grace_s)
+
+    def _begin_shutdown(self, grace_s: float) -> None:
+        ctx = self._context
+        ctx.shutting_down = True  # copies waiting on another worker's lease give up now
+        log.info(
+            "shutting down: %d running job(s) get %.0f s to finish", len(ctx.controls), grace_s
+        )
+
+        def abort_the_rest() -> None:
+            for control in list(ctx.controls.values()):
+                control.stop("shutdown")
+
+        self._loop.call_later(grace_s, abort_the_rest)
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # -- jobs (called from Celery's worker threads) ---------------------------------------------
+
+    def run_job(self, body: Any, task_id: str) -> JobStatus | None:
+        """Run one delivered job to its end; its terminal status, or None when it must go
+        back to the queue (the worker is shutting down)."""
+        job_id = job_id_for(body, task_id)
+        try:
+            prepared = self.prepare(body, job_id)
+        except HermesError as exc:
+            log.info("job %s rejected: %s: %s", job_id, exc.type, exc.message)
+            return self._call(reject(self._context, job_id, exc))
+        try:
+            return self._call(run_attempt(self._context, prepared))
+        except EngineError:
+            if self._context.engine.dead:
+                _exit_engine_dead()
+            raise
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis failed while the job ran: {exc}") from exc
+
+    def dead_letter(self, job_id: str, error: HermesError) -> None:
+        """A job out of retries: fail it for good and list it in the dead letters."""
+        self._call(dead_letter(self._context, job_id, error))
+
+    def prepare(self, body: Any, job_id: str) -> PreparedJob:
+        """Validate and render in the calling thread, keeping that work off the loop."""
+        _check_size(body, self.settings.max_body_bytes)
+        if isinstance(body, dict) and "id" not in body:
+            body = {**body, "id": job_id}
+        job = parse_job(body)
+        renderer = self._renderer
+        assert renderer is not None, "start() first"
+        text = renderer.render_text(job)
+        if forces_tool_call(job):
+            text += FORCED_CALL_PREFIX
+        with self._encode_lock:  # HF tokenizers are not safe to share across threads
+            ids = renderer.tokenizer.encode(text, add_special_tokens=False)
+        plan = plan_generation(job, len(ids), self.max_model_len)
+        return PreparedJob(job_id=job_id, job=job, token_ids=list(ids), plan=plan)
+
+
+def _exit_engine_dead() -> None:
+    # Not sys.exit: the job threads must not ack their messages. Unacked, they go back to
+    # the queue (after the visibility timeout) and run on a live worker.
+    log.critical(
+        "the engine died; exiting %d so a supervisor restarts this worker", EXIT_ENGINE_DEAD
+    )
+    logging.shutdown()
+    os._exit(EXIT_ENGINE_DEAD)
+
+
+def _check_size(body: Any, limit: int) -> None:
+    # Producers check too, but a foreign one may not: the worker enforces the same limit.
+    size = len(json.dumps(body, ensure_ascii=False, default=str).encode("utf-8", "replace"))
+    if size > limit:
+        raise InvalidRequest(f"body is {size} bytes, over the {limit}-byte limit")
+
+
+def job_id_for(body: Any, task_id: str) -> str:
+    """The job id: the body's own when it is a usable id, else the Celery task id."""
+    candidate = body.get("id") if isinstance(body, dict) else None
+    if isinstance(candidate, str) and re.fullmatch(JOB_ID_PATTERN, candidate):
+        return candidate
+    return task_id

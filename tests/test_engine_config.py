@@ -1,0 +1,80 @@
+"""Engine configuration for the production shape (tensor parallel 8, FP8 weights and KV cache).
+No GPU here: these check what reaches vLLM's engine arguments, not that it runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from hermes_worker.engine import engine_args, sampling_params
+from hermes_worker.jobs import parse_job
+from hermes_worker.sampling import plan_generation
+from hermes_worker.settings import Settings
+
+
+def test_405b_fp8_on_8_gpus_reaches_the_engine_arguments() -> None:
+    settings = Settings(
+        model="NousResearch/Hermes-4-405B-FP8",
+        tensor_parallel_size=8,
+        kv_cache_dtype="fp8",
+        max_model_len=32768,
+        max_num_seqs=256,
+        max_num_batched_tokens=16384,
+        gpu_memory_utilization=0.92,
+    )
+    args = engine_args(settings)
+    assert args.model == "NousResearch/Hermes-4-405B-FP8"
+    assert args.tensor_parallel_size == 8
+    assert args.kv_cache_dtype == "fp8"
+    assert args.quantization is None  # FP8 is read from the checkpoint's config
+    assert (args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens) == (
+        32768,
+        256,
+        16384,
+    )
+    assert args.gpu_memory_utilization == 0.92
+    assert args.enable_prefix_caching is True
+    assert args.scheduling_policy == "priority"
+
+
+def test_engine_settings_come_from_hermes_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERMES_MODEL", "/models/hermes-4-70b-fp8")
+    monkeypatch.setenv("HERMES_TENSOR_PARALLEL_SIZE", "4")
+    monkeypatch.setenv("HERMES_KV_CACHE_DTYPE", "fp8_e4m3")
+    monkeypatch.setenv("HERMES_ENABLE_PREFIX_CACHING", "false")
+    args = engine_args(Settings())
+    assert (args.model, args.tensor_parallel_size, args.kv_cache_dtype) == (
+        "/models/hermes-4-70b-fp8",
+        4,
+        "fp8_e4m3",
+    )
+    assert args.enable_prefix_caching is False
+
+
+def test_no_model_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no model"):
+        engine_args(Settings(model=None))
+
+
+def test_sampling_params_keep_tags_and_stream_deltas() -> None:
+    from vllm.sampling_params import RequestOutputKind
+
+    job = parse_job({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 7})
+    params = sampling_params(plan_generation(job, 5, 100))
+    assert params.skip_special_tokens is False
+    assert params.output_kind == RequestOutputKind.DELTA
+    assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (7, 0.6, 0.95, 20)
+    assert params.structured_outputs is None
+
+
+def test_forced_call_becomes_a_json_schema_constraint() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    job = parse_job(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [tool],
+            "tool_choice": "required",
+        }
+    )
+    params = sampling_params(plan_generation(job, 5, 100))
+    assert params.structured_outputs is not None
+    assert params.structured_outputs.json["properties"]["name"] == {"const": "f"}

@@ -1,0 +1,210 @@
+"""The stream writer on a real Redis: coalescing, order, seq, and the end of a job."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis.asyncio import Redis as AsyncRedis
+
+from hermes_worker.store import Keys, decode_event
+from hermes_worker.stream import JobStream, StreamWriter
+
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+@pytest.fixture
+def keys() -> Iterator[Keys]:
+    keys = Keys(f"hermes-test-{uuid.uuid4().hex[:8]}:")
+    yield keys
+    client = redis.Redis.from_url(REDIS_URL)
+    found = list(client.scan_iter(f"{keys.prefix}*"))
+    if found:
+        client.delete(*found)
+
+
+def read_events(keys: Keys, job_id: str) -> list[tuple[int, str, object]]:
+    client = redis.Redis.from_url(REDIS_URL)
+    return [
+        (e.seq, e.type, e.data)
+        for e in (decode_event(i, f) for i, f in client.xrange(keys.events(job_id)))
+    ]
+
+
+async def produce(keys: Keys, deltas: int, flush_s: float) -> StreamWriter:
+    redis_client = AsyncRedis.from_url(REDIS_URL)
+    writer = StreamWriter(redis_client, keys, flush_s=flush_s, ttl_s=60)
+    writer.start()
+    stream = JobStream("j1")
+    writer.emit(stream, "started", {"attempt": 1}, urgent=True)
+    for i in range(deltas):
+        writer.emit(stream, "content", {"text": f"t{i} "})
+        await asyncio.sleep(0.001)  # tokens arrive over time, as from the engine
+    await writer.close(stream, {"status": "succeeded", "result": "{}"}, "done", {})
+    await writer.stop()
+    await redis_client.aclose()
+    return writer
+
+
+def test_deltas_coalesce_into_few_entries_in_order(keys: Keys) -> None:
+    # Given 200 text deltas emitted over time with a 20 ms flush interval
+    writer = asyncio.run(produce(keys, deltas=200, flush_s=0.02))
+    events = read_events(keys, "j1")
+    # Then the text arrives whole and in order, in far fewer entries than deltas
+    text = "".join(str(d["text"]) for _, t, d in events if t == "content")  # type: ignore[index]
+    assert text == "".join(f"t{i} " for i in range(200))
+    content_entries = sum(1 for _, t, _ in events if t == "content")
+    assert content_entries < 50
+    assert writer.commands_sent < 70
+    # seq runs 1, 2, 3, ... with started first and done last
+    assert [s for s, _, _ in events] == list(range(1, len(events) + 1))
+    assert events[0][1] == "started" and events[-1][1] == "done"
+
+
+def test_the_record_is_written_before_the_terminal_event_and_keys_expire(keys: Keys) -> None:
+    asyncio.run(produce(keys, deltas=3, flush_s=0.01))
+    client = redis.Redis.from_url(REDIS_URL)
+    assert client.hget(keys.job("j1"), "status") == b"succeeded"
+    assert 0 < client.ttl(keys.job("j1")) <= 60
+    assert 0 < client.ttl(keys.events("j1")) <= 60
+
+
+def test_without_coalescing_every_delta_would_be_an_entry(keys: Keys) -> None:
+    # A zero-length interval still groups what arrived during a write, but no more:
+    # the same run with a 50 ms interval writes several times fewer entries.
+    fast = asyncio.run(produce(keys, deltas=100, flush_s=0.0))
+    fast_entries = len(read_events(keys, "j1"))
+    redis.Redis.from_url(REDIS_URL).delete(keys.events("j1"), keys.job("j1"))
+    slow = asyncio.run(produce(keys, deltas=100, flush_s=0.05))
+    slow_entries = len(read_events(keys, "j1"))
+    assert slow_entries * 3 < fast_entries
+    assert slow.commands_sent < fast.commands_sent
+
+
+async def produce_tokens(
+    keys: Keys, deltas: int, *, min_tokens: int, max_flush_s: float, pause_s: float
+) -> float:
+    """One token per delta; returns how long the emitting took (seconds)."""
+    redis_client = AsyncRedis.from_url(REDIS_URL)
+    writer = StreamWriter(
+        redis_client, keys, flush_s=0.001, ttl_s=60, min_tokens=min_tokens, max_flush_s=max_flush_s
+    )
+    writer.start()
+    stream = JobStream("j1")
+    writer.emit(stream, "started", {"attempt": 1}, urgent=True)
+    start = time.monotonic()
+    for i in range(deltas):
+        writer.emit(stream, "content", {"text": f"t{i} "})
+        writer.generated(stream, 1)
+        await asyncio.sleep(pause_s)
+    took = time.monotonic() - start
+    await writer.close(stream, {"status": "succeeded", "result": "{}"}, "done", {})
+    await writer.stop()
+    await redis_client.aclose()
+    return took
+
+
+def content_entries(keys: Keys) -> list[str]:
+    return [str(d["text"]) for _, t, d in read_events(keys, "j1") if t == "content"]  # type: ignore[index]
+
+
+def test_text_is_written_once_it_holds_min_tokens(keys: Keys) -> None:
+    # Given 120 one-token deltas, a 1 ms interval, but writes that wait for 20 tokens
+    asyncio.run(produce_tokens(keys, 120, min_tokens=20, max_flush_s=60, pause_s=0.001))
+    entries = content_entries(keys)
+    # Then the text is whole, and every entry holds at least 20 tokens but the first (it
+    # went out with the urgent `started`) and the last (written at the job's end)
+    assert "".join(entries) == "".join(f"t{i} " for i in range(120))
+    assert all(entry.count(" ") >= 20 for entry in entries[1:-1]), entries
+    assert len(entries) <= 120 // 20 + 2
+
+
+def test_text_short_of_min_tokens_is_written_by_max_flush(keys: Keys) -> None:
+    # Given deltas that never add up to min_tokens, and a 50 ms upper bound on the wait
+    took = asyncio.run(produce_tokens(keys, 60, min_tokens=10_000, max_flush_s=0.05, pause_s=0.005))
+    entries = content_entries(keys)
+    # Then text was still written while the job ran, about once per 50 ms, not per delta
+    assert "".join(entries) == "".join(f"t{i} " for i in range(60))
+    assert 2 <= len(entries) <= took / 0.05 + 2
+
+
+def test_settle_writes_pending_text_at_once_and_discard_drops_it(keys: Keys) -> None:
+    async def scenario() -> tuple[list[tuple[int, str, object]], list[tuple[int, str, object]]]:
+        redis_client = AsyncRedis.from_url(REDIS_URL)
+        # A writer that would hold text back for 10 s
+        writer = StreamWriter(redis_client, keys, flush_s=10, ttl_s=60, min_tokens=1000)
+        writer.start()
+        handed_back, lost = JobStream("back"), JobStream("lost")
+        for stream in (handed_back, lost):
+            writer.emit(stream, "started", {"attempt": 1}, urgent=True)
+        await asyncio.sleep(0.05)
+        for stream in (handed_back, lost):
+            writer.emit(stream, "content", {"text": "partial"})
+        # When one attempt is handed back (settled) and the other lost its lease (discarded)
+        writer.discard(lost)
+        await asyncio.wait_for(writer.settle(handed_back), timeout=2)
+        settled = read_events(keys, "back")  # read before the writer stops
+        await writer.stop()
+        await redis_client.aclose()
+        return settled, read_events(keys, "lost")
+
+    settled, lost = asyncio.run(scenario())
+    # Then the handed-back text was written by the time settle returned, in seq order...
+    assert settled == [(1, "started", {"attempt": 1}), (2, "content", {"text": "partial"})]
+    # ... and the lost attempt's pending text never reached Redis, even at stop
+    assert lost == [(1, "started", {"attempt": 1})]
+
+
+class LateReply:
+    """A real client whose first write of events runs on Redis but whose reply is lost (a
+    read that timed out on a stalled machine): the writer cannot tell what landed."""
+
+    def __init__(self, client: AsyncRedis) -> None:
+        self._client = client
+        self.lost = 0
+
+    def pipeline(self, transaction: bool = False) -> object:
+        pipe = self._client.pipeline(transaction=transaction)
+        run = pipe.execute
+
+        async def execute(raise_on_error: bool = True) -> list[object]:
+            writes_events = any(args[0] == "XADD" for args, _ in pipe.command_stack)
+            replies = await run(raise_on_error)
+            if writes_events and not self.lost:
+                self.lost += 1
+                raise redis.exceptions.TimeoutError("Timeout reading from 127.0.0.1:6379")
+            return replies
+
+        pipe.execute = execute  # type: ignore[method-assign]
+        return pipe
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._client, name)
+
+
+def test_a_write_whose_reply_was_lost_is_not_written_twice(keys: Keys) -> None:
+    async def scenario() -> int:
+        client = LateReply(AsyncRedis.from_url(REDIS_URL))
+        writer = StreamWriter(client, keys, flush_s=0.01, ttl_s=60)  # type: ignore[arg-type]
+        writer.start()
+        stream = JobStream("j1")
+        writer.emit(stream, "started", {"attempt": 1}, urgent=True)
+        writer.emit(stream, "content", {"text": "one "})
+        await asyncio.sleep(0.05)  # the first write lands, its reply is lost; retried
+        writer.emit(stream, "content", {"text": "two"})
+        await writer.close(stream, {"status": "succeeded", "result": "{}"}, "done", {})
+        await writer.stop()
+        await client._client.aclose()
+        return client.lost
+
+    # Given a write of events whose reply never came back
+    assert asyncio.run(scenario()) == 1
+    # Then every event is in the stream once, seq 1, 2, 3... and the text whole
+    events = read_events(keys, "j1")
+    assert [s for s, _, _ in events] == list(range(1, len(events) + 1))
+    assert [t for _, t, _ in events] == ["started", "content", "content", "done"]
+    assert "".join(str(d["text"]) for _, t, d in events if t == "content") == "one two"  # type: ignore[index]

@@ -1,0 +1,139 @@
+"""A real worker for the whole test session: a ``hermes-worker run`` subprocess on the tiny
+checkpoint, its own Redis database, key prefix and queue. The engine starts once (~20-60 s)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from hermes_worker.settings import Settings
+
+WORKER_REDIS_URL = "redis://127.0.0.1:6379/14"
+MAX_MODEL_LEN = 2048
+
+
+@dataclass
+class WorkerProcess:
+    settings: Settings
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def worker_env(settings: Settings, model: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
+    env.update(
+        {
+            "HERMES_MODEL": str(model),
+            "HERMES_REDIS_URL": settings.redis_url,
+            "HERMES_KEY_PREFIX": settings.key_prefix,
+            "HERMES_QUEUE_NAME": settings.queue_name,
+            "HERMES_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+            "HERMES_GPU_MEMORY_UTILIZATION": "0.15",
+            "HERMES_CONCURRENCY": "64",
+            "HERMES_MAX_NUM_SEQS": "64",
+            "HERMES_FAULT_INJECTION": "true",  # only jobs that ask for a fault get one
+            **extra,  # a test's own settings win
+        }
+    )
+    return env
+
+
+def start_worker(settings: Settings, model: Path, log_path: Path, **extra: str) -> WorkerProcess:
+    exe = shutil.which("hermes-worker", path=str(Path(sys.executable).parent))
+    assert exe, "hermes-worker console script"
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [exe, "run", "--loglevel", "INFO"],
+        env=worker_env(settings, model, **extra),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: teardown reaches vLLM's children
+    )
+    return WorkerProcess(settings, process, log_path)
+
+
+def wait_ready(worker: WorkerProcess, timeout: float = 400.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"worker exited early:\n{worker.log()[-4000:]}")
+        if " ready." in worker.log():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"worker not ready after {timeout}s:\n{worker.log()[-4000:]}")
+
+
+def stop_worker(worker: WorkerProcess, grace: float = 60.0) -> int | None:
+    """SIGTERM, wait, then kill the whole process group whatever is left."""
+    if worker.process.poll() is None:
+        worker.process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.process.pid, signal.SIGKILL)
+    worker.process.wait(10)
+    return worker.process.returncode
+
+
+def unique_settings() -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        redis_url=WORKER_REDIS_URL,
+        key_prefix=f"hermes-test-{tag}:",
+        queue_name=f"hermes-test-{tag}",
+    )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def clean_redis(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis_url)
+    patterns = (
+        f"{settings.key_prefix}*",
+        f"{settings.queue_name}*",
+        f"_kombu*{settings.queue_name}*",
+    )
+    for pattern in patterns:
+        keys = list(client.scan_iter(pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def worker(
+    test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One running worker, shared by every test that needs the real pipeline; it serves
+    Prometheus metrics on ``settings.metrics_port``."""
+    settings = unique_settings().model_copy(update={"metrics_port": free_port()})
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    port = str(settings.metrics_port)
+    process = start_worker(settings, test_model_dir, log_path, HERMES_METRICS_PORT=port)
+    try:
+        wait_ready(process)
+        yield process
+    finally:
+        stop_worker(process)
+        clean_redis(settings)
