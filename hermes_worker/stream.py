@@ -185,27 +185,23 @@ class StreamWriter:
         taken: list[tuple[JobStream, list[list[Any]]]] = []
         try:
             await self._skip_landed([s for s in batch if s.unsure])
-        except RedisError:
-            self._requeue([(s, []) for s in batch])
-            await asyncio.sleep(self._flush_s)
-            return
-        for stream in batch:
-            ops, stream.ops = stream.ops, []
-            taken.append((stream, ops))
-            stream.since, stream.tokens, stream.urgent = None, 0, False
-            finished.extend(self._queue_ops(pipe, stream, ops))
-        count = len(pipe.command_stack)
-        try:
+            for stream in batch:
+                ops, stream.ops = stream.ops, []
+                taken.append((stream, ops))
+                stream.since, stream.tokens, stream.urgent = None, 0, False
+                finished.extend(self._queue_ops(pipe, stream, ops))
+            count = len(pipe.command_stack)
             if count:
                 await pipe.execute()
             self.commands_sent += count
         except RedisError as exc:
             self.failed_flushes += 1
-            # Keep the ops, in order, ahead of anything newer, and try again on the next tick.
+            # Keep the ops, in order, ahead of anything newer, and try again on the next tick
+            # (a failed read of what landed leaves every stream of the batch as it was).
             if not self._failing:  # once per outage, not once per tick
                 log.warning("stream writes failing, retrying until Redis is back: %s", exc)
             self._failing = True
-            self._requeue(taken)
+            self._requeue(taken or [(s, []) for s in batch])
             await asyncio.sleep(self._flush_s)
             return
         if self._failing:

@@ -249,16 +249,17 @@ class Pair:
         self.workers: dict[str, WorkerProcess] = {}
         self.retired: set[str] = set()  # signalled or killed by a test: never reused
         self.starts = 0
+        self.patient = redis.Redis.from_url(
+            self.settings.redis_url, socket_timeout=60, socket_connect_timeout=60
+        )
 
     def client(self) -> HermesClient:
         """The tests' client; its reads wait out a stalled VM (seen: 20 s) instead of
-        failing after redis-py's default 5 s."""
-        patient = redis.Redis.from_url(
-            self.settings.redis_url, socket_timeout=60, socket_connect_timeout=60
-        )
-        return HermesClient(self.settings, redis=patient)
+        failing after redis-py's default 5 s (the pair's own Redis client: this one does
+        not close it)."""
+        return HermesClient(self.settings, redis=self.patient)
 
-    def retire(self, name: str, sig: signal.Signals) -> WorkerProcess:
+    def retire(self, name: str, sig: signal.Signals) -> None:
         """Send ``sig`` to a worker (SIGKILL: to its whole process group); the next test
         gets a fresh one in its place, whether this test got to see it exit or not."""
         worker = self.workers[name]
@@ -267,7 +268,6 @@ class Pair:
             os.killpg(worker.process.pid, sig)
         else:
             worker.process.send_signal(sig)
-        return worker
 
     def both_alive(self) -> dict[str, WorkerProcess]:
         """Start whichever of the two is not running; return both, ready."""
@@ -298,6 +298,7 @@ class Pair:
         for w in self.workers.values():
             stop_worker(w)
         clean_redis(self.settings)
+        self.patient.close()
 
 
 @pytest.fixture(scope="module")
@@ -315,15 +316,20 @@ def pair(long_context_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         shared.close()
 
 
+def is_engine_core(process: psutil.Process) -> bool:
+    """vLLM's engine core process (it renames itself ``VLLM::EngineCore``)."""
+    return "EngineCore" in " ".join(process.cmdline()) + process.name()
+
+
 def assert_one_story(settings: Settings, result: JobResult, attempts: int) -> None:
     """Status, stream and result agree: one done, one restart per extra attempt."""
-    seen = types(settings, result.id)
+    story = events(settings, result.id)
+    seen = [e.type for e in story]
     assert result.job.status is JobStatus.SUCCEEDED
     assert result.job.attempts == attempts
     assert seen.count("done") == 1 and seen[-1] == "done"
     assert seen.count("restarted") == attempts - 1
     assert seen.count("error") == 0 and seen.count("cancelled") == 0
-    story = events(settings, result.id)
     seqs = [e.seq for e in story]
     assert seqs == list(range(1, len(seqs) + 1)), [(e.id, e.seq, e.type) for e in story]
 
@@ -366,7 +372,7 @@ def test_sigterm_hands_running_jobs_to_another_worker_and_leaves_no_process(
         leaving = wait_for_output(settings, handle.id)
         process = psutil.Process(workers[leaving].process.pid)
         family = [process, *process.children(recursive=True)]
-        assert any("EngineCore" in " ".join(p.cmdline()) + p.name() for p in family)
+        assert any(is_engine_core(p) for p in family)
         # When the worker running it is asked to stop, with a short grace period
         pair.retire(leaving, signal.SIGTERM)
         result = handle.result(timeout=TIMEOUT)
@@ -403,7 +409,7 @@ def test_a_dead_engine_makes_the_worker_exit_non_zero(pair: Pair) -> None:
     # Given a running worker (last in this module: the one it ends is not started again)
     name, worker = next(iter(pair.both_alive().items()))
     children = psutil.Process(worker.process.pid).children(recursive=True)
-    [core] = [p for p in children if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    [core] = [p for p in children if is_engine_core(p)]
     pair.retired.add(name)
     # When its engine core process dies
     core.kill()
