@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import structlog
@@ -58,6 +59,12 @@ class Runtime:
         self._metrics: WorkerMetrics | None = None
         self._renderer: PromptRenderer | None = None
         self._encode_lock = threading.Lock()
+        # Validation, rendering and tokenizing run here, not in the Celery thread of each job:
+        # 128 threads contending for the GIL slowed the engine loop, and each thread that
+        # tokenized grew native memory of its own (measured: flat with one thread).
+        self._preparer = ThreadPoolExecutor(
+            settings.prepare_threads, thread_name_prefix="hermes-prepare"
+        )
 
     # -- lifecycle (called from the worker's main thread) --------------------------------------
 
@@ -76,6 +83,7 @@ class Runtime:
         try:
             self._call(self._shutdown(), timeout)
         finally:
+            self._preparer.shutdown(wait=False)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
 
@@ -166,7 +174,7 @@ class Runtime:
         back to the queue (the worker is shutting down)."""
         job_id = job_id_for(body, task_id)
         try:
-            prepared = self.prepare(body, job_id)
+            prepared = self._preparer.submit(self.prepare, body, job_id).result()
         except HermesError as exc:
             log.info("job %s rejected: %s: %s", job_id, exc.type, exc.message)
             return self._call(reject(self._context, job_id, exc))
@@ -184,7 +192,8 @@ class Runtime:
         self._call(dead_letter(self._context, job_id, error))
 
     def prepare(self, body: Any, job_id: str) -> PreparedJob:
-        """Validate and render in the calling thread, keeping that work off the loop."""
+        """Validate, render and tokenize in the calling thread (``run_job``: a prepare
+        thread), keeping that work off the loop."""
         _check_size(body, self.settings.max_body_bytes)
         if isinstance(body, dict) and "id" not in body:
             body = {**body, "id": job_id}

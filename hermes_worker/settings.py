@@ -39,6 +39,14 @@ class Settings(BaseSettings):
         default=128, gt=0, description="Jobs one worker runs at once (Celery threads)."
     )
     worker_name: str | None = Field(default=None, description="Defaults to host:pid.")
+    prepare_threads: int = Field(
+        default=1,
+        gt=0,
+        description="Threads that validate, render and tokenize delivered jobs (the Celery "
+        "threads wait on them). One leaves the GIL to the engine loop and keeps memory flat "
+        "(each thread that tokenizes holds native caches); more let a huge prompt not hold "
+        "small ones up.",
+    )
     stream_flush_ms: float = Field(
         default=50.0,
         gt=0,

@@ -110,6 +110,18 @@ def running_job(r: redis.Redis, settings: Settings, job_id: str = "job-1") -> Wo
     return worker
 
 
+_helpers: list[threading.Thread] = []
+
+
+@pytest.fixture(autouse=True)
+def _join_helpers(redis_client: redis.Redis) -> Iterator[None]:
+    """A test's :func:`later` threads end before its Redis client closes (a reader can
+    return on the terminal event while the helper still writes what follows it)."""
+    yield
+    while _helpers:
+        _helpers.pop().join(10)
+
+
 def later(seconds: float, action: Callable[[], object]) -> threading.Thread:
     """Run ``action`` in a thread after ``seconds``: a worker writing while the client waits."""
 
@@ -118,6 +130,7 @@ def later(seconds: float, action: Callable[[], object]) -> threading.Thread:
         action()
 
     thread = threading.Thread(target=run, daemon=True)
+    _helpers.append(thread)
     thread.start()
     return thread
 
