@@ -234,6 +234,25 @@ def comparisons(ways: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
+def round_ratios(ways: Mapping[str, Mapping[str, Any]], other: str) -> list[float]:
+    """queue / ``other`` throughput in each round (rounds interleave the ways, so round k of
+    one way ran beside round k of the other); empty without per-round figures."""
+    queue, them = ways.get("queue", {}), ways.get(other, {})
+    mine, theirs = queue.get("round_tokens_per_s"), them.get("round_tokens_per_s")
+    if not mine or not theirs or len(mine) != len(theirs):
+        return []
+    return [a / b for a, b in zip(mine, theirs, strict=True) if b]
+
+
+def _ratio_cell(ways: Mapping[str, Mapping[str, Any]], other: str, ratio: float | None) -> str:
+    """``0.97x``, and with rounds the lowest and highest round: ``0.97x (0.93-1.02)``."""
+    cell = _cell("{:.2f}x", ratio)
+    per_round = round_ratios(ways, other)
+    if ratio is not None and len(per_round) > 1:
+        cell += f" ({min(per_round):.2f}-{max(per_round):.2f})"
+    return cell
+
+
 def _level_table(ways: Mapping[str, Mapping[str, Any]], markdown: bool) -> list[str]:
     names = [w for w in WAY_ORDER if w in ways]
     rows = [["metric", *names]]
@@ -266,10 +285,12 @@ def _comparison_lines(ways: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 def describe(config: Mapping[str, Any]) -> str:
     shared = ", shared system prompt" if config.get("shared_system_prompt") else ""
+    rounds = config.get("rounds")
     return (
         f"model {config['model']}; {config['max_tokens']} output tokens per job, "
         f"{config['prompt_words']} prompt words{shared}; jobs per level "
         + ", ".join(f"c={c}: {n}" for c, n in config["jobs_per_level"].items())
+        + (f", over {rounds} interleaved rounds" if rounds else "")
     )
 
 
@@ -303,7 +324,7 @@ def markdown(result: Mapping[str, Any], title: str | None = None) -> str:
         f"{config['machine'].get('cpus')} CPUs{_gpus(config)}; {describe(config)}.",
         "",
         "Ratios compare the ways within this run (see benchmarks/README.md for what each row "
-        "measures).",
+        "measures); in brackets, the lowest and highest of the rounds.",
         "",
     ]
     lines += ["## Summary", "", "| concurrency | queue/direct tok/s | queue/vllm-serve tok/s "
@@ -313,8 +334,8 @@ def markdown(result: Mapping[str, Any], title: str | None = None) -> str:
         c = comparisons(ways)
         queue = ways.get("queue", {})
         lines.append(
-            f"| {level} | {_cell('{:.2f}x', c.get('tokens_per_s_vs_direct'))} "
-            f"| {_cell('{:.2f}x', c.get('tokens_per_s_vs_vllm_serve'))} "
+            f"| {level} | {_ratio_cell(ways, 'direct', c.get('tokens_per_s_vs_direct'))} "
+            f"| {_ratio_cell(ways, 'vllm-serve', c.get('tokens_per_s_vs_vllm_serve'))} "
             f"| {_cell('{:+.1f}', c.get('added_ttft_p50_ms'))} "
             f"| {_cell('{:.1f}', queue.get('ttft_queue_path_p50_ms'))} "
             f"| {_cell('{:.3f}', queue.get('redis_cmds_per_token'))} |"

@@ -7,11 +7,14 @@
 * **queue**: ``ChatJob`` bodies submitted through Redis (:class:`AsyncHermesClient`) to a
   ``hermes-worker run`` subprocess, their event streams read back as a consumer would.
 
-The ways run one after the other (never two engines at once: they would share the cores),
-each at every ``--concurrency`` level, closed loop (a new job starts when one ends). One
-table comes out, with the ratios queue/direct and queue/vllm-serve, and ``--out`` writes it
-as JSON, Markdown and a PNG plot. The queue way then runs a soak (``--soak-jobs`` short
-jobs) and samples the worker's memory along it.
+All three are started first, each with its own engine; then, for ``--rounds`` rounds,
+every ``--concurrency`` level runs through every way in turn (closed loop: a new job starts
+when one ends), one way at a time, the order rotated each round. A slow minute of a noisy
+machine so lands on every way alike instead of on whichever way ran then; each way's rows
+pool its rounds, and the per-round throughputs are kept to show the spread. One table comes
+out, with the ratios queue/direct and queue/vllm-serve, and ``--out`` writes it as JSON,
+Markdown and a PNG plot. The queue way then runs a soak (``--soak-jobs`` short jobs) and
+samples the worker's memory along it.
 
 Usage: ``hermes-worker bench [...]`` or ``python benchmarks/serving.py [...]``; see
 benchmarks/README.md for every flag and how to read the numbers.
@@ -34,7 +37,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ways", type=_way_list, default=list(WAYS), help="default: all three")
     p.add_argument("--concurrency", type=_int_list, default=[1, 8, 32, 128])
     p.add_argument("--waves", type=int, default=2, help="jobs per level = waves x concurrency")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="each level runs this many times per way, interleaved"
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one way's engine at a time (its rounds back to back): for a model whose three "
+        "engines do not fit at once",
+    )
     p.add_argument("--min-jobs", type=int, default=8, help="at least this many jobs per level")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per job (ignore_eos)")
     p.add_argument("--prompt-words", type=int, default=64, help="random words per user turn")
@@ -139,13 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("waves", "min_jobs", "max_tokens", "prompt_words"):
+    for name in ("waves", "rounds", "min_jobs", "max_tokens", "prompt_words"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.soak_jobs < 0:
         parser.error("--soak-jobs must be 0 or more")
-    if args.gpu_memory_utilization is None:
-        args.gpu_memory_utilization = 0.9 if _has_gpu() else 0.15
+    if args.gpu_memory_utilization is None:  # on a GPU, the engines up at once share it
+        at_once = 1 if args.sequential else len(args.ways)
+        args.gpu_memory_utilization = round(0.9 / at_once, 2) if _has_gpu() else 0.15
     return args
 
 
@@ -246,46 +260,86 @@ async def _run_level(
     return time.perf_counter() - start, samples
 
 
+@dataclass
+class Way:
+    """A way, up and ready: ``one`` runs a job through it; ``rss_pid`` is its front end."""
+
+    name: str
+    one: Callable[[Body], Awaitable[Sample]]
+    rss_pid: int
+
+
+@dataclass
+class Level:
+    """What one way did at one concurrency level, pooled over the rounds."""
+
+    wall_s: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)
+    round_tokens_per_s: list[float] = field(default_factory=list)
+
+    def add(self, wall_s: float, samples: list[Sample], calls: dict[str, int]) -> None:
+        self.wall_s += wall_s
+        self.samples += samples
+        for name, count in calls.items():
+            self.calls[name] = self.calls.get(name, 0) + count
+        self.round_tokens_per_s.append(sum(s.tokens for s in samples) / wall_s)
+
+
+def rotated(ways: Sequence[Way], turn: int) -> list[Way]:
+    """The ways in the order of round ``turn``: each way goes first in turn."""
+    k = turn % len(ways) if ways else 0
+    return [*ways[k:], *ways[:k]]
+
+
 async def _sweep(
-    way: str,
-    args: argparse.Namespace,
-    tag: str,
-    one: Callable[[Body], Awaitable[Sample]],
-    server: redis.Redis,
-    rss_pid: int,
+    args: argparse.Namespace, tag: str, ways: Sequence[Way], server: redis.Redis
 ) -> list[dict[str, Any]]:
-    """Every concurrency level through one way: a warm-up wave, then the timed jobs."""
-    rows = []
-    # Warms what the first jobs pay for (connections, threads, engine paths), not the tokens.
-    warm = make_jobs(args, max(args.concurrency), f"{tag}-warm", args.soak_max_tokens)
-    await _run_level(one, warm, max(args.concurrency))
+    """Every level through every way, ``--rounds`` times, interleaved; one row per way and
+    level, pooling its rounds."""
+    top = max(args.concurrency)
+    for way in ways:  # warms what the first jobs pay for (connections, threads, engine paths)
+        warm = make_jobs(args, top, f"{tag}-{way.name}-warm", args.soak_max_tokens)
+        await _run_level(way.one, warm, top)
+    levels = {(way.name, c): Level() for way in ways for c in args.concurrency}
     meter = RedisMeter(server)
-    for c in args.concurrency:
-        bodies = make_jobs(args, jobs_at(args, c), f"{tag}-c{c}", args.max_tokens)
-        meter.start()
-        wall, samples = await _run_level(one, bodies, c)
-        calls = meter.stop()
-        row = report.summarize(way, c, wall, samples)
-        total = sum(calls.values())
-        row["redis_cmds_per_token"] = total / max(1, row["output_tokens"])
-        row["redis_cmds_per_job"] = total / max(1, row["jobs"])
-        row["redis_commands"] = calls
-        row.update(tree_rss_mib(rss_pid))
-        progress(f"{way} c={c}: {report.one_line(row)}")
-        rows.append(row)
+    for turn in range(args.rounds):
+        for c in args.concurrency:
+            for way in rotated(ways, turn):
+                level_tag = f"{tag}-{way.name}-r{turn}-c{c}"
+                bodies = make_jobs(args, jobs_at(args, c), level_tag, args.max_tokens)
+                meter.start()
+                wall, samples = await _run_level(way.one, bodies, c)
+                levels[way.name, c].add(wall, samples, meter.stop())
+                line = report.one_line(report.summarize(way.name, c, wall, samples))
+                progress(f"round {turn + 1}/{args.rounds} {way.name} c={c}: {line}")
+    rows = []
+    for way in ways:
+        for c in args.concurrency:
+            level = levels[way.name, c]
+            row = report.summarize(way.name, c, level.wall_s, level.samples)
+            total = sum(level.calls.values())
+            row["redis_cmds_per_token"] = total / max(1, row["output_tokens"])
+            row["redis_cmds_per_job"] = total / max(1, row["jobs"])
+            row["redis_commands"] = dict(sorted(level.calls.items(), key=lambda kv: -kv[1]))
+            row["round_tokens_per_s"] = level.round_tokens_per_s
+            row.update(tree_rss_mib(way.rss_pid))
+            rows.append(row)
     return rows
 
 
 # --- direct: straight into one in-process engine ------------------------------------------
 
 
-async def _direct(args: argparse.Namespace, settings: Settings, tag: str) -> list[dict[str, Any]]:
+@contextlib.asynccontextmanager
+async def _direct(
+    args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
+) -> AsyncIterator[Way]:
     from hermes_worker.engine import Engine  # imports vLLM: only where it is needed
 
     renderer = PromptRenderer.from_pretrained(str(settings.model))
     progress("direct: starting the engine")
     engine = Engine.start(settings)
-    server = redis.Redis.from_url(settings.redis_url)
 
     async def one(body: Body) -> Sample:
         sample = Sample()
@@ -300,18 +354,11 @@ async def _direct(args: argparse.Namespace, settings: Settings, tag: str) -> lis
 
     try:
         progress("direct: engine up")
-        return await _sweep("direct", args, tag, one, server, os.getpid())
+        yield Way("direct", one, os.getpid())
     finally:
-        server.close()
         engine.shutdown()
-
-
-def run_direct(args: argparse.Namespace, settings: Settings, tag: str) -> list[dict[str, Any]]:
-    rows = asyncio.run(_direct(args, settings, tag))
-    # Let the engine core exit before the next way starts: they would share the cores.
-    engine = [p for p in psutil.Process().children(recursive=True) if not _is_tracker(p)]
-    psutil.wait_procs(engine, timeout=30)
-    return rows
+        children = [p for p in psutil.Process().children(recursive=True) if not _is_tracker(p)]
+        psutil.wait_procs(children, timeout=30)
 
 
 def _is_tracker(proc: psutil.Process) -> bool:
@@ -377,9 +424,10 @@ def sampling_fields(body: Body) -> dict[str, Any]:
     }
 
 
+@contextlib.asynccontextmanager
 async def _vllm_serve(
     args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
-) -> list[dict[str, Any]]:
+) -> AsyncIterator[Way]:
     import aiohttp  # vLLM's own dependency
 
     renderer = PromptRenderer.from_pretrained(str(settings.model))
@@ -393,7 +441,6 @@ async def _vllm_serve(
     log_path = tmp / "vllm-serve.log"
     progress(f"vllm-serve: starting the server on port {port}")
     process = _spawn(serve_command(settings, port, template), os.environ.copy(), log_path)
-    server = redis.Redis.from_url(settings.redis_url)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
         connector = aiohttp.TCPConnector(limit=0)
@@ -427,9 +474,8 @@ async def _vllm_serve(
                 sample.end()
                 return sample
 
-            return await _sweep("vllm-serve", args, tag, one, server, process.pid)
+            yield Way("vllm-serve", one, process.pid)
     finally:
-        server.close()
         _stop(process)
 
 
@@ -494,9 +540,10 @@ def _wait_ready(process: subprocess.Popen[bytes], log_path: Path, timeout: float
     raise RuntimeError(f"the worker was not ready after {timeout:g} s:\n{log[-4000:]}")
 
 
+@contextlib.asynccontextmanager
 async def _queue(
     args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+) -> AsyncIterator[Way]:
     from producers.client import AsyncHermesClient
 
     exe = shutil.which("hermes-worker", path=str(Path(sys.executable).parent))
@@ -505,7 +552,6 @@ async def _queue(
     log_path = tmp / "worker.log"
     progress("queue: starting the worker")
     process = _spawn([exe, "run", "--loglevel", "INFO"], worker_env(settings), log_path)
-    server = redis.Redis.from_url(settings.redis_url)
     try:
         await asyncio.to_thread(_wait_ready, process, log_path)
         progress("queue: worker ready")
@@ -525,11 +571,8 @@ async def _queue(
                 sample.ttft_stages(result.job.started_at, result.job.first_token_at)
                 return sample
 
-            rows = await _sweep("queue", args, tag, one, server, process.pid)
-            soak = await _soak(args, tag, one, process.pid) if args.soak_jobs else None
-        return rows, soak
+            yield Way("queue", one, process.pid)
     finally:
-        server.close()
         _stop(process)
         _clean_redis(settings)
 
@@ -550,6 +593,34 @@ async def _soak(
     soak = report.memory_trend(points)
     progress(f"queue: soak done: {soak['growth_mib_per_1000_jobs']:+.2f} MiB per 1000 jobs")
     return soak
+
+
+OPENERS = {"direct": _direct, "vllm-serve": _vllm_serve, "queue": _queue}
+
+
+async def _run(
+    args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Start every way (one engine each, one after the other), sweep them interleaved,
+    soak the queue's worker, stop them all; ``--sequential``: one way after the other."""
+    groups = [[name] for name in args.ways] if args.sequential else [list(args.ways)]
+    rows: list[dict[str, Any]] = []
+    soak = None
+    server = redis.Redis.from_url(settings.redis_url)
+    try:
+        for group in groups:
+            async with contextlib.AsyncExitStack() as stack:
+                ways = [
+                    await stack.enter_async_context(OPENERS[name](args, settings, tag, tmp))
+                    for name in group
+                ]
+                rows += await _sweep(args, tag, ways, server)
+                queue = next((way for way in ways if way.name == "queue"), None)
+                if queue is not None and args.soak_jobs:
+                    soak = await _soak(args, tag, queue.one, queue.rss_pid)
+    finally:
+        server.close()
+    return rows, soak
 
 
 def _clean_redis(settings: Settings) -> None:
@@ -593,26 +664,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     tag = uuid.uuid4().hex[:8]
-    rows: list[dict[str, Any]] = []
-    soak = None
     with tempfile.TemporaryDirectory(prefix="hermes-bench-") as tmp_name:
         tmp = Path(tmp_name)
         model = resolve_model(args.model, tmp)
         settings = engine_settings(args, model, tag)
         started = time.time()
-        if "direct" in args.ways:
-            rows += run_direct(args, settings, f"{tag}-d")
-        if "vllm-serve" in args.ways:
-            rows += asyncio.run(_vllm_serve(args, settings, f"{tag}-s", tmp))
-        if "queue" in args.ways:
-            queue_rows, soak = asyncio.run(_queue(args, settings, f"{tag}-q", tmp))
-            rows += queue_rows
+        rows, soak = asyncio.run(_run(args, settings, tag, tmp))
     config = {
         "model": args.model or "tiny",
         "model_path": model if args.model not in (None, "tiny") else "(built for the run)",
         "ways": args.ways,
         "concurrency": args.concurrency,
-        "jobs_per_level": {str(c): jobs_at(args, c) for c in args.concurrency},
+        "jobs_per_level": {str(c): jobs_at(args, c) * args.rounds for c in args.concurrency},
+        "rounds": args.rounds,
         "max_tokens": args.max_tokens,
         "prompt_words": args.prompt_words,
         "shared_system_prompt": args.shared_system_prompt,

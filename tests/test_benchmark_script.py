@@ -39,6 +39,7 @@ def test_defaults_are_the_documented_workload() -> None:
     assert args.concurrency == [1, 8, 32, 128]
     assert (args.max_tokens, args.prompt_words, args.waves, args.min_jobs) == (512, 64, 2, 8)
     assert (args.soak_jobs, args.soak_max_tokens) == (2000, 16)
+    assert args.rounds == 3 and not args.sequential
     assert args.model is None and args.out is None and not args.shared_system_prompt
     assert [bench.jobs_at(args, c) for c in args.concurrency] == [8, 16, 64, 256]
 
@@ -160,6 +161,37 @@ def rows() -> list[dict[str, object]]:
         },
         {**base, "way": "direct", "concurrency": 1, "tokens_per_s": 100.0, "ttft_p50_ms": 5.0},
     ]
+
+
+def test_rounds_rotate_which_way_goes_first() -> None:
+    ways = [bench.Way(name, None, 0) for name in ("direct", "vllm-serve", "queue")]
+    orders = [[w.name for w in bench.rotated(ways, turn)] for turn in range(4)]
+    assert orders == [
+        ["direct", "vllm-serve", "queue"],
+        ["vllm-serve", "queue", "direct"],
+        ["queue", "direct", "vllm-serve"],
+        ["direct", "vllm-serve", "queue"],
+    ]
+
+
+def test_a_level_pools_its_rounds_and_keeps_each_rounds_throughput() -> None:
+    level = bench.Level()
+    for wall, tokens in ((2.0, 100), (4.0, 100)):
+        sample = bench.Sample()
+        sample.tokens = tokens
+        level.add(wall, [sample], {"xadd": 3, "hset": 1})
+    assert level.wall_s == 6.0 and len(level.samples) == 2
+    assert level.calls == {"xadd": 6, "hset": 2}
+    assert level.round_tokens_per_s == [50.0, 25.0]
+
+
+def test_the_summary_shows_the_spread_of_the_rounds(tmp_path: Path) -> None:
+    per_round = {"queue": [90.0, 110.0], "direct": [100.0, 100.0], "vllm-serve": [90.0, 100.0]}
+    spread = [{**r, "round_tokens_per_s": per_round[r["way"]]} for r in rows()]
+    level = report.by_level(spread)[32]
+    assert report.round_ratios(level, "direct") == pytest.approx([0.9, 1.1])
+    md = report.markdown({"config": config(), "rows": spread, "soak": None})
+    assert "| 32 | 0.96x (0.90-1.10) | 1.20x (1.00-1.10) | +8.0 |" in md
 
 
 def test_comparisons_are_queue_over_the_others() -> None:
