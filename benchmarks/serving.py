@@ -7,14 +7,15 @@
 * **queue**: ``ChatJob`` bodies submitted through Redis (:class:`AsyncHermesClient`) to a
   ``hermes-worker run`` subprocess, their event streams read back as a consumer would.
 
-All three are started first, each with its own engine; then, for ``--rounds`` rounds,
-every ``--concurrency`` level runs through every way in turn (closed loop: a new job starts
-when one ends), one way at a time, the order rotated each round. A slow minute of a noisy
-machine so lands on every way alike instead of on whichever way ran then; each way's rows
-pool its rounds, and the per-round throughputs are kept to show the spread. One table comes
-out, with the ratios queue/direct and queue/vllm-serve, and ``--out`` writes it as JSON,
-Markdown and a PNG plot. The queue way then runs a soak (``--soak-jobs`` short jobs) and
-samples the worker's memory along it.
+The ways run in ``--rounds`` rounds. In each round every way runs in turn, the way that goes
+first rotating: its engine is started (never two at once: they would share the cores, and
+on this CPU build a second engine, even idle, stalled the first one's streams), warmed, run
+at every ``--concurrency`` level closed loop (a new job starts when one ends), and stopped.
+A slow spell of a noisy machine so lands on every way alike instead of on whichever way ran
+then; each way's rows pool its rounds, and the per-round throughputs are kept to show the
+spread. One table comes out, with the ratios queue/direct and queue/vllm-serve, and ``--out``
+writes it as JSON, Markdown and a PNG plot. The queue way's last round ends with a soak
+(``--soak-jobs`` short jobs), sampling the worker's memory along it.
 
 Usage: ``hermes-worker bench [...]`` or ``python benchmarks/serving.py [...]``; see
 benchmarks/README.md for every flag and how to read the numbers.
@@ -110,13 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_int_list, default=[1, 8, 32, 128])
     p.add_argument("--waves", type=int, default=2, help="jobs per level = waves x concurrency")
     p.add_argument(
-        "--rounds", type=int, default=3, help="each level runs this many times per way, interleaved"
-    )
-    p.add_argument(
-        "--sequential",
-        action="store_true",
-        help="one way's engine at a time (its rounds back to back): for a model whose three "
-        "engines do not fit at once",
+        "--rounds", type=int, default=3, help="rounds of every way (interleaved, restarted)"
     )
     p.add_argument("--min-jobs", type=int, default=8, help="at least this many jobs per level")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per job (ignore_eos)")
@@ -157,9 +152,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.soak_jobs < 0:
         parser.error("--soak-jobs must be 0 or more")
-    if args.gpu_memory_utilization is None:  # on a GPU, the engines up at once share it
-        at_once = 1 if args.sequential else len(args.ways)
-        args.gpu_memory_utilization = round(0.9 / at_once, 2) if _has_gpu() else 0.15
+    if args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = 0.9 if _has_gpu() else 0.15
     return args
 
 
@@ -277,6 +271,7 @@ class Level:
     samples: list[Sample] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
     round_tokens_per_s: list[float] = field(default_factory=list)
+    rss: dict[str, float] = field(default_factory=dict)  # the front end's, after the level
 
     def add(self, wall_s: float, samples: list[Sample], calls: dict[str, int]) -> None:
         self.wall_s += wall_s
@@ -286,46 +281,44 @@ class Level:
         self.round_tokens_per_s.append(sum(s.tokens for s in samples) / wall_s)
 
 
-def rotated(ways: Sequence[Way], turn: int) -> list[Way]:
-    """The ways in the order of round ``turn``: each way goes first in turn."""
-    k = turn % len(ways) if ways else 0
-    return [*ways[k:], *ways[:k]]
+def rotated(items: Sequence[str], turn: int) -> list[str]:
+    """The order of round ``turn``: each item goes first in turn."""
+    k = turn % len(items) if items else 0
+    return [*items[k:], *items[:k]]
 
 
-async def _sweep(
-    args: argparse.Namespace, tag: str, ways: Sequence[Way], server: redis.Redis
-) -> list[dict[str, Any]]:
-    """Every level through every way, ``--rounds`` times, interleaved; one row per way and
-    level, pooling its rounds."""
+async def _one_round(
+    args: argparse.Namespace, tag: str, way: Way, turn: int, levels: dict[int, Level],
+    server: redis.Redis,
+) -> None:  # fmt: skip
+    """Every level through one way, just started: an untimed warm-up wave at the top level
+    (what the first jobs pay for: connections, threads, engine paths), then the timed jobs."""
     top = max(args.concurrency)
-    for way in ways:  # warms what the first jobs pay for (connections, threads, engine paths)
-        warm = make_jobs(args, top, f"{tag}-{way.name}-warm", args.soak_max_tokens)
-        await _run_level(way.one, warm, top)
-    levels = {(way.name, c): Level() for way in ways for c in args.concurrency}
+    warm = make_jobs(args, top, f"{tag}-{way.name}-r{turn}-warm", args.soak_max_tokens)
+    await _run_level(way.one, warm, top)
     meter = RedisMeter(server)
-    for turn in range(args.rounds):
-        for c in args.concurrency:
-            for way in rotated(ways, turn):
-                level_tag = f"{tag}-{way.name}-r{turn}-c{c}"
-                bodies = make_jobs(args, jobs_at(args, c), level_tag, args.max_tokens)
-                meter.start()
-                wall, samples = await _run_level(way.one, bodies, c)
-                levels[way.name, c].add(wall, samples, meter.stop())
-                line = report.one_line(report.summarize(way.name, c, wall, samples))
-                progress(f"round {turn + 1}/{args.rounds} {way.name} c={c}: {line}")
-    rows = []
-    for way in ways:
-        for c in args.concurrency:
-            level = levels[way.name, c]
-            row = report.summarize(way.name, c, level.wall_s, level.samples)
-            total = sum(level.calls.values())
-            row["redis_cmds_per_token"] = total / max(1, row["output_tokens"])
-            row["redis_cmds_per_job"] = total / max(1, row["jobs"])
-            row["redis_commands"] = dict(sorted(level.calls.items(), key=lambda kv: -kv[1]))
-            row["round_tokens_per_s"] = level.round_tokens_per_s
-            row.update(tree_rss_mib(way.rss_pid))
-            rows.append(row)
-    return rows
+    for c in args.concurrency:
+        bodies = make_jobs(
+            args, jobs_at(args, c), f"{tag}-{way.name}-r{turn}-c{c}", args.max_tokens
+        )
+        meter.start()
+        wall, samples = await _run_level(way.one, bodies, c)
+        levels[c].add(wall, samples, meter.stop())
+        levels[c].rss = tree_rss_mib(way.rss_pid)
+        line = report.one_line(report.summarize(way.name, c, wall, samples))
+        progress(f"round {turn + 1}/{args.rounds} {way.name} c={c}: {line}")
+
+
+def level_row(way: str, concurrency: int, level: Level) -> dict[str, Any]:
+    """A way's row at one level, its rounds pooled."""
+    row = report.summarize(way, concurrency, level.wall_s, level.samples)
+    total = sum(level.calls.values())
+    row["redis_cmds_per_token"] = total / max(1, row["output_tokens"])
+    row["redis_cmds_per_job"] = total / max(1, row["jobs"])
+    row["redis_commands"] = dict(sorted(level.calls.items(), key=lambda kv: -kv[1]))
+    row["round_tokens_per_s"] = level.round_tokens_per_s
+    row.update(level.rss)
+    return row
 
 
 # --- direct: straight into one in-process engine ------------------------------------------
@@ -601,25 +594,23 @@ OPENERS = {"direct": _direct, "vllm-serve": _vllm_serve, "queue": _queue}
 async def _run(
     args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Start every way (one engine each, one after the other), sweep them interleaved,
-    soak the queue's worker, stop them all; ``--sequential``: one way after the other."""
-    groups = [[name] for name in args.ways] if args.sequential else [list(args.ways)]
-    rows: list[dict[str, Any]] = []
+    """``--rounds`` rounds; in each, every way in turn (the first way rotating): its engine
+    started, every level run, its engine stopped. One engine at a time, and the machine's
+    drift spread over all the ways. The queue's last round ends with the soak."""
+    levels = {(name, c): Level() for name in args.ways for c in args.concurrency}
     soak = None
     server = redis.Redis.from_url(settings.redis_url)
     try:
-        for group in groups:
-            async with contextlib.AsyncExitStack() as stack:
-                ways = [
-                    await stack.enter_async_context(OPENERS[name](args, settings, tag, tmp))
-                    for name in group
-                ]
-                rows += await _sweep(args, tag, ways, server)
-                queue = next((way for way in ways if way.name == "queue"), None)
-                if queue is not None and args.soak_jobs:
-                    soak = await _soak(args, tag, queue.one, queue.rss_pid)
+        for turn in range(args.rounds):
+            for name in rotated(args.ways, turn):
+                async with OPENERS[name](args, settings, tag, tmp) as way:
+                    mine = {c: levels[name, c] for c in args.concurrency}
+                    await _one_round(args, tag, way, turn, mine, server)
+                    if name == "queue" and turn == args.rounds - 1 and args.soak_jobs:
+                        soak = await _soak(args, tag, way.one, way.rss_pid)
     finally:
         server.close()
+    rows = [level_row(name, c, levels[name, c]) for name in args.ways for c in args.concurrency]
     return rows, soak
 
 
