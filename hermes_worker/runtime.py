@@ -59,9 +59,10 @@ class Runtime:
         self._metrics: WorkerMetrics | None = None
         self._renderer: PromptRenderer | None = None
         self._encode_lock = threading.Lock()
-        # Validation, rendering and tokenizing run here, not in the Celery thread of each job:
-        # 128 threads contending for the GIL slowed the engine loop, and each thread that
-        # tokenized grew native memory of its own (measured: flat with one thread).
+        # Validation, rendering and tokenizing run on a fixed few threads, not in the Celery
+        # thread of each job (128 by default): each thread that tokenized grew native memory
+        # of its own (a soak grew ~0.8 MiB per 1000 jobs; flat with few threads). One thread
+        # alone was too slow to start a burst of jobs while the loop held the GIL.
         self._preparer = ThreadPoolExecutor(
             settings.prepare_threads, thread_name_prefix="hermes-prepare"
         )

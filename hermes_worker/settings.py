@@ -40,12 +40,12 @@ class Settings(BaseSettings):
     )
     worker_name: str | None = Field(default=None, description="Defaults to host:pid.")
     prepare_threads: int = Field(
-        default=1,
+        default=4,
         gt=0,
         description="Threads that validate, render and tokenize delivered jobs (the Celery "
-        "threads wait on them). One leaves the GIL to the engine loop and keeps memory flat "
-        "(each thread that tokenizes holds native caches); more let a huge prompt not hold "
-        "small ones up.",
+        "threads wait on them). A fixed few keep memory flat (each thread that tokenizes "
+        "holds native caches of its own) yet take turns with a busy engine loop for the GIL, "
+        "so a burst of jobs still starts quickly.",
     )
     stream_flush_ms: float = Field(
         default=50.0,

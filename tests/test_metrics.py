@@ -4,6 +4,7 @@ engine's requests."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -138,32 +139,41 @@ def test_a_rejected_job_counts_as_failed_without_generation(
     assert delta(before, after, "hermes_generated_tokens_total") == 0
 
 
-def test_engine_gauges_follow_a_running_request(
-    worker: WorkerProcess, client: HermesClient
-) -> None:
+def test_engine_gauges_follow_running_requests(worker: WorkerProcess, client: HermesClient) -> None:
     # Given an idle worker
     before = wait_for(worker, idle)
     assert value(before, "hermes_engine_running_requests") == 0
-    # When a long job generates, Then the engine shows one running request and the worker one
-    # job; And it can be cancelled while it runs (the tiny model writes ~2000 tokens in a few
-    # seconds: a VM stall between the scrape and the cancel can let it finish first, so a job
-    # that ended on its own is waited out and the scenario runs again, at most three times)
+    # When long jobs generate, Then the engine shows them running and the worker has jobs in
+    # progress; And they can be cancelled while they run. While the engine generates, this
+    # 2-core box starves every other process for seconds at a time (seen: a scrape loop
+    # stalled 2.2 s, one scrape took 1.3 s), longer than one job of the session's context
+    # takes. So four jobs share the engine (each runs ~4x longer), every one is cancelled,
+    # and a batch that ended on its own before any cancel landed is waited out and tried
+    # again, at most three times.
     for _ in range(3):
-        handle = client.submit(chat(max_tokens=MAX_MODEL_LEN - 256, ignore_eos=True))
+        handles = [
+            client.submit(chat(max_tokens=MAX_MODEL_LEN - 256, ignore_eos=True)) for _ in range(4)
+        ]
         busy = wait_for(worker, lambda s: value(s, "hermes_engine_running_requests") >= 1)
-        assert value(busy, "hermes_engine_running_requests") == 1
-        assert value(busy, "hermes_engine_waiting_requests") == 0
-        assert value(busy, "hermes_jobs_in_progress") == 1
-        try:
-            assert handle.cancel() in ("cancelled", "cancelling")
+        assert 1 <= value(busy, "hermes_engine_running_requests") <= 4
+        assert 1 <= value(busy, "hermes_jobs_in_progress") <= 4
+        asked = set()
+        for handle in handles:
+            with contextlib.suppress(JobAlreadyEnded):
+                assert handle.cancel() in ("cancelled", "cancelling")
+                asked.add(handle.id)
+        statuses = {h.id: h.result(timeout=TIMEOUT).job.status for h in handles}
+        cancelled = [job_id for job_id, status in statuses.items() if status is JobStatus.CANCELLED]
+        if cancelled:
             break
-        except JobAlreadyEnded:
-            wait_for(worker, idle)
+        wait_for(worker, idle)
     else:
         pytest.fail("every long job ended before it could be cancelled")
-    # And once it is cancelled, the gauges drop back and the cancel is counted
-    assert handle.result(timeout=TIMEOUT).job.status is JobStatus.CANCELLED
+    # And only jobs asked to stop were cancelled (one asked just as it wrote its last token
+    # may have succeeded), the rest succeeded; the gauges drop back and the cancels are counted
+    assert set(cancelled) <= asked
+    assert all(statuses[i] is JobStatus.SUCCEEDED for i in statuses if i not in cancelled)
     after = wait_for(worker, lambda s: idle(s) and value(s, "hermes_engine_running_requests") == 0)
     assert value(after, "hermes_engine_running_requests") == 0
-    assert delta(before, after, "hermes_jobs_total", status="cancelled") == 1
-    assert delta(before, after, "hermes_generated_tokens_total") > 0  # its partial output
+    assert delta(before, after, "hermes_jobs_total", status="cancelled") == len(cancelled)
+    assert delta(before, after, "hermes_generated_tokens_total") > 0  # their partial output
