@@ -89,13 +89,18 @@ def test_cancel_of_a_running_job_aborts_it_within_a_second(
     client: HermesClient, worker: WorkerProcess
 ) -> None:
     settings = worker.settings
-    # Given a long job that is generating
-    handle = client.submit(long_job())
-    wait_for_output(settings, handle.id)
-    # When it is cancelled
-    asked = time.time()
-    request_cancel(settings, handle.id)
-    result = handle.result(timeout=TIMEOUT)
+    # Given a long job that is generating (while the engine generates, this 2-core box can
+    # starve the test process for longer than the job lasts: a job that had ended before the
+    # cancel was even sent is tried again, at most three times)
+    for _ in range(3):
+        handle = client.submit(long_job())
+        wait_for_output(settings, handle.id)
+        # When it is cancelled
+        asked = time.time()
+        request_cancel(settings, handle.id)
+        result = handle.result(timeout=TIMEOUT)
+        if not (result.job.finished_at is not None and result.job.finished_at <= asked):
+            break
     # Then it ends cancelled within a second, keeping the output it had
     assert result.job.status is JobStatus.CANCELLED
     assert result.job.finished_at is not None and result.job.finished_at - asked < 1.0
@@ -231,6 +236,9 @@ def test_a_cancelled_queued_job_never_starts_even_when_delivered(
 # suite): each test first brings back whichever worker the one before it stopped.
 
 
+GRACE_S = 0.5  # the pair's shutdown grace period
+
+
 class Pair:
     """Two workers, w1 and w2, on one queue of their own with a short visibility timeout
     (5 s) and the default lease (30 s): on this 2-core VM the whole machine was seen to
@@ -241,7 +249,7 @@ class Pair:
         self.env = {
             "HERMES_VISIBILITY_TIMEOUT_S": "5",
             "HERMES_LEASE_TTL_S": "30",
-            "HERMES_SHUTDOWN_GRACE_S": "0.5",
+            "HERMES_SHUTDOWN_GRACE_S": str(GRACE_S),
             "HERMES_MAX_MODEL_LEN": "32768",
         }
         self.settings = unique_settings()
@@ -365,18 +373,25 @@ def test_sigterm_hands_running_jobs_to_another_worker_and_leaves_no_process(
 ) -> None:
     # A job of 8000 tokens (seconds of generation), so it is surely still running when the
     # 0.5 s grace period ends, however long the signal takes to be handled.
-    workers = pair.both_alive()
+    # (The test process can be starved for seconds while the engines generate: a job that
+    # ended before its worker could have acted on the signal is tried again, at most 3 times.)
     settings = pair.settings
-    with pair.client() as client:
-        handle = client.submit(long_job(max_tokens=8000))
-        leaving = wait_for_output(settings, handle.id)
-        process = psutil.Process(workers[leaving].process.pid)
-        family = [process, *process.children(recursive=True)]
-        assert any(is_engine_core(p) for p in family)
-        # When the worker running it is asked to stop, with a short grace period
-        pair.retire(leaving, signal.SIGTERM)
-        result = handle.result(timeout=TIMEOUT)
-        code = workers[leaving].process.wait(60)
+    for _ in range(3):
+        workers = pair.both_alive()
+        with pair.client() as client:
+            handle = client.submit(long_job(max_tokens=8000))
+            leaving = wait_for_output(settings, handle.id)
+            process = psutil.Process(workers[leaving].process.pid)
+            family = [process, *process.children(recursive=True)]
+            assert any(is_engine_core(p) for p in family)
+            # When the worker running it is asked to stop, with a short grace period
+            sent = time.time()
+            pair.retire(leaving, signal.SIGTERM)
+            result = handle.result(timeout=TIMEOUT)
+            code = workers[leaving].process.wait(60)
+        ended = result.job.finished_at or 0
+        if not (result.job.worker == leaving and ended <= sent + GRACE_S):
+            break
     # Then it exits cleanly, every process it started (vLLM's engine core included) is gone,
     # and the job is finished by the other worker without loss
     assert code == 0, workers[leaving].log()[-3000:]
