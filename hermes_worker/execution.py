@@ -46,13 +46,17 @@ from hermes_worker.jobs import (
     ResponseToolCall,
     Usage,
 )
-from hermes_worker.leases import Claimed, Ended, Leases
+from hermes_worker.leases import Claimed, Ended, Leased, Leases
 from hermes_worker.parsing import ContentParser, ParserEvent, StreamingParser
 from hermes_worker.sampling import GenerationPlan
 from hermes_worker.store import Keys, decode_event, job_info_from_record
 from hermes_worker.stream import JobStream, StreamWriter
 
 log = structlog.stdlib.get_logger(__name__)
+
+# A claim whose reply did not come is sent again this many times in all, this far apart.
+CLAIM_TRIES = 3
+CLAIM_RETRY_S = 1.0
 
 OutputParser = StreamingParser | ContentParser
 StopReason = Literal["cancel", "timeout", "lease_lost", "shutdown"]
@@ -138,7 +142,7 @@ class JobContext:
         token = f"{self.worker}:{uuid.uuid4().hex[:12]}"
         while not self.shutting_down:
             now = time.time()
-            outcome = await self.leases.claim(job_id, token, now, self.worker)
+            outcome = await self._claim_once(job_id, token, now)
             if isinstance(outcome, Ended):
                 return JobStatus(outcome.status)
             if isinstance(outcome, Claimed):
@@ -147,6 +151,21 @@ class JobContext:
             # A live lease: the job runs elsewhere. Wait for it to end or for its worker to die.
             await asyncio.sleep(min(max(outcome.ttl_ms, 50) / 1000, self.leases.ttl_ms / 3000))
         return None
+
+    async def _claim_once(self, job_id: str, token: str, now: float) -> Claimed | Ended | Leased:
+        """One claim, sent again (same token, so the same claim) when Redis fails to answer:
+        a timed-out claim may have been made, and a new token would then wait out this
+        worker's own lease. Still failing after CLAIM_TRIES: the error goes up (a retry)."""
+        tries = 1
+        while True:
+            try:
+                return await self.leases.claim(job_id, token, now, self.worker)
+            except RedisError as exc:
+                if tries == CLAIM_TRIES:
+                    raise
+                tries += 1
+                log.warning("job %s: claim failed (%s); sending it again", job_id, exc)
+                await asyncio.sleep(CLAIM_RETRY_S)
 
     def _attempt(self, job_id: str, token: str, now: float, claimed: Claimed) -> Attempt:
         stream = JobStream(job_id, next_seq=claimed.last_seq + 1)

@@ -10,6 +10,9 @@ lease: ``SET {job}:lease <token> NX PX ttl``, renewed by the runtime's heartbeat
 * Claiming, counting the attempt and marking the record ``running`` is one Lua script, so
   two workers can never both claim, and a cancel of a queued job (also atomic, on the
   producer side) either wins before the claim or is seen by it.
+* A claim is safe to send again with the same token: when the reply to the first one was
+  lost (a Redis reply slower than the socket timeout), the second finds its own lease and
+  answers with the same attempt instead of waiting that lease out as someone else's.
 """
 
 from __future__ import annotations
@@ -29,14 +32,19 @@ local status = rec[1]
 for _, ended in ipairs({'succeeded', 'failed', 'cancelled', 'expired'}) do
   if status == ended then return {'ended', status} end
 end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {'leased', tostring(redis.call('PTTL', KEYS[2]))}
-end
 local before = tonumber(rec[4] or '0') or 0
 local queued_at = rec[2] or ARGV[3]
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[3], 'worker', ARGV[4],
-           'attempts', tostring(before + 1), 'queued_at', queued_at)
-redis.call('EXPIRE', KEYS[1], ARGV[5])
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  -- Our own claim again: the reply to the first one was lost (a timeout). Same attempt.
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  before = math.max(before - 1, 0)
+elseif not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {'leased', tostring(redis.call('PTTL', KEYS[2]))}
+else
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[3], 'worker', ARGV[4],
+             'attempts', tostring(before + 1), 'queued_at', queued_at)
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
 -- Events exist only after an earlier attempt (or before a requeue): continue their seq.
 local seq = 0
 if before > 0 or rec[5] then

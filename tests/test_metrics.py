@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from worker_fixtures import MAX_MODEL_LEN, WorkerProcess
+from worker_fixtures import MAX_MODEL_LEN, WorkerProcess, patient_redis
 
 from hermes_worker.jobs import JobStatus
 from producers.client import HermesClient, JobAlreadyEnded
@@ -30,7 +30,7 @@ HISTOGRAMS = (
 
 @pytest.fixture(scope="module")
 def client(worker: WorkerProcess) -> Iterator[HermesClient]:
-    with HermesClient(worker.settings) as c:
+    with HermesClient(worker.settings, redis=patient_redis(worker.settings.redis_url)) as c:
         yield c
 
 

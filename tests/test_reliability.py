@@ -15,10 +15,10 @@ from typing import Any
 
 import psutil
 import pytest
-import redis
 from worker_fixtures import (
     WorkerProcess,
     clean_redis,
+    patient_redis,
     start_worker,
     stop_worker,
     unique_settings,
@@ -47,7 +47,7 @@ def long_job(max_tokens: int = 1900, **extra: Any) -> dict[str, Any]:
 
 
 def events(settings: Settings, job_id: str) -> list[StreamEvent]:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = patient_redis(settings.redis_url)
     return [decode_event(i, f) for i, f in client.xrange(Keys(settings.key_prefix).events(job_id))]
 
 
@@ -57,7 +57,7 @@ def types(settings: Settings, job_id: str) -> list[str]:
 
 def wait_for_output(settings: Settings, job_id: str, timeout: float = 60.0) -> str:
     """Wait until the job is generating (an output event exists); return its worker."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = patient_redis(settings.redis_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if {"content", "reasoning"} & set(types(settings, job_id)):
@@ -70,7 +70,7 @@ def wait_for_output(settings: Settings, job_id: str, timeout: float = 60.0) -> s
 
 def request_cancel(settings: Settings, job_id: str) -> None:
     """What a producer's cancel does for a running job: the flag, then the publish."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = patient_redis(settings.redis_url)
     keys = Keys(settings.key_prefix)
     client.hset(keys.job(job_id), "cancel_requested", time.time())
     client.publish(keys.cancel_channel, job_id)
@@ -81,7 +81,7 @@ def request_cancel(settings: Settings, job_id: str) -> None:
 
 @pytest.fixture(scope="module")
 def client(worker: WorkerProcess) -> Iterator[HermesClient]:
-    with HermesClient(worker.settings) as c:
+    with HermesClient(worker.settings, redis=patient_redis(worker.settings.redis_url)) as c:
         yield c
 
 
@@ -112,7 +112,7 @@ def test_cancel_of_a_running_job_aborts_it_within_a_second(
     ]
     # And the engine holds no request any more (the worker's vitals, written after the cancel)
     vitals_key = f"{settings.key_prefix}worker:{result.job.worker}"
-    server = redis.Redis.from_url(settings.redis_url)
+    server = patient_redis(settings.redis_url)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         vitals = server.hgetall(vitals_key)
@@ -135,7 +135,7 @@ def test_a_deadline_passed_while_queued_expires_without_the_engine(
     # Given a job whose record says it was queued two seconds ago, with a one-second budget
     job_id = uuid.uuid4().hex
     keys = Keys(settings.key_prefix)
-    redis.Redis.from_url(settings.redis_url).hset(
+    patient_redis(settings.redis_url).hset(
         keys.job(job_id), mapping={"status": "queued", "queued_at": time.time() - 2}
     )
     send_directly(settings, long_job(timeout_s=1.0), job_id)
@@ -257,14 +257,12 @@ class Pair:
         self.workers: dict[str, WorkerProcess] = {}
         self.retired: set[str] = set()  # signalled or killed by a test: never reused
         self.starts = 0
-        self.patient = redis.Redis.from_url(
-            self.settings.redis_url, socket_timeout=60, socket_connect_timeout=60
-        )
+        self.patient = patient_redis(self.settings.redis_url)
 
     def client(self) -> HermesClient:
         """The tests' client; its reads wait out a stalled VM (seen: 20 s) instead of
-        failing after redis-py's default 5 s (the pair's own Redis client: this one does
-        not close it)."""
+        failing after redis-py's default 5 s (on the shared patient Redis client, which it
+        does not close)."""
         return HermesClient(self.settings, redis=self.patient)
 
     def retire(self, name: str, sig: signal.Signals) -> None:
@@ -306,7 +304,6 @@ class Pair:
         for w in self.workers.values():
             stop_worker(w)
         clean_redis(self.settings)
-        self.patient.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import pytest
 import redis
-from worker_fixtures import MAX_MODEL_LEN, WorkerProcess
+from worker_fixtures import MAX_MODEL_LEN, WorkerProcess, patient_redis
 
 from hermes_worker.jobs import JobResult, JobStatus, parse_job
 from hermes_worker.queue import make_celery, send_job
@@ -52,7 +52,7 @@ TOOLS = [
 
 @pytest.fixture(scope="module")
 def client(worker: WorkerProcess) -> Iterator[HermesClient]:
-    with HermesClient(worker.settings) as c:
+    with HermesClient(worker.settings, redis=patient_redis(worker.settings.redis_url)) as c:
         yield c
 
 

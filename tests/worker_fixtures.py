@@ -4,6 +4,7 @@ checkpoint, its own Redis database, key prefix and queue. The engine starts once
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -24,6 +25,10 @@ from hermes_worker.settings import Settings
 WORKER_REDIS_URL = "redis://127.0.0.1:6379/14"
 MAX_MODEL_LEN = 2048
 WORKER_NICENESS = 5
+# How long a test's own Redis client waits for a reply. redis-py's default is 5 s, and on this
+# 2-core VM an idle redis-server was measured taking 5.9 s to answer a PING while two engines
+# ran (a monitor process at niceness -5 saw no stall of its own at that moment).
+PATIENT_S = 60.0
 
 
 @dataclass
@@ -110,6 +115,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@functools.cache
+def patient_redis(url: str) -> redis.Redis:
+    """The tests' shared Redis client for ``url``, waiting out a stalled server (PATIENT_S)."""
+    return redis.Redis.from_url(url, socket_timeout=PATIENT_S, socket_connect_timeout=PATIENT_S)
 
 
 def clean_redis(settings: Settings) -> None:
