@@ -11,8 +11,10 @@ name from :class:`~hermes_worker.settings.Settings` (``HERMES_*`` env vars)::
     print(handle.result().choices[0].message.content)
 
 A job is validated here, before anything is queued, so a bad body fails at the producer.
-Submitting is idempotent on the job id: the record is created atomically, and a second
-submit of an id that already has a record sends nothing and returns a handle to that job.
+Submitting is idempotent on the job id: one Lua call creates the record and queues the
+job's Celery message (:func:`~hermes_worker.queue.job_message`: what Celery's ``send_task``
+would push, built here, so both land or neither, in one round trip); a second submit of
+an id that already has a record sends nothing and returns a handle to that job.
 Waiting never polls: it blocks on the job's event stream (XREAD BLOCK), which the worker
 appends to in the same transaction that stores the result.
 
@@ -40,7 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hermes_worker.errors import HermesError, InvalidRequest, RetryableError
 from hermes_worker.jobs import ChatJob, ErrorInfo, JobInfo, JobResult, JobStatus, parse_job
-from hermes_worker.queue import make_celery, send_job
+from hermes_worker.queue import job_message, make_celery, send_job
 from hermes_worker.settings import Settings
 from hermes_worker.store import (
     ALIVE_TTL_S,
@@ -91,10 +93,15 @@ BLOCK_CHUNK_S = 2.0
 READ_COUNT = 256  # stream entries per XREAD
 
 # Creates the job record only if there is none, atomically, so one id is queued once.
-CREATE_RECORD_LUA = """
+# Queue a new job's Celery message (KEYS[2], ARGV[4]: see job_message) and record the job; a
+# known id is neither queued nor recorded again. The message goes first: a script that fails
+# half way keeps what it wrote, and a message without a record is a job from a plain Celery
+# client (it runs), where a record without a message would be a job that never runs.
+SUBMIT_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
+redis.call('LPUSH', KEYS[2], ARGV[4])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', '0',
            'queued_at', ARGV[1], 'body', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -149,9 +156,11 @@ class Submission:
     body_json: str
     priority: int
 
-    def record_args(self, queued_at: float) -> list[str]:
-        """ARGV of :data:`CREATE_RECORD_LUA`."""
-        return [repr(queued_at), self.body_json, str(ALIVE_TTL_S)]
+    def submit_call(self, keys: Keys, app: Celery, queue: str) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of :data:`SUBMIT_LUA`."""
+        queue_key, message = job_message(app, self.body, self.job_id, self.priority, queue)
+        args = [repr(time.time()), self.body_json, str(ALIVE_TTL_S), message]
+        return [keys.job(self.job_id), queue_key], args
 
 
 def _check_size(size: int, limit: int) -> None:
@@ -333,7 +342,7 @@ class HermesClient:
         self.redis = redis if redis is not None else sync_client(self.settings.redis_url)
         # Built here, not on first use, so threads sharing the client share one app.
         self.celery = celery if celery is not None else make_celery(self.settings)
-        self._create_record = self.redis.register_script(CREATE_RECORD_LUA)
+        self._submit = self.redis.register_script(SUBMIT_LUA)
         self._cancel = self.redis.register_script(CANCEL_LUA)
         self._requeue = self.redis.register_script(REQUEUE_LUA)
         self._queue_lists = queue_lists(self.settings)
@@ -346,15 +355,10 @@ class HermesClient:
         ``max_queue_depth`` jobs already wait; either way nothing is recorded or queued.
         """
         sub = prepare_submission(job, self.settings.max_body_bytes)
-        key = self.keys.job(sub.job_id)
-        self._check_depth(key)
-        created = bool(self._create_record(keys=[key], args=sub.record_args(time.time())))
+        self._check_depth(self.keys.job(sub.job_id))
+        keys, args = sub.submit_call(self.keys, self.celery, self.settings.queue_name)
+        created = bool(self._submit(keys=keys, args=args))
         if created:
-            try:
-                send_job(self.celery, sub.body, sub.job_id, sub.priority, self.settings.queue_name)
-            except Exception:
-                self.redis.delete(key)  # so that submitting again really queues the job
-                raise
             self._gate.submitted()
         return JobHandle(self, sub.job_id, created=created)
 
@@ -560,7 +564,8 @@ class JobHandle:
 
 
 class AsyncHermesClient:
-    """The asyncio twin of :class:`HermesClient` (sending runs in a thread: Celery blocks)."""
+    """The asyncio twin of :class:`HermesClient` (a requeue sends through Celery, which
+    blocks, in a thread; a submit is one Lua call, see :data:`SUBMIT_LUA`)."""
 
     def __init__(
         self,
@@ -575,7 +580,7 @@ class AsyncHermesClient:
         self.redis = redis if redis is not None else async_client(self.settings.redis_url)
         # Built here, not on first use, so threads sharing the client share one app.
         self.celery = celery if celery is not None else make_celery(self.settings)
-        self._create_record = self.redis.register_script(CREATE_RECORD_LUA)
+        self._submit = self.redis.register_script(SUBMIT_LUA)
         self._cancel = self.redis.register_script(CANCEL_LUA)
         self._requeue = self.redis.register_script(REQUEUE_LUA)
         self._queue_lists = queue_lists(self.settings)
@@ -592,16 +597,10 @@ class AsyncHermesClient:
         """Validate, record and queue a job; a known id is not queued again (see
         :meth:`HermesClient.submit` for the errors)."""
         sub = prepare_submission(job, self.settings.max_body_bytes)
-        key = self.keys.job(sub.job_id)
-        await self._check_depth(key)
-        created = bool(await self._create_record(keys=[key], args=sub.record_args(time.time())))
+        await self._check_depth(self.keys.job(sub.job_id))
+        keys, args = sub.submit_call(self.keys, self.celery, self.settings.queue_name)
+        created = bool(await self._submit(keys=keys, args=args))
         if created:
-            app, queue = self.celery, self.settings.queue_name
-            try:
-                await asyncio.to_thread(send_job, app, sub.body, sub.job_id, sub.priority, queue)
-            except Exception:
-                await self.redis.delete(key)  # so that submitting again really queues the job
-                raise
             self._gate.submitted()
         return AsyncJobHandle(self, sub.job_id, created=created)
 

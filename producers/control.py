@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hermes_worker.jobs import TERMINAL_STATUSES, ErrorInfo, JobResult, JobStatus
-from hermes_worker.queue import celery_config
+from hermes_worker.queue import PRIORITY_STEPS, queue_list
 from hermes_worker.settings import Settings
 from hermes_worker.store import (
     Keys,
@@ -88,9 +88,7 @@ return {'requeued', body}
 def queue_lists(settings: Settings) -> list[str]:
     """The Redis lists kombu keeps for the job queue, one per priority step (as its
     ``_q_for_pri`` names them: step 0 is the plain queue name)."""
-    options = celery_config(settings)["broker_transport_options"]
-    queue, sep = settings.queue_name, options["sep"]
-    return [f"{queue}{sep}{step}" if step else queue for step in options["priority_steps"]]
+    return [queue_list(settings.queue_name, step) for step in PRIORITY_STEPS]
 
 
 class DepthGate:

@@ -30,7 +30,7 @@ from hermes_worker.jobs import (
     Usage,
     parse_job,
 )
-from hermes_worker.queue import TASK_NAME
+from hermes_worker.queue import TASK_NAME, send_job
 from hermes_worker.settings import Settings
 from hermes_worker.store import ALIVE_TTL_S, EventType, Keys, encode_event
 from producers.client import (
@@ -40,6 +40,7 @@ from producers.client import (
     HermesClient,
     JobNotFound,
     events_from_xread,
+    prepare_submission,
 )
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
@@ -263,18 +264,48 @@ class BrokenCelery:
         raise ConnectionError("broker down")
 
 
-def test_a_failed_send_removes_the_record_so_a_retry_queues_the_job(
+def test_a_submit_that_cannot_queue_leaves_no_record_so_a_retry_queues_the_job(
     hermes_settings: Settings, redis_client: redis.Redis
 ) -> None:
-    # Given a client whose broker fails, When a job is submitted, the error reaches the caller
-    broken = HermesClient(hermes_settings, celery=BrokenCelery())
-    with broken, pytest.raises(ConnectionError):
-        broken.submit({**HI, "id": "retry-me"})
-    # Then no record is left behind, so submitting again (broker back) queues the job
-    assert not redis_client.exists(Keys(hermes_settings.key_prefix).job("retry-me"))
+    # Given a queue list that Redis cannot push to (a key of another type holds its name)
+    queue = hermes_settings.queue_name
+    redis_client.set(queue, "not a list")
+    # When a job is submitted, the error reaches the caller
     with HermesClient(hermes_settings) as client:
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            client.submit({**HI, "id": "retry-me"})
+        # Then no record is left behind, so submitting again (queue mended) queues the job
+        assert not redis_client.exists(Keys(hermes_settings.key_prefix).job("retry-me"))
+        redis_client.delete(queue)
         assert client.submit({**HI, "id": "retry-me"}).created
-    assert len(queued_messages(redis_client, hermes_settings.queue_name)) == 1
+    assert len(queued_messages(redis_client, queue)) == 1
+
+
+def test_a_submitted_message_is_the_one_celery_would_send(
+    hermes_settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Given one job body (priority 3: a list of its own), queued by submit on one queue and by
+    # Celery's own send_task on another
+    body = {**HI, "id": "same-job", "priority": 3}
+    with HermesClient(hermes_settings) as client:
+        client.submit(body)
+        sent = client.celery
+    other = f"{hermes_settings.queue_name}-celery"
+    sub = prepare_submission(body, hermes_settings.max_body_bytes)
+    send_job(sent, sub.body, "same-job", 3, other)
+    [(ours_list, ours)] = queued_messages(redis_client, hermes_settings.queue_name)
+    [(celery_list, celery)] = queued_messages(redis_client, other)
+    redis_client.delete(*redis_client.keys(f"*{other}*"))
+    # Then both sit on the priority-3 list, and the messages differ only in what differs
+    # between any two sends: the queue they were routed to, the delivery tag, the app's reply_to
+    assert (ours_list, celery_list) == (f"{hermes_settings.queue_name}:3", f"{other}:3")
+    assert task_args(ours) == task_args(celery) == [sub.body]
+    for message, queue in ((ours, hermes_settings.queue_name), (celery, other)):
+        properties = message["properties"]
+        assert properties.pop("delivery_info") == {"exchange": "", "routing_key": queue}
+        assert len(properties.pop("delivery_tag")) == 36
+        properties.pop("reply_to")
+    assert ours == celery
 
 
 # --- status --------------------------------------------------------------------------------
