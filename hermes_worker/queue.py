@@ -113,15 +113,15 @@ def job_message(
     app: Celery, body: dict[str, Any], job_id: str, priority: int, queue: str
 ) -> tuple[str, str]:
     """The list and the payload that :func:`send_job` would push for this job, built here
-    so that a producer can push it itself: in the Lua call that records the job (one round
-    trip, and the record and the message land together or not at all) rather than through
-    Celery's blocking publish in a thread. With 32 submits in flight on 2 cores
+    so that a producer can push it itself, in the Lua call that records the job (one round
+    trip; see ``producers.client.SUBMIT_LUA``), rather than through Celery's blocking
+    publish in a thread. With 32 submits in flight on 2 cores
     (``benchmarks/submit.py``), the whole submit (validation, record, message) takes 0.76 ms
     of producer CPU and 24 ms p50, where Celery's ``send_task`` alone takes 1.68 ms and 50 ms.
 
     Celery builds the task message (protocol 2: headers, properties, args); what kombu's
     Redis transport adds on the way (body encoding, delivery info and tag, priority) is
-    added here. ``tests/test_queue.py`` holds it field by field against ``send_task``'s."""
+    added here. ``tests/test_client.py`` holds it field by field against ``send_task``'s."""
     task = app.amqp.as_task_v2(
         job_id, TASK_NAME, args=[body], reply_to=app.thread_oid, ignore_result=None
     )

@@ -92,7 +92,6 @@ JobSource = ChatJob | Mapping[str, Any] | str | bytes
 BLOCK_CHUNK_S = 2.0
 READ_COUNT = 256  # stream entries per XREAD
 
-# Creates the job record only if there is none, atomically, so one id is queued once.
 # Queue a new job's Celery message (KEYS[2], ARGV[4]: see job_message) and record the job; a
 # known id is neither queued nor recorded again. The message goes first: a script that fails
 # half way keeps what it wrote, and a message without a record is a job from a plain Celery
