@@ -567,7 +567,7 @@ async def _queue(
             yield Way("queue", one, process.pid)
     finally:
         _stop(process)
-        _clean_redis(settings)
+        clean_redis(settings)
 
 
 async def _soak(
@@ -614,7 +614,8 @@ async def _run(
     return rows, soak
 
 
-def _clean_redis(settings: Settings) -> None:
+def clean_redis(settings: Settings) -> None:
+    """Delete a run's keys: its job records and streams, its queue lists, kombu's bindings."""
     server = redis.Redis.from_url(settings.redis_url)
     queue = settings.queue_name
     for pattern in (f"{settings.key_prefix}*", f"{queue}*", f"_kombu*{queue}*"):

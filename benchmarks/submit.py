@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
+from serving import clean_redis
 
 from hermes_worker.queue import make_celery, send_job
 from hermes_worker.settings import Settings
@@ -69,15 +69,6 @@ def settings() -> Settings:
     return Settings(redis_url=REDIS_URL, key_prefix=f"bench-{tag}:", queue_name=f"bench-{tag}")
 
 
-def clean(s: Settings) -> None:
-    server = redis.Redis.from_url(s.redis_url)
-    for pattern in (f"{s.key_prefix}*", f"{s.queue_name}*", f"_kombu*{s.queue_name}*"):
-        keys = list(server.scan_iter(pattern, count=1000))
-        if keys:
-            server.delete(*keys)
-    server.close()
-
-
 async def drive(one: Callable[[], Awaitable[None]], jobs: int, lanes: int, tally: Tally) -> None:
     async def timed() -> None:
         started = time.perf_counter()
@@ -114,7 +105,7 @@ async def run_way(name: str, jobs: int, lanes: int, tally: Tally) -> None:
 
                 await drive(one, jobs, lanes, tally)
     finally:
-        clean(s)
+        clean_redis(s)
 
 
 def main(argv: list[str] | None = None) -> int:
