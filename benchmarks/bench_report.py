@@ -144,6 +144,21 @@ def call_deltas(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str
     return dict(sorted(((k, v) for k, v in deltas.items() if v), key=lambda kv: -kv[1]))
 
 
+CPU_PARTS = ("front_end", "engine_core", "redis", "clients")
+
+
+def cpu_per_token(cpu_s: Mapping[str, float], tokens: int) -> dict[str, float]:
+    """CPU milliseconds per generated token by part, and outside the engine core in all
+    (front end, Redis and clients: what the way itself costs). Empty without figures."""
+    if not cpu_s:
+        return {}
+    per = {f"cpu_ms_per_token_{p}": cpu_s.get(p, 0.0) * 1000 / max(1, tokens) for p in CPU_PARTS}
+    per["cpu_ms_per_token_outside_engine"] = sum(
+        v for k, v in per.items() if k != "cpu_ms_per_token_engine_core"
+    )
+    return per
+
+
 def memory_trend(points: Sequence[tuple[int, float]]) -> dict[str, Any]:
     """RSS samples (jobs done, MiB) -> growth per 1000 jobs, fitted over the second half
     (the first half includes warm-up: caches and pools that fill once)."""
@@ -202,6 +217,11 @@ METRICS = (
     ("arrivals per job", "arrivals_per_job", "{:.1f}"),
     ("Redis cmds/token", "redis_cmds_per_token", "{:.3f}"),
     ("Redis cmds/job", "redis_cmds_per_job", "{:.1f}"),
+    ("CPU ms/token outside the engine", "cpu_ms_per_token_outside_engine", "{:.3f}"),
+    ("- front end (server or worker)", "cpu_ms_per_token_front_end", "{:.3f}"),
+    ("- Redis server", "cpu_ms_per_token_redis", "{:.3f}"),
+    ("- clients (this benchmark)", "cpu_ms_per_token_clients", "{:.3f}"),
+    ("CPU ms/token in the engine core", "cpu_ms_per_token_engine_core", "{:.3f}"),
     ("RSS server process (MiB)", "rss_main_mib", "{:.0f}"),
 )
 
@@ -228,6 +248,10 @@ def comparisons(ways: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     for other, name in (("direct", "direct"), ("vllm-serve", "vllm_serve")):
         if other in ways:
             out[f"tokens_per_s_vs_{name}"] = queue["tokens_per_s"] / ways[other]["tokens_per_s"]
+    key = "cpu_ms_per_token_outside_engine"
+    for other, name in (("direct", "direct"), ("vllm-serve", "vllm_serve")):
+        if other in ways and ways[other].get(key) and queue.get(key) is not None:
+            out[f"cpu_outside_engine_vs_{name}"] = queue[key] / ways[other][key]
     if "direct" in ways:
         out["added_ttft_p50_ms"] = queue["ttft_p50_ms"] - ways["direct"]["ttft_p50_ms"]
         out["added_ttft_p99_ms"] = queue["ttft_p99_ms"] - ways["direct"]["ttft_p99_ms"]
@@ -280,6 +304,11 @@ def _comparison_lines(ways: Mapping[str, Mapping[str, Any]]) -> list[str]:
     path = ways.get("queue", {}).get("ttft_queue_path_p50_ms")
     if path is not None:
         parts.append(f"queue path TTFT p50 {path:.1f} ms")
+    if "cpu_outside_engine_vs_vllm_serve" in c:
+        parts.append(
+            f"CPU/token outside the engine queue/vllm-serve "
+            f"{c['cpu_outside_engine_vs_vllm_serve']:.2f}x"
+        )
     return ["; ".join(parts)] if parts else []
 
 
@@ -328,8 +357,9 @@ def markdown(result: Mapping[str, Any], title: str | None = None) -> str:
         "",
     ]
     lines += ["## Summary", "", "| concurrency | queue/direct tok/s | queue/vllm-serve tok/s "
-              "| added TTFT p50 (ms) | queue path TTFT p50 (ms) | Redis cmds/token |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+              "| added TTFT p50 (ms) | queue path TTFT p50 (ms) | Redis cmds/token "
+              "| CPU/token outside the engine, queue/vllm-serve |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for level, ways in by_level(result["rows"]).items():
         c = comparisons(ways)
         queue = ways.get("queue", {})
@@ -338,7 +368,8 @@ def markdown(result: Mapping[str, Any], title: str | None = None) -> str:
             f"| {_ratio_cell(ways, 'vllm-serve', c.get('tokens_per_s_vs_vllm_serve'))} "
             f"| {_cell('{:+.1f}', c.get('added_ttft_p50_ms'))} "
             f"| {_cell('{:.1f}', queue.get('ttft_queue_path_p50_ms'))} "
-            f"| {_cell('{:.3f}', queue.get('redis_cmds_per_token'))} |"
+            f"| {_cell('{:.3f}', queue.get('redis_cmds_per_token'))} "
+            f"| {_cell('{:.2f}x', c.get('cpu_outside_engine_vs_vllm_serve'))} |"
         )
     for level, ways in by_level(result["rows"]).items():
         lines += ["", f"## Concurrency {level}", "", *_level_table(ways, markdown=True)]

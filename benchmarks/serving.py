@@ -238,6 +238,64 @@ class RedisMeter:
         return report.call_deltas(self._before, self.server.info("commandstats"))
 
 
+ENGINE_CORE = "EngineCore"  # in the process title vLLM gives its engine core: VLLM::EngineCore
+
+
+def cpu_part(proc: psutil.Process, front_pid: int) -> str | None:
+    """Which part of a way a process is: ``engine_core``, ``front_end`` (the way's server
+    and its other helpers), ``clients`` (this benchmark, when it is not the front end)."""
+    if proc.pid == os.getpid() and front_pid != os.getpid():
+        return "clients"
+    with contextlib.suppress(psutil.Error):
+        if ENGINE_CORE in proc.name():
+            return "engine_core"
+        return "front_end"
+    return None
+
+
+class CpuMeter:
+    """CPU time (user + system) spent between start() and stop(), by part: the way's front
+    end (server or worker, all its threads and helper processes), vLLM's engine core,
+    redis-server (INFO cpu, all its threads), and this benchmark's clients. On a machine
+    where the engine core spins on a core of its own, every millisecond spent outside it is
+    one the engine could not use: per token, this is what a way costs, and it moves far less
+    with the machine's speed than throughput does."""
+
+    PARTS = ("front_end", "engine_core", "redis", "clients")
+
+    def __init__(self, server: redis.Redis, front_pid: int) -> None:
+        self.server, self.front_pid = server, front_pid
+        self._before: dict[int, tuple[str, float]] = {}
+        self._redis_before = 0.0
+
+    def _processes(self) -> dict[int, tuple[str, float]]:
+        front = psutil.Process(self.front_pid)
+        seen: dict[int, tuple[str, float]] = {}
+        for proc in {front, *front.children(recursive=True), psutil.Process()}:
+            part = cpu_part(proc, self.front_pid)
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                if part is not None:
+                    seen[proc.pid] = (part, times.user + times.system)
+        return seen
+
+    def _redis_cpu(self) -> float:
+        info = self.server.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def start(self) -> None:
+        self._before = self._processes()
+        self._redis_before = self._redis_cpu()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds by part."""
+        spent = dict.fromkeys(self.PARTS, 0.0)
+        for pid, (part, cpu) in self._processes().items():
+            spent[part] += cpu - self._before.get(pid, (part, 0.0))[1]
+        spent["redis"] = self._redis_cpu() - self._redis_before
+        return spent
+
+
 async def _run_level(
     one: Callable[[Body], Awaitable[Sample]], bodies: list[Body], concurrency: int
 ) -> tuple[float, list[Sample]]:
@@ -272,12 +330,21 @@ class Level:
     calls: dict[str, int] = field(default_factory=dict)
     round_tokens_per_s: list[float] = field(default_factory=list)
     rss: dict[str, float] = field(default_factory=dict)  # the front end's, after the level
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CpuMeter's parts, summed
 
-    def add(self, wall_s: float, samples: list[Sample], calls: dict[str, int]) -> None:
+    def add(
+        self,
+        wall_s: float,
+        samples: list[Sample],
+        calls: dict[str, int],
+        cpu_s: dict[str, float] | None = None,
+    ) -> None:
         self.wall_s += wall_s
         self.samples += samples
         for name, count in calls.items():
             self.calls[name] = self.calls.get(name, 0) + count
+        for part, seconds in (cpu_s or {}).items():
+            self.cpu_s[part] = self.cpu_s.get(part, 0.0) + seconds
         self.round_tokens_per_s.append(sum(s.tokens for s in samples) / wall_s)
 
 
@@ -296,14 +363,15 @@ async def _one_round(
     top = max(args.concurrency)
     warm = make_jobs(args, top, f"{tag}-{way.name}-r{turn}-warm", args.soak_max_tokens)
     await _run_level(way.one, warm, top)
-    meter = RedisMeter(server)
+    meter, cpu = RedisMeter(server), CpuMeter(server, way.rss_pid)
     for c in args.concurrency:
         bodies = make_jobs(
             args, jobs_at(args, c), f"{tag}-{way.name}-r{turn}-c{c}", args.max_tokens
         )
         meter.start()
+        cpu.start()
         wall, samples = await _run_level(way.one, bodies, c)
-        levels[c].add(wall, samples, meter.stop())
+        levels[c].add(wall, samples, meter.stop(), cpu.stop())
         levels[c].rss = tree_rss_mib(way.rss_pid)
         line = report.one_line(report.summarize(way.name, c, wall, samples))
         progress(f"round {turn + 1}/{args.rounds} {way.name} c={c}: {line}")
@@ -317,6 +385,7 @@ def level_row(way: str, concurrency: int, level: Level) -> dict[str, Any]:
     row["redis_cmds_per_job"] = total / max(1, row["jobs"])
     row["redis_commands"] = dict(sorted(level.calls.items(), key=lambda kv: -kv[1]))
     row["round_tokens_per_s"] = level.round_tokens_per_s
+    row.update(report.cpu_per_token(level.cpu_s, row["output_tokens"]))
     row.update(level.rss)
     return row
 

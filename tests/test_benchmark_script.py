@@ -1,4 +1,4 @@
-"""The serving benchmark's pure parts: arguments, workload, measurements, reports.
+"""The serving benchmark's parts: arguments, workload, measurements, reports.
 No engine and no Redis here: the benchmark itself is run by hand (benchmarks/README.md)."""
 
 from __future__ import annotations
@@ -6,8 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -163,6 +166,97 @@ def rows() -> list[dict[str, object]]:
     ]
 
 
+# Burns argv[1] CPU seconds, prints all the CPU time it used, then idles until killed;
+# titled like vLLM's engine core when argv[2] says so.
+BURN = (
+    "import setproctitle, sys, time\n"
+    "if sys.argv[2:]: setproctitle.setproctitle(sys.argv[2])\n"
+    "end = time.process_time() + float(sys.argv[1])\n"
+    "while time.process_time() < end: pass\n"
+    "print(time.process_time(), flush=True)\n"
+    "time.sleep(120)\n"
+)
+# A front end: starts an "engine core" child that burns 0.6 s, burns 0.3 s itself, then
+# prints the CPU time of both.
+FRONT = (
+    "import subprocess, sys, time\n"
+    "core = subprocess.Popen([sys.executable, '-c', sys.argv[1], '0.6', 'VLLM::EngineCore'],"
+    " stdout=subprocess.PIPE, text=True)\n"
+    "end = time.process_time() + 0.3\n"
+    "while time.process_time() < end: pass\n"
+    "print(core.stdout.readline().strip(), time.process_time(), flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+class RedisCpu:
+    """Stands in for INFO cpu: the server spends 0.25 s between two reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def info(self, section: str) -> dict[str, str]:
+        assert section == "cpu"
+        self.reads += 1
+        return {"used_cpu_user": str(0.2 * self.reads), "used_cpu_sys": str(0.05 * self.reads)}
+
+
+def _burn(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_cpu_is_split_into_front_end_engine_core_redis_and_clients() -> None:
+    # Given a real front end process with an engine-core child, and this process as client
+    front = subprocess.Popen(
+        [sys.executable, "-c", FRONT, BURN], stdout=subprocess.PIPE, text=True, process_group=0
+    )
+    try:
+        meter = bench.CpuMeter(RedisCpu(), front.pid)  # type: ignore[arg-type]
+        mine = time.process_time()
+        meter.start()
+        _burn(0.2)
+        assert front.stdout is not None
+        core_cpu, front_cpu = map(float, front.stdout.readline().split())
+        spent = meter.stop()
+        mine = time.process_time() - mine
+    finally:
+        os.killpg(front.pid, signal.SIGKILL)
+        front.wait()
+    # Then each part holds what its processes used (started after start(): all of it)
+    assert core_cpu >= 0.6 and front_cpu >= 0.3
+    assert spent["engine_core"] == pytest.approx(core_cpu, abs=0.05)
+    assert spent["front_end"] == pytest.approx(front_cpu, abs=0.05)
+    assert spent["clients"] == pytest.approx(mine, abs=0.05)
+    assert spent["redis"] == pytest.approx(0.25)
+
+
+def test_in_the_direct_way_the_benchmark_itself_is_the_front_end() -> None:
+    meter = bench.CpuMeter(RedisCpu(), os.getpid())  # type: ignore[arg-type]
+    meter.start()
+    _burn(0.2)
+    spent = meter.stop()
+    assert spent["front_end"] == pytest.approx(0.2, abs=0.1) and spent["clients"] == 0.0
+
+
+def test_cpu_per_token_and_its_ratio_outside_the_engine() -> None:
+    cpu_s = {"front_end": 1.0, "engine_core": 5.0, "redis": 0.5, "clients": 0.5}
+    per = report.cpu_per_token(cpu_s, 1000)
+    assert per["cpu_ms_per_token_engine_core"] == 5.0
+    assert per["cpu_ms_per_token_outside_engine"] == 2.0
+    assert report.cpu_per_token({}, 1000) == {}
+    level = report.by_level(
+        [
+            {**rows()[1], "cpu_ms_per_token_outside_engine": 2.0},
+            {**rows()[2], "cpu_ms_per_token_outside_engine": 1.5},
+        ]
+    )[32]
+    assert report.comparisons(level)["cpu_outside_engine_vs_vllm_serve"] == pytest.approx(0.75)
+    md = report.markdown({"config": config(), "rows": list(level.values()), "soak": None})
+    assert "| 0.150 | 0.75x |" in md
+
+
 def test_rounds_rotate_which_way_goes_first() -> None:
     ways = ["direct", "vllm-serve", "queue"]
     orders = [bench.rotated(ways, turn) for turn in range(4)]
@@ -179,9 +273,10 @@ def test_a_level_pools_its_rounds_and_keeps_each_rounds_throughput() -> None:
     for wall, tokens in ((2.0, 100), (4.0, 100)):
         sample = bench.Sample()
         sample.tokens = tokens
-        level.add(wall, [sample], {"xadd": 3, "hset": 1})
+        level.add(wall, [sample], {"xadd": 3, "hset": 1}, {"front_end": 0.5, "redis": 0.1})
     assert level.wall_s == 6.0 and len(level.samples) == 2
     assert level.calls == {"xadd": 6, "hset": 2}
+    assert level.cpu_s == pytest.approx({"front_end": 1.0, "redis": 0.2})
     assert level.round_tokens_per_s == [50.0, 25.0]
 
 
