@@ -241,27 +241,31 @@ class RedisMeter:
 ENGINE_CORE = "EngineCore"  # in the process title vLLM gives its engine core: VLLM::EngineCore
 
 
-def cpu_part(proc: psutil.Process, front_pid: int) -> str | None:
-    """Which part of a way a process is: ``engine_core``, ``front_end`` (the way's server
-    and its other helpers), ``clients`` (this benchmark, when it is not the front end)."""
-    if proc.pid == os.getpid() and front_pid != os.getpid():
-        return "clients"
-    with contextlib.suppress(psutil.Error):
-        if ENGINE_CORE in proc.name():
-            return "engine_core"
-        return "front_end"
-    return None
+def cpu_parts(front_pid: int) -> dict[int, str]:
+    """The processes of a way by part: ``engine`` (vLLM's engine core and its children: the
+    model runs in a ``VLLM::Worker`` below it), ``front_end`` (the way's server or worker,
+    and any other helper), ``clients`` (this benchmark, when it is not the front end)."""
+    front = psutil.Process(front_pid)
+    tree = [front, *front.children(recursive=True)]
+    parts = {proc.pid: "front_end" for proc in tree}
+    for proc in tree:
+        with contextlib.suppress(psutil.Error):
+            if ENGINE_CORE in proc.name():
+                for engine in (proc, *proc.children(recursive=True)):
+                    parts[engine.pid] = "engine"
+    if front_pid != os.getpid():
+        parts[os.getpid()] = "clients"
+    return parts
 
 
 class CpuMeter:
-    """CPU time (user + system) spent between start() and stop(), by part: the way's front
-    end (server or worker, all its threads and helper processes), vLLM's engine core,
-    redis-server (INFO cpu, all its threads), and this benchmark's clients. On a machine
-    where the engine core spins on a core of its own, every millisecond spent outside it is
-    one the engine could not use: per token, this is what a way costs, and it moves far less
-    with the machine's speed than throughput does."""
+    """CPU time (user + system) spent between start() and stop(), by part (see
+    :func:`cpu_parts`; ``redis``: redis-server, all its threads, from INFO cpu). Where the
+    cores are shared, every millisecond spent outside the engine is one the engine could not
+    use: per token, that is what a way itself costs, and it moves far less with the
+    machine's speed than throughput does."""
 
-    PARTS = ("front_end", "engine_core", "redis", "clients")
+    PARTS = ("front_end", "engine", "redis", "clients")
 
     def __init__(self, server: redis.Redis, front_pid: int) -> None:
         self.server, self.front_pid = server, front_pid
@@ -269,14 +273,11 @@ class CpuMeter:
         self._redis_before = 0.0
 
     def _processes(self) -> dict[int, tuple[str, float]]:
-        front = psutil.Process(self.front_pid)
         seen: dict[int, tuple[str, float]] = {}
-        for proc in {front, *front.children(recursive=True), psutil.Process()}:
-            part = cpu_part(proc, self.front_pid)
+        for pid, part in cpu_parts(self.front_pid).items():
             with contextlib.suppress(psutil.Error):
-                times = proc.cpu_times()
-                if part is not None:
-                    seen[proc.pid] = (part, times.user + times.system)
+                times = psutil.Process(pid).cpu_times()
+                seen[pid] = (part, times.user + times.system)
         return seen
 
     def _redis_cpu(self) -> float:

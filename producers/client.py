@@ -21,12 +21,12 @@ appends to in the same transaction that stores the result.
 Submitting refuses (:class:`QueueFull`) while ``max_queue_depth`` jobs already wait in the
 queue. ``handle.cancel()`` ends a queued job at once and asks a running one's worker to stop.
 Jobs that ran out of retries are listed by ``dead_letters()`` and can be put back on the
-queue (``requeue``) or deleted (``purge_dead_letters``); see :mod:`producers.control`.
+queue (``requeue``: like a submit, one Lua call resets the record and queues the message)
+or deleted (``purge_dead_letters``); see :mod:`producers.control`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
@@ -42,7 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hermes_worker.errors import HermesError, InvalidRequest, RetryableError
 from hermes_worker.jobs import ChatJob, ErrorInfo, JobInfo, JobResult, JobStatus, parse_job
-from hermes_worker.queue import job_message, make_celery, send_job
+from hermes_worker.queue import job_message, make_celery
 from hermes_worker.settings import Settings
 from hermes_worker.store import (
     ALIVE_TTL_S,
@@ -65,7 +65,7 @@ from producers.control import (
     dead_letter,
     job_keys,
     queue_lists,
-    requeue_keys,
+    requeue_call,
     script_reply,
     unique_ids,
 )
@@ -142,6 +142,16 @@ class NotInDeadLetters(HermesError):
 # --- pure helpers shared by both clients -------------------------------------------------
 
 
+# A requeue reads the job's body, then sends it back with the message built from it; the
+# script refuses when the body changed in between (the record expired and the id was
+# submitted again), and it is read again.
+REQUEUE_TRIES = 3
+
+
+def _body_kept_changing(job_id: str) -> RuntimeError:
+    return RuntimeError(f"job {job_id!r}: its body changed at every requeue try")
+
+
 def _not_found(job_id: str) -> JobNotFound:
     return JobNotFound(f"no job {job_id!r} (never submitted, or expired)")
 
@@ -208,15 +218,15 @@ def cancel_outcome(job_id: str, reply: Any) -> str:
     return outcome
 
 
-def requeued_body(job_id: str, reply: Any) -> dict[str, Any]:
-    """The stored body from :data:`REQUEUE_LUA`'s reply; else raise."""
-    outcome, body_json = script_reply(reply)
+def requeue_done(job_id: str, reply: Any) -> bool:
+    """Whether :data:`REQUEUE_LUA` requeued the job (False: its body changed since it was
+    read; read it again); raise what the reply says is wrong."""
+    outcome, _ = script_reply(reply)
     if outcome == "not_in_dlq":
         raise NotInDeadLetters(f"job {job_id!r} is not in the dead letters")
     if outcome == "not_found":
         raise _not_found(job_id)
-    body: dict[str, Any] = json.loads(body_json)
-    return body
+    return outcome == "requeued"
 
 
 def block_chunk_s(client: Redis | AsyncRedis) -> float:
@@ -380,17 +390,14 @@ class HermesClient:
         Raises :class:`NotInDeadLetters` for an id not in the list and :class:`JobNotFound`
         for one whose record has expired (``purge_dead_letters`` clears those).
         """
-        keys = requeue_keys(self.keys, job_id)
-        reply = self._requeue(keys=keys, args=[job_id, ALIVE_TTL_S])
-        body = requeued_body(job_id, reply)
-        try:
-            priority = parse_job(body).priority
-            send_job(self.celery, body, job_id, priority, self.settings.queue_name)
-        except Exception:
-            # Back on the list, so that requeue can simply be run again.
-            self.redis.lpush(self.keys.dead_letters, job_id)
-            raise
-        return JobHandle(self, job_id, created=True)
+        for _ in range(REQUEUE_TRIES):
+            stored = self.redis.hget(self.keys.job(job_id), "body")
+            keys, args = requeue_call(
+                self.keys, job_id, stored, self.celery, self.settings.queue_name
+            )
+            if requeue_done(job_id, self._requeue(keys=keys, args=args)):
+                return JobHandle(self, job_id, created=True)
+        raise _body_kept_changing(job_id)
 
     def purge_dead_letters(self) -> int:
         """Delete every dead letter's keys and take it off the list; returns how many."""
@@ -563,8 +570,7 @@ class JobHandle:
 
 
 class AsyncHermesClient:
-    """The asyncio twin of :class:`HermesClient` (a requeue sends through Celery, which
-    blocks, in a thread; a submit is one Lua call, see :data:`SUBMIT_LUA`)."""
+    """The asyncio twin of :class:`HermesClient`: the same Redis calls, awaited."""
 
     def __init__(
         self,
@@ -618,17 +624,14 @@ class AsyncHermesClient:
 
     async def requeue(self, job_id: str) -> AsyncJobHandle:
         """Put a dead letter back on the queue (see :meth:`HermesClient.requeue`)."""
-        keys = requeue_keys(self.keys, job_id)
-        reply = await self._requeue(keys=keys, args=[job_id, ALIVE_TTL_S])
-        body = requeued_body(job_id, reply)
-        app, queue = self.celery, self.settings.queue_name
-        try:
-            priority = parse_job(body).priority
-            await asyncio.to_thread(send_job, app, body, job_id, priority, queue)
-        except Exception:
-            await self.redis.lpush(self.keys.dead_letters, job_id)
-            raise
-        return AsyncJobHandle(self, job_id, created=True)
+        for _ in range(REQUEUE_TRIES):
+            stored = await self.redis.hget(self.keys.job(job_id), "body")
+            keys, args = requeue_call(
+                self.keys, job_id, stored, self.celery, self.settings.queue_name
+            )
+            if requeue_done(job_id, await self._requeue(keys=keys, args=args)):
+                return AsyncJobHandle(self, job_id, created=True)
+        raise _body_kept_changing(job_id)
 
     async def purge_dead_letters(self) -> int:
         """Delete every dead letter's keys and take it off the list; returns how many."""

@@ -8,8 +8,9 @@ blocking and the asyncio client share (the clients only add the Redis round trip
 * Backpressure counts the messages waiting in the Celery queue. kombu's Redis transport
   keeps one list per priority step (``_q_for_pri``): the plain queue name for step 0,
   ``<queue><sep><step>`` for the others.
-* Dead letters are job ids a worker gave up on; requeue takes one off the list and resets
-  its record in one script, so two operators cannot both requeue it.
+* Dead letters are job ids a worker gave up on; requeue takes one off the list, resets its
+  record and queues its message in one script: two operators cannot both requeue it, and
+  a producer that dies half way cannot leave it neither dead nor queued.
 """
 
 from __future__ import annotations
@@ -17,18 +18,22 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hermes_worker.jobs import TERMINAL_STATUSES, ErrorInfo, JobResult, JobStatus
-from hermes_worker.queue import PRIORITY_STEPS, queue_list
+from hermes_worker.jobs import TERMINAL_STATUSES, ErrorInfo, JobResult, JobStatus, parse_job
+from hermes_worker.queue import PRIORITY_STEPS, job_message, queue_list
 from hermes_worker.settings import Settings
 from hermes_worker.store import (
+    ALIVE_TTL_S,
     Keys,
     as_text,
     encode_event,
     job_info_from_record,
     result_from_record,
 )
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 CANCEL_REASON = "cancelled before it started"
 
@@ -66,19 +71,25 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return {{'cancelled', status}}
 """
 
-# KEYS: requeue_keys(). ARGV: job id, the TTL of a live job's keys.
-# Returns {outcome, body}: outcome is not_in_dlq, not_found or requeued.
+# KEYS: requeue_keys(). ARGV: job id, the TTL of a live job's keys, the job's Celery message
+# (job_message) and the body it was built from. Returns {outcome, ''}: not_in_dlq, not_found,
+# changed (the stored body is not that one: read it again) or requeued. The message goes
+# first, as in a submit: a script that fails there has changed nothing, so the job is still
+# a dead letter and requeue can be run again; after it, nothing can be lost between the
+# dead letters and the queue.
 REQUEUE_LUA = """
 if not redis.call('LPOS', KEYS[1], ARGV[1]) then return {'not_in_dlq', ''} end
 local body = redis.call('HGET', KEYS[2], 'body')
 if not body then return {'not_found', ''} end
+if body ~= ARGV[4] then return {'changed', ''} end
+redis.call('LPUSH', KEYS[5], ARGV[3])
 redis.call('LREM', KEYS[1], 0, ARGV[1])
 redis.call('HSET', KEYS[2], 'status', 'queued', 'attempts', '0', 'requeued', '1')
 redis.call('HDEL', KEYS[2], 'result', 'finished_at', 'cancel_requested')
 redis.call('DEL', KEYS[4])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
-return {'requeued', body}
+return {'requeued', ''}
 """
 
 
@@ -195,9 +206,18 @@ def unique_ids(raw_ids: Iterable[bytes | str]) -> list[str]:
     return list(dict.fromkeys(as_text(raw) for raw in raw_ids))
 
 
-def requeue_keys(keys: Keys, job_id: str) -> list[str]:
-    """KEYS of :data:`REQUEUE_LUA`: dead-letter list, job record, events stream, lease."""
-    return [keys.dead_letters, keys.job(job_id), keys.events(job_id), keys.lease(job_id)]
+def requeue_call(
+    keys: Keys, job_id: str, stored: bytes | str | None, app: Celery, queue: str
+) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of :data:`REQUEUE_LUA` for a job whose record holds body ``stored``
+    (None: no record; the script then says which error it is)."""
+    record_keys = [keys.dead_letters, keys.job(job_id), keys.events(job_id), keys.lease(job_id)]
+    if stored is None:
+        return [*record_keys, queue_list(queue, 0)], [job_id, str(ALIVE_TTL_S), "", ""]
+    body_json = as_text(stored)
+    body: dict[str, Any] = json.loads(body_json)
+    list_key, message = job_message(app, body, job_id, parse_job(body).priority, queue)
+    return [*record_keys, list_key], [job_id, str(ALIVE_TTL_S), message, body_json]
 
 
 def job_keys(keys: Keys, ids: Iterable[str]) -> list[str]:

@@ -176,11 +176,22 @@ BURN = (
     "print(time.process_time(), flush=True)\n"
     "time.sleep(120)\n"
 )
-# A front end: starts an "engine core" child that burns 0.6 s, burns 0.3 s itself, then
-# prints the CPU time of both.
+# An engine core: starts a model worker that burns 0.4 s, burns 0.2 s itself, then prints
+# the CPU time of both.
+CORE = (
+    "import setproctitle, subprocess, sys, time\n"
+    "setproctitle.setproctitle('VLLM::EngineCore')\n"
+    "model = subprocess.Popen([sys.executable, '-c', sys.argv[1], '0.4', 'VLLM::Worker'],"
+    " stdout=subprocess.PIPE, text=True)\n"
+    "end = time.process_time() + 0.2\n"
+    "while time.process_time() < end: pass\n"
+    "print(float(model.stdout.readline()) + time.process_time(), flush=True)\n"
+    "time.sleep(120)\n"
+)
+# A front end: starts the engine core, burns 0.3 s itself, then prints the CPU time of both.
 FRONT = (
     "import subprocess, sys, time\n"
-    "core = subprocess.Popen([sys.executable, '-c', sys.argv[1], '0.6', 'VLLM::EngineCore'],"
+    "core = subprocess.Popen([sys.executable, '-c', sys.argv[2], sys.argv[1]],"
     " stdout=subprocess.PIPE, text=True)\n"
     "end = time.process_time() + 0.3\n"
     "while time.process_time() < end: pass\n"
@@ -207,10 +218,14 @@ def _burn(seconds: float) -> None:
         pass
 
 
-def test_cpu_is_split_into_front_end_engine_core_redis_and_clients() -> None:
-    # Given a real front end process with an engine-core child, and this process as client
+def test_cpu_is_split_into_front_end_engine_redis_and_clients() -> None:
+    # Given a real front end process, an engine core below it with a model worker of its own,
+    # and this process as the client
     front = subprocess.Popen(
-        [sys.executable, "-c", FRONT, BURN], stdout=subprocess.PIPE, text=True, process_group=0
+        [sys.executable, "-c", FRONT, BURN, CORE],
+        stdout=subprocess.PIPE,
+        text=True,
+        process_group=0,
     )
     try:
         meter = bench.CpuMeter(RedisCpu(), front.pid)  # type: ignore[arg-type]
@@ -226,7 +241,7 @@ def test_cpu_is_split_into_front_end_engine_core_redis_and_clients() -> None:
         front.wait()
     # Then each part holds what its processes used (started after start(): all of it)
     assert core_cpu >= 0.6 and front_cpu >= 0.3
-    assert spent["engine_core"] == pytest.approx(core_cpu, abs=0.05)
+    assert spent["engine"] == pytest.approx(core_cpu, abs=0.05)
     assert spent["front_end"] == pytest.approx(front_cpu, abs=0.05)
     assert spent["clients"] == pytest.approx(mine, abs=0.05)
     assert spent["redis"] == pytest.approx(0.25)
@@ -241,9 +256,9 @@ def test_in_the_direct_way_the_benchmark_itself_is_the_front_end() -> None:
 
 
 def test_cpu_per_token_and_its_ratio_outside_the_engine() -> None:
-    cpu_s = {"front_end": 1.0, "engine_core": 5.0, "redis": 0.5, "clients": 0.5}
+    cpu_s = {"front_end": 1.0, "engine": 5.0, "redis": 0.5, "clients": 0.5}
     per = report.cpu_per_token(cpu_s, 1000)
-    assert per["cpu_ms_per_token_engine_core"] == 5.0
+    assert per["cpu_ms_per_token_engine"] == 5.0
     assert per["cpu_ms_per_token_outside_engine"] == 2.0
     assert report.cpu_per_token({}, 1000) == {}
     level = report.by_level(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 from test_cli_jobs import cli, one_error_line
-from test_client import HI, BrokenCelery, Worker, queued_messages, running_job, task_args
+from test_client import HI, Worker, queued_messages, running_job, task_args
 
 from hermes_worker.jobs import ErrorInfo, JobResult, JobStatus
 from hermes_worker.settings import Settings
@@ -27,8 +27,9 @@ from producers.client import (
     JobNotFound,
     NotInDeadLetters,
     QueueFull,
+    requeue_done,
 )
-from producers.control import DepthGate
+from producers.control import REQUEUE_LUA, DepthGate, requeue_call
 
 RESULT_TTL_S = 600  # far from ALIVE_TTL_S, so a test can tell which TTL a key got
 
@@ -421,19 +422,47 @@ def test_requeue_refuses_what_is_not_a_dead_letter(
     assert queued_messages(redis_client, settings.queue_name) == []
 
 
-def test_a_requeue_whose_send_fails_stays_a_dead_letter(
-    settings: Settings, redis_client: redis.Redis
+def test_a_requeue_that_cannot_queue_changes_nothing_so_it_can_be_run_again(
+    client: HermesClient, settings: Settings, redis_client: redis.Redis
 ) -> None:
-    # Given a dead job and a client whose broker is down
-    dead_job(redis_client, settings, "dead-1")
+    # Given a dead job of priority 0, and a queue list Redis cannot push to (a key of
+    # another type holds the plain queue's name)
+    dead_job(redis_client, settings, "dead-1", priority=0)
+    before = record(redis_client, settings, "dead-1")
+    redis_client.set(settings.queue_name, "not a list")
     # When it is requeued, the error reaches the caller
-    with HermesClient(settings, celery=BrokenCelery()) as broken, pytest.raises(ConnectionError):
-        broken.requeue("dead-1")
-    # Then it is still in the dead letters, so requeue can be run again once the broker is back
-    assert redis_client.lrange(keys(settings).dead_letters, 0, -1) == [b"dead-1"]
-    with HermesClient(settings) as client:
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         client.requeue("dead-1")
+    # Then it is still a dead letter, its record untouched, its lease still there
+    assert redis_client.lrange(keys(settings).dead_letters, 0, -1) == [b"dead-1"]
+    assert record(redis_client, settings, "dead-1") == before
+    assert redis_client.exists(keys(settings).lease("dead-1"))
+    # And once the queue is mended, requeue runs again and queues it once
+    redis_client.delete(settings.queue_name)
+    client.requeue("dead-1")
     assert len(queued_messages(redis_client, settings.queue_name)) == 1
+    assert record(redis_client, settings, "dead-1")["status"] == "queued"
+
+
+def test_a_requeue_queues_the_body_that_is_stored_when_it_runs(
+    client: HermesClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Given a dead job whose message was built from a body that is no longer stored
+    old_body = dead_job(redis_client, settings, "dead-1")
+    new_body = {**old_body, "max_tokens": 7}
+    stale_keys, stale_args = requeue_call(
+        keys(settings), "dead-1", json.dumps(old_body), client.celery, settings.queue_name
+    )
+    redis_client.hset(keys(settings).job("dead-1"), "body", json.dumps(new_body))
+    # When the stale requeue runs, Then it changes nothing and asks to read the body again
+    reply = client.redis.eval(REQUEUE_LUA, len(stale_keys), *stale_keys, *stale_args)
+    assert requeue_done("dead-1", reply) is False
+    assert queued_messages(redis_client, settings.queue_name) == []
+    assert redis_client.lrange(keys(settings).dead_letters, 0, -1) == [b"dead-1"]
+    # And requeue itself reads it, and queues the stored body
+    client.requeue("dead-1")
+    [(_, message)] = queued_messages(redis_client, settings.queue_name)
+    assert task_args(message) == [new_body]
 
 
 def test_purge_deletes_every_dead_letter_and_nothing_else(

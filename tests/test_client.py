@@ -257,13 +257,6 @@ def test_an_oversized_body_is_rejected(
     assert queued_messages(redis_client, hermes_settings.queue_name) == []
 
 
-class BrokenCelery:
-    """A Celery app whose broker refuses every message."""
-
-    def send_task(self, *args: Any, **kwargs: Any) -> None:
-        raise ConnectionError("broker down")
-
-
 def test_a_submit_that_cannot_queue_leaves_no_record_so_a_retry_queues_the_job(
     hermes_settings: Settings, redis_client: redis.Redis
 ) -> None:
