@@ -51,6 +51,7 @@ import bench_report as report
 from bench_report import Sample
 
 from hermes_worker.jobs import parse_job
+from hermes_worker.queue import delete_deployment_keys
 from hermes_worker.sampling import plan_generation
 from hermes_worker.settings import Settings
 from hermes_worker.template import PromptRenderer
@@ -687,11 +688,7 @@ async def _run(
 def clean_redis(settings: Settings) -> None:
     """Delete a run's keys: its job records and streams, its queue lists, kombu's bindings."""
     server = redis.Redis.from_url(settings.redis_url)
-    queue = settings.queue_name
-    for pattern in (f"{settings.key_prefix}*", f"{queue}*", f"_kombu*{queue}*"):
-        keys = list(server.scan_iter(match=pattern, count=1000))
-        if keys:
-            server.delete(*keys)
+    delete_deployment_keys(server, settings.key_prefix, settings.queue_name)
     server.close()
 
 

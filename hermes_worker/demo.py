@@ -35,6 +35,7 @@ from rich.table import Table
 
 from hermes_worker.errors import HermesError, ModelLoadError
 from hermes_worker.jobs import JobResult, JobStatus
+from hermes_worker.queue import delete_deployment_keys
 from hermes_worker.services import ServiceError, WorkerProcess, redis_for, shielded
 from hermes_worker.settings import Settings
 
@@ -312,12 +313,8 @@ def run_demo(console: Console, options: DemoOptions, workdir: Path) -> None:
 def _forget_keys(redis_url: str, env: dict[str, str]) -> None:
     """Delete the demo's keys on a shared server (they would expire anyway)."""
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
-    queue = env["HERMES_QUEUE_NAME"]
     with contextlib.suppress(redis.RedisError):
-        for pattern in (f"{env['HERMES_KEY_PREFIX']}*", f"{queue}*", f"_kombu.*{queue}*"):
-            keys = list(client.scan_iter(match=pattern, count=1000))
-            if keys:
-                client.delete(*keys)
+        delete_deployment_keys(client, env["HERMES_KEY_PREFIX"], env["HERMES_QUEUE_NAME"])
     client.close()
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
+from redis import Redis
 from redis.connection import parse_url
 
 from hermes_worker.settings import Settings
@@ -107,6 +108,23 @@ def send_job(app: Celery, body: dict[str, Any], job_id: str, priority: int, queu
 def queue_list(queue: str, priority: int) -> str:
     """The Redis list that holds a queue's jobs of one priority (kombu's ``_q_for_pri``)."""
     return f"{queue}{PRIORITY_SEP}{priority}" if priority else queue
+
+
+def delete_deployment_keys(client: Redis, key_prefix: str, queue: str) -> int:
+    """Delete every key of one deployment: its jobs (records, streams, leases) and other keys
+    under ``key_prefix``, its queue's lists (one per priority step) and kombu's bindings of
+    the queue (Celery's default exchange is named after the queue). For tests, benchmarks
+    and the demo, which share a server with others under a prefix and a queue of their
+    own; returns how many keys went."""
+    keys = list(client.scan_iter(match=_glob_escape(key_prefix) + "*", count=1000))
+    keys += [queue_list(queue, step) for step in PRIORITY_STEPS]
+    keys += [f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+    return int(client.delete(*keys))
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a Redis glob pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def job_message(

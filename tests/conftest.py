@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from hermes_worker.queue import delete_deployment_keys
 from hermes_worker.settings import Settings
 from hermes_worker.testing.model import TinyModelSpec, build_test_model
 
@@ -65,11 +66,7 @@ def hermes_settings() -> Iterator[Settings]:
     )
     yield settings
     client = redis.Redis.from_url(TEST_REDIS_URL)
-    # The queue's lists (one per priority step: <queue>, <queue>:N) and kombu's bindings.
-    queue = settings.queue_name
-    for pattern in (f"{settings.key_prefix}*", f"{queue}*", f"_kombu.*{queue}"):
-        for key in client.scan_iter(match=pattern, count=1000):
-            client.delete(key)
+    delete_deployment_keys(client, settings.key_prefix, settings.queue_name)
     client.close()
 
 

@@ -30,7 +30,7 @@ from hermes_worker.jobs import (
     Usage,
     parse_job,
 )
-from hermes_worker.queue import TASK_NAME, send_job
+from hermes_worker.queue import TASK_NAME, delete_deployment_keys, send_job
 from hermes_worker.settings import Settings
 from hermes_worker.store import ALIVE_TTL_S, EventType, Keys, encode_event
 from producers.client import (
@@ -813,3 +813,29 @@ def test_more_concurrent_commands_than_connections_wait_instead_of_failing(
 
     with HermesClient(hermes_settings) as client, ThreadPoolExecutor(120) as pool:
         assert all(pool.map(submit, range(120)))
+
+
+def test_deleting_a_deployments_keys_leaves_every_other_key(
+    hermes_settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Given a job submitted at priority 3, a dead letter, and another deployment's keys
+    prefix, queue = hermes_settings.key_prefix, hermes_settings.queue_name
+    with HermesClient(hermes_settings) as client:
+        client.submit({**HI, "id": "mine", "priority": 3})
+        client.submit({**HI, "id": "mine-too"})  # default priority: the queue's own list
+    redis_client.lpush(Keys(prefix).dead_letters, "gone")
+    redis_client.sadd(f"_kombu.binding.{queue}", "binding")
+    others = [f"other-{prefix}job:x", f"other-{queue}", f"_kombu.binding.other-{queue}"]
+    for key in others:
+        redis_client.set(key, "1")
+    try:
+        # When this deployment's keys are deleted
+        deleted = delete_deployment_keys(redis_client, prefix, queue)
+        # Then its records, dead letters, queue lists and binding are gone, nothing else
+        assert deleted == 6
+        assert list(redis_client.scan_iter(match=f"{prefix}*")) == []
+        assert list(redis_client.scan_iter(match=f"{queue}*")) == []
+        assert not redis_client.exists(f"_kombu.binding.{queue}")
+        assert redis_client.exists(*others) == len(others)
+    finally:
+        redis_client.delete(*others)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from hermes_worker.queue import delete_deployment_keys
 from hermes_worker.settings import Settings
 
 WORKER_REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -129,15 +130,7 @@ def patient_redis(url: str) -> redis.Redis:
 
 def clean_redis(settings: Settings) -> None:
     client = redis.Redis.from_url(settings.redis_url)
-    patterns = (
-        f"{settings.key_prefix}*",
-        f"{settings.queue_name}*",
-        f"_kombu*{settings.queue_name}*",
-    )
-    for pattern in patterns:
-        keys = list(client.scan_iter(pattern, count=1000))
-        if keys:
-            client.delete(*keys)
+    delete_deployment_keys(client, settings.key_prefix, settings.queue_name)
     client.close()
 
 
