@@ -130,7 +130,9 @@ def one_line(row: Mapping[str, Any]) -> str:
     return (
         f"{row['tokens_per_s']:.0f} tok/s, {row['jobs_per_s']:.2f} jobs/s, "
         f"TTFT p50 {row['ttft_p50_ms']:.0f} ms, ITL p50 {row['itl_p50_ms']:.1f} ms, "
-        f"{row.get('redis_cmds_per_token', math.nan):.3f} Redis cmds/token"
+        f"{row.get('redis_cmds_per_token', math.nan):.3f} Redis cmds/token, "
+        f"{row.get('cpu_ms_per_token_outside_engine', math.nan):.3f} CPU ms/token outside "
+        "the engine"
     )
 
 

@@ -373,9 +373,13 @@ async def _one_round(
         meter.start()
         cpu.start()
         wall, samples = await _run_level(way.one, bodies, c)
-        levels[c].add(wall, samples, meter.stop(), cpu.stop())
+        calls, cpu_s = meter.stop(), cpu.stop()
+        levels[c].add(wall, samples, calls, cpu_s)
         levels[c].rss = tree_rss_mib(way.rss_pid)
-        line = report.one_line(report.summarize(way.name, c, wall, samples))
+        row = report.summarize(way.name, c, wall, samples)
+        row["redis_cmds_per_token"] = sum(calls.values()) / max(1, row["output_tokens"])
+        row.update(report.cpu_per_token(cpu_s, row["output_tokens"]))
+        line = report.one_line(row)
         progress(f"round {turn + 1}/{args.rounds} {way.name} c={c}: {line}")
 
 

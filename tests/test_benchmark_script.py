@@ -272,6 +272,13 @@ def test_cpu_per_token_and_its_ratio_outside_the_engine() -> None:
     assert "| 0.150 | 0.75x |" in md
 
 
+def test_the_progress_line_gives_redis_commands_and_cpu_per_token() -> None:
+    row = {**rows()[2], "jobs_per_s": 1.0, "cpu_ms_per_token_outside_engine": 0.25}
+    line = report.one_line(row)
+    assert line.startswith("960 tok/s, 1.00 jobs/s, TTFT p50 28 ms")
+    assert line.endswith("0.150 Redis cmds/token, 0.250 CPU ms/token outside the engine")
+
+
 def test_rounds_rotate_which_way_goes_first() -> None:
     ways = ["direct", "vllm-serve", "queue"]
     orders = [bench.rotated(ways, turn) for turn in range(4)]
