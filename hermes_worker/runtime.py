@@ -1,8 +1,9 @@
 """The per-process runtime: one asyncio loop in its own thread, owning the engine.
 
-Celery's thread pool runs many tasks at once; each task validates and renders its job in
-its own thread, then hands the generation to this loop with ``run_coroutine_threadsafe``
-and blocks on the future. All jobs therefore share one ``AsyncLLM``, which batches them.
+Celery's thread pool runs many tasks at once; each task hands its job to one of a few
+prepare threads, which validates, renders and tokenizes it and starts its attempt on this
+loop (``run_coroutine_threadsafe``); the task's thread blocks on the attempt's future. All
+jobs therefore share one ``AsyncLLM``, which batches them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import socket
 import threading
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import structlog
@@ -166,7 +167,10 @@ class Runtime:
         self._loop.call_later(grace_s, abort_the_rest)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._start(coro).result(timeout)
+
+    def _start(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     # -- jobs (called from Celery's worker threads) ---------------------------------------------
 
@@ -174,19 +178,29 @@ class Runtime:
         """Run one delivered job to its end; its terminal status, or None when it must go
         back to the queue (the worker is shutting down)."""
         job_id = job_id_for(body, task_id)
+        started, rejected = self._preparer.submit(self._prepare_and_start, body, job_id).result()
+        if rejected is not None:
+            log.info("job %s rejected: %s: %s", job_id, rejected.type, rejected.message)
         try:
-            prepared = self._preparer.submit(self.prepare, body, job_id).result()
-        except HermesError as exc:
-            log.info("job %s rejected: %s: %s", job_id, exc.type, exc.message)
-            return self._call(reject(self._context, job_id, exc))
-        try:
-            return self._call(run_attempt(self._context, prepared))
+            return started.result()
         except EngineError:
             if self._context.engine.dead:
                 _exit_engine_dead()
             raise
         except RedisError as exc:
             raise StoreUnavailable(f"Redis failed while the job ran: {exc}") from exc
+
+    def _prepare_and_start(
+        self, body: Any, job_id: str
+    ) -> tuple[Future[JobStatus | None], HermesError | None]:
+        """In a prepare thread: prepare the job and start its attempt on the loop (or its
+        rejection, with the error). The prepare thread hands the job to the loop itself,
+        so no other thread has to wake up between the two before the claim."""
+        try:
+            prepared = self.prepare(body, job_id)
+        except HermesError as exc:
+            return self._start(reject(self._context, job_id, exc)), exc
+        return self._start(run_attempt(self._context, prepared)), None
 
     def dead_letter(self, job_id: str, error: HermesError) -> None:
         """A job out of retries: fail it for good and list it in the dead letters."""
