@@ -543,11 +543,21 @@ async def _vllm_serve(
                 return sample
 
             yield Way("vllm-serve", one, process.pid)
+    except BaseException:
+        _show_log_tail("vllm-serve", log_path)
+        raise
     finally:
         _stop(process)
 
 
-async def _wait_http(http: Any, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+async def _show_log_tail(way: str, log_path: Path, chars: int = 6000) -> None:
+    """What a failing way's server said last (its log lives in a directory that goes)."""
+    with contextlib.suppress(OSError):
+        tail = log_path.read_text(errors="replace")[-chars:]
+        progress(f"{way} failed; the end of its log ({log_path.name}):\n{tail}")
+
+
+def _wait_http(http: Any, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -640,6 +650,9 @@ async def _queue(
                 return sample
 
             yield Way("queue", one, process.pid)
+    except BaseException:
+        _show_log_tail("queue", log_path)
+        raise
     finally:
         _stop(process)
         clean_redis(settings)
