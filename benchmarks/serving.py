@@ -550,14 +550,14 @@ async def _vllm_serve(
         _stop(process)
 
 
-async def _show_log_tail(way: str, log_path: Path, chars: int = 6000) -> None:
+def _show_log_tail(way: str, log_path: Path, chars: int = 6000) -> None:
     """What a failing way's server said last (its log lives in a directory that goes)."""
     with contextlib.suppress(OSError):
         tail = log_path.read_text(errors="replace")[-chars:]
         progress(f"{way} failed; the end of its log ({log_path.name}):\n{tail}")
 
 
-def _wait_http(http: Any, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+async def _wait_http(http: Any, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if process.poll() is not None:
