@@ -60,6 +60,12 @@ Body = dict[str, Any]  # a job body, as producers send it
 WAYS = ("direct", "vllm-serve", "queue")
 REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of the benchmark's own
 JOB_TIMEOUT_S = 900.0
+# A pause before each timed level. When the consumers have read the last jobs of a wave,
+# their server still has work of them to finish (the queue's worker acks the messages and
+# releases the leases; a server closes its streams): that work belongs to the wave that
+# made it, not to the first jobs of the next level (it showed as a 2 s time to first token
+# of the first job at 1 in flight, right after the warm-up wave of 128).
+SETTLE_S = 2.0
 OUTPUT_EVENTS = frozenset({"content", "reasoning", "tool_call"})
 WORDS = (
     "river", "stone", "lantern", "copper", "orchard", "signal", "harbor", "meadow", "engine",
@@ -370,6 +376,7 @@ async def _one_round(
         bodies = make_jobs(
             args, jobs_at(args, c), f"{tag}-{way.name}-r{turn}-c{c}", args.max_tokens
         )
+        await asyncio.sleep(SETTLE_S)
         meter.start()
         cpu.start()
         wall, samples = await _run_level(way.one, bodies, c)
