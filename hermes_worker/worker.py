@@ -8,6 +8,7 @@ starts taking jobs and closed after it stops.
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Any
 
@@ -15,7 +16,7 @@ import click
 import structlog
 from celery import Celery
 from celery.exceptions import Reject
-from celery.signals import setup_logging, worker_shutting_down
+from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
 from hermes_worker.errors import RetryableError
 from hermes_worker.logs import configure_logging, job_context
@@ -71,6 +72,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO", log_format: str | Non
         runtime.begin_shutdown(settings.shutdown_grace_s)
 
     worker_shutting_down.connect(on_shutting_down, weak=False)
+    worker_ready.connect(_freeze_startup_heap, weak=False)
     try:
         worker = app.Worker(
             pool_cls="threads",
@@ -87,6 +89,19 @@ def run_worker(settings: Settings, loglevel: str = "INFO", log_format: str | Non
         return int(worker.exitcode or 0)
     finally:
         runtime.stop()
+
+
+def _freeze_startup_heap(**_: Any) -> None:
+    """Connected to Celery's ``worker_ready`` (engine, tokenizer and consumer all built):
+    move every object alive now out of the garbage collector's reach, as vLLM's own server
+    does after its start. The worker holds ~660k such objects (vLLM, torch, transformers,
+    Celery): a full collection walked them all, 0.41 s on this 2-core machine with every
+    thread stopped (0.45 s measured in a worker), where it takes microseconds once they
+    are frozen. Full collections come as long-lived objects pile up, so without this a
+    busy worker stops every job's stream for that long now and then."""
+    gc.collect()
+    gc.freeze()
+    log.info("startup heap frozen: %d objects out of the collector's reach", gc.get_freeze_count())
 
 
 def _keep_our_logging(**_: Any) -> None:

@@ -4,6 +4,7 @@ parser -> stream and result in Redis. One worker process serves the whole module
 from __future__ import annotations
 
 import json
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -350,3 +351,11 @@ def test_a_schema_the_engine_cannot_enforce_fails_the_job_clearly(client: Hermes
     assert "engine rejected" in result.error.message
     ok = client.submit(chat(max_tokens=4, ignore_eos=True)).result(timeout=TIMEOUT)
     assert ok.job.status is JobStatus.SUCCEEDED
+
+
+def test_the_startup_heap_is_out_of_the_garbage_collectors_reach(worker: WorkerProcess) -> None:
+    # What the worker built before taking jobs (vLLM, torch, transformers, Celery: hundreds
+    # of thousands of objects) is frozen, so no full collection walks it again mid-job
+    frozen = re.search(r"startup heap frozen: (\d+) objects", worker.log())
+    assert frozen is not None, worker.log()[-2000:]
+    assert int(frozen.group(1)) > 100_000
