@@ -247,13 +247,13 @@ def comparisons(ways: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     queue = ways.get("queue")
     if queue is None:
         return out
+    cpu = "cpu_ms_per_token_outside_engine"
     for other, name in (("direct", "direct"), ("vllm-serve", "vllm_serve")):
-        if other in ways:
-            out[f"tokens_per_s_vs_{name}"] = queue["tokens_per_s"] / ways[other]["tokens_per_s"]
-    key = "cpu_ms_per_token_outside_engine"
-    for other, name in (("direct", "direct"), ("vllm-serve", "vllm_serve")):
-        if other in ways and ways[other].get(key) and queue.get(key) is not None:
-            out[f"cpu_outside_engine_vs_{name}"] = queue[key] / ways[other][key]
+        if other not in ways:
+            continue
+        out[f"tokens_per_s_vs_{name}"] = queue["tokens_per_s"] / ways[other]["tokens_per_s"]
+        if ways[other].get(cpu) and queue.get(cpu) is not None:
+            out[f"cpu_outside_engine_vs_{name}"] = queue[cpu] / ways[other][cpu]
     if "direct" in ways:
         out["added_ttft_p50_ms"] = queue["ttft_p50_ms"] - ways["direct"]["ttft_p50_ms"]
         out["added_ttft_p99_ms"] = queue["ttft_p99_ms"] - ways["direct"]["ttft_p99_ms"]

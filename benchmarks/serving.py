@@ -272,8 +272,6 @@ class CpuMeter:
     use: per token, that is what a way itself costs, and it moves far less with the
     machine's speed than throughput does."""
 
-    PARTS = ("front_end", "engine", "redis", "clients")
-
     def __init__(self, server: redis.Redis, front_pid: int) -> None:
         self.server, self.front_pid = server, front_pid
         self._before: dict[int, tuple[str, float]] = {}
@@ -297,7 +295,7 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         """CPU seconds by part."""
-        spent = dict.fromkeys(self.PARTS, 0.0)
+        spent = dict.fromkeys(report.CPU_PARTS, 0.0)
         for pid, (part, cpu) in self._processes().items():
             spent[part] += cpu - self._before.get(pid, (part, 0.0))[1]
         spent["redis"] = self._redis_cpu() - self._redis_before

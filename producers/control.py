@@ -71,7 +71,8 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return {{'cancelled', status}}
 """
 
-# KEYS: requeue_keys(). ARGV: job id, the TTL of a live job's keys, the job's Celery message
+# KEYS, ARGV: requeue_call(). KEYS: dead letters, the job's record, events and lease, the
+# queue list of its priority. ARGV: job id, the TTL of a live job's keys, the job's Celery message
 # (job_message) and the body it was built from. Returns {outcome, ''}: not_in_dlq, not_found,
 # changed (the stored body is not that one: read it again) or requeued. The message goes
 # first, as in a submit: a script that fails there has changed nothing, so the job is still
@@ -211,7 +212,7 @@ def requeue_call(
 ) -> tuple[list[str], list[str]]:
     """KEYS and ARGV of :data:`REQUEUE_LUA` for a job whose record holds body ``stored``
     (None: no record; the script then says which error it is)."""
-    record_keys = [keys.dead_letters, keys.job(job_id), keys.events(job_id), keys.lease(job_id)]
+    record_keys = [keys.dead_letters, *job_keys(keys, [job_id])]
     if stored is None:
         return [*record_keys, queue_list(queue, 0)], [job_id, str(ALIVE_TTL_S), "", ""]
     body_json = as_text(stored)
