@@ -1,0 +1,177 @@
+"""The consumer's side of our kombu transport against a real Redis: a burst of messages is
+taken in one call after BRPOP, in priority order, within the prefetch limit, and each one is
+recorded in kombu's unacked hash exactly as kombu's own QoS would record it (so the
+visibility sweep and restore read them back).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Message, Queue
+
+from hermes_worker.queue import job_message, make_celery
+from hermes_worker.settings import Settings
+
+UNACKED, UNACKED_INDEX = b"unacked", b"unacked_index"
+
+
+class Taker:
+    """A kombu consumer of one queue through our transport, as Celery's would be, with the
+    messages it got (never acked unless a test says so)."""
+
+    def __init__(self, settings: Settings, prefetch: int) -> None:
+        self.settings = settings
+        self.connection: Connection = make_celery(settings).connection_for_read()
+        self.channel = self.connection.channel()
+        self.channel.basic_qos(0, prefetch, False)
+        self.got: list[Message] = []
+        queue = Queue(settings.queue_name, routing_key=settings.queue_name)
+        self.consumer = Consumer(
+            self.channel, queues=[queue], callbacks=[self._on_message], accept=["json"]
+        )
+        self.consumer.consume()
+
+    def _on_message(self, body: Any, message: Message) -> None:
+        self.got.append(message)
+
+    def drain_once(self) -> list[Message]:
+        """One wait for the queue (one BRPOP and what comes with it): what it delivered."""
+        before = len(self.got)
+        self.connection.drain_events(timeout=5)
+        return self.got[before:]
+
+    def close(self) -> None:
+        self.connection.release()
+
+
+@pytest.fixture
+def takers(hermes_settings: Settings) -> Iterator[list[Taker]]:
+    made: list[Taker] = []
+    yield made
+    for taker in made:
+        for message in taker.got:
+            if not message.acknowledged:
+                message.ack()  # leaves nothing in the shared unacked hash
+        taker.close()
+
+
+def build(settings: Settings, priority: int = 0) -> tuple[str, str]:
+    """A job message as a producer builds it: its list and its payload."""
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    return job_message(make_celery(settings), body, uuid.uuid4().hex, priority, settings.queue_name)
+
+
+def push(client: redis.Redis, settings: Settings, priority: int = 0) -> dict[str, Any]:
+    """Push one job message as a producer does; returns it as pushed."""
+    name, message = build(settings, priority)
+    client.lpush(name, message)
+    return dict(json.loads(message))
+
+
+def task_id(message: Message) -> str:
+    return str(message.headers["id"])
+
+
+def test_a_burst_is_taken_in_one_wait_in_order_and_recorded_as_kombu_would(
+    hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker]
+) -> None:
+    pushed = [push(redis_client, hermes_settings) for _ in range(5)]
+    taker = Taker(hermes_settings, prefetch=10)
+    takers.append(taker)
+
+    got = taker.drain_once()
+
+    assert [task_id(m) for m in got] == [p["headers"]["id"] for p in pushed]
+    assert redis_client.llen(hermes_settings.queue_name) == 0
+    for message, payload in zip(got, pushed, strict=True):
+        tag = message.delivery_tag
+        assert redis_client.zscore(UNACKED_INDEX, tag) is not None
+        # [message, exchange, routing key]: what kombu's QoS.append writes and restores from.
+        stored = json.loads(redis_client.hget(UNACKED, tag) or b"null")
+        assert stored == [payload, "", hermes_settings.queue_name]
+
+    for message in got:
+        message.ack()
+    assert not any(redis_client.hexists(UNACKED, m.delivery_tag) for m in got)
+    assert not any(redis_client.zscore(UNACKED_INDEX, m.delivery_tag) for m in got)
+
+
+def test_a_burst_stops_at_the_prefetch_limit(
+    hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker]
+) -> None:
+    for _ in range(5):
+        push(redis_client, hermes_settings)
+    taker = Taker(hermes_settings, prefetch=3)
+    takers.append(taker)
+
+    assert len(taker.drain_once()) == 3
+    assert redis_client.llen(hermes_settings.queue_name) == 2
+
+
+def test_a_burst_is_taken_most_urgent_first(
+    hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker]
+) -> None:
+    pushed = [push(redis_client, hermes_settings, priority) for priority in (9, 5, 0, 5, 9, 0)]
+    taker = Taker(hermes_settings, prefetch=4)
+    takers.append(taker)
+
+    got = taker.drain_once()
+
+    by_id = {p["headers"]["id"]: p["properties"]["priority"] for p in pushed}
+    assert [by_id[task_id(m)] for m in got] == [0, 0, 5, 5]
+
+
+def test_a_message_taken_in_a_burst_and_never_acked_is_restored(
+    hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker]
+) -> None:
+    pushed = [push(redis_client, hermes_settings, 3) for _ in range(3)]
+    taker = Taker(hermes_settings, prefetch=10)
+    takers.append(taker)
+    got = taker.drain_once()
+    assert len(got) == 3
+    last = got[-1]  # taken by the Lua call, not by BRPOP
+
+    # What the visibility sweep does for each stale entry, as for a worker that died.
+    taker.channel.qos.restore_by_tag(last.delivery_tag)
+
+    restored = redis_client.lrange(f"{hermes_settings.queue_name}:3", 0, -1)
+    assert len(restored) == 1
+    message = json.loads(restored[0])
+    assert message["headers"]["id"] == pushed[-1]["headers"]["id"]
+    assert message["body"] == pushed[-1]["body"]
+    assert message["properties"]["delivery_info"]["redelivered"] is True
+    assert not redis_client.hexists(UNACKED, last.delivery_tag)
+
+
+def test_items_in_a_burst_that_are_not_messages_are_dropped_and_the_rest_delivered(
+    hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker]
+) -> None:
+    first = push(redis_client, hermes_settings)
+    redis_client.lpush(hermes_settings.queue_name, b"\x00 not a kombu message \xff")
+    # JSON that Redis's Lua parser reads, with a delivery tag that kombu reads otherwise
+    # (invalid UTF-8, which kombu decodes with replacement characters).
+    name, payload = build(hermes_settings)
+    odd = json.loads(payload)
+    tag = odd["properties"]["delivery_tag"]
+    redis_client.lpush(name, payload.encode().replace(tag.encode(), b"bad-\xff-tag"))
+    last = push(redis_client, hermes_settings)
+    taker = Taker(hermes_settings, prefetch=10)
+    takers.append(taker)
+
+    got = taker.drain_once()
+
+    ids = [task_id(m) for m in got]
+    assert ids == [first["headers"]["id"], odd["headers"]["id"], last["headers"]["id"]]
+    assert redis_client.llen(hermes_settings.queue_name) == 0
+    # The odd one is recorded under the tag kombu will ack, not the one Lua read.
+    assert not redis_client.hexists(UNACKED, b"bad-\xff-tag")
+    assert all(redis_client.hexists(UNACKED, m.delivery_tag) for m in got)
+    for message in got:
+        message.ack()
+    assert not any(redis_client.hexists(UNACKED, m.delivery_tag) for m in got)
