@@ -68,6 +68,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # takes milliseconds, and restoring one message twice is impossible anyway (each
             # restore is a WATCH transaction), so a dead holder now costs seconds.
             "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
+            # Ours (hermes_worker/transport.py): a burst is taken in one call, not one each.
+            "delivery_batch": settings.delivery_batch,
         },
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,

@@ -39,6 +39,14 @@ class Settings(BaseSettings):
         default=128, gt=0, description="Jobs one worker runs at once (Celery threads)."
     )
     worker_name: str | None = Field(default=None, description="Defaults to host:pid.")
+    delivery_batch: int = Field(
+        default=64,
+        gt=0,
+        description="Most job messages the Celery consumer takes from Redis in one call, "
+        "within its prefetch limit (concurrency): after a blocking pop returns one, a Lua call "
+        "takes those waiting behind it and records them as unacknowledged in the same step. "
+        "1: one message per round trip, as stock kombu.",
+    )
     prepare_threads: int = Field(
         default=4,
         gt=0,

@@ -48,9 +48,6 @@ UNDECODABLE = (ValueError, TypeError)
 # What kombu raises when a channel's connection was closed under it.
 CONNECTION_GONE = (AttributeError, RedisError)
 
-# At most this many messages are taken in one call after a BRPOP (the prefetch limit
-# usually binds first: it is the worker's concurrency).
-TAKE_MORE_MAX = 64
 
 # KEYS: unacked index (zset), unacked (hash), then the queue's lists in BRPOP's order.
 # ARGV: how many to take, the time to index them at. Pops from the first non-empty list on
@@ -144,6 +141,14 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
 
+    # The most messages taken per BRPOP, the first included (the transport option
+    # "delivery_batch", HERMES_DELIVERY_BATCH); the prefetch limit may bind first. 1: stock.
+    delivery_batch = 64
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options,
+        "delivery_batch",
+    )
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
             delivered = bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]
@@ -156,8 +161,10 @@ class Channel(kombu_redis.Channel):
     def _take_more(self) -> None:
         """Deliver, after a BRPOP, the messages waiting behind it that the prefetch limit
         allows, taken and recorded in one call (see :data:`TAKE_MORE_LUA`)."""
-        room = min(self.qos.can_consume_max_estimate() or 0, TAKE_MORE_MAX)
-        if room <= 0 or self.global_keyprefix:  # kombu prefixes keys itself: left to BRPOP
+        room = min(self.qos.can_consume_max_estimate() or 0, self.delivery_batch - 1)
+        # Without ack emulation there is no unacked hash; with a global key prefix kombu
+        # prefixes keys in its own calls: both left to BRPOP alone.
+        if room <= 0 or not self.ack_emulation or self.global_keyprefix:
             return
         queues = self._queue_cycle.consume(len(self.active_queues))
         lists = [

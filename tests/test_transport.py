@@ -114,6 +114,19 @@ def test_a_burst_stops_at_the_prefetch_limit(
     assert redis_client.llen(hermes_settings.queue_name) == 2
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_delivery_batch_setting_bounds_a_burst(
+    hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker], batch: int
+) -> None:
+    for _ in range(5):
+        push(redis_client, hermes_settings)
+    taker = Taker(hermes_settings.model_copy(update={"delivery_batch": batch}), prefetch=10)
+    takers.append(taker)
+
+    assert len(taker.drain_once()) == batch
+    assert redis_client.llen(hermes_settings.queue_name) == 5 - batch
+
+
 def test_a_burst_is_taken_most_urgent_first(
     hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker]
 ) -> None:
