@@ -37,7 +37,7 @@ from kombu.transport import virtual
 from kombu.transport.virtual import Empty
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -175,7 +175,12 @@ class Channel(kombu_redis.Channel):
         keys = [self.unacked_index_key, self.unacked_key, *(name for name, _ in lists)]
         with self.conn_or_acquire() as client:
             script = client.register_script(TAKE_MORE_LUA)  # EVALSHA, the body sent once
-            taken = script(keys=keys, args=[room, time.time()], client=client)
+            try:
+                taken = script(keys=keys, args=[room, time.time()], client=client)
+            except ResponseError as exc:  # an ACL without RPOP, say: carry on as stock kombu
+                log.warning("taking one message per BRPOP from now on: %s", exc)
+                self.delivery_batch = 1
+                return
             for number, item, tag in zip(taken[0::3], taken[1::3], taken[2::3], strict=True):
                 queue = lists[int(number) - 1][1]
                 try:

@@ -25,9 +25,9 @@ class Taker:
     """A kombu consumer of one queue through our transport, as Celery's would be, with the
     messages it got (never acked unless a test says so)."""
 
-    def __init__(self, settings: Settings, prefetch: int) -> None:
+    def __init__(self, settings: Settings, prefetch: int, url: str | None = None) -> None:
         self.settings = settings
-        self.connection: Connection = make_celery(settings).connection_for_read()
+        self.connection: Connection = make_celery(settings).connection_for_read(url)
         self.channel = self.connection.channel()
         self.channel.basic_qos(0, prefetch, False)
         self.got: list[Message] = []
@@ -188,3 +188,33 @@ def test_items_in_a_burst_that_are_not_messages_are_dropped_and_the_rest_deliver
     for message in got:
         message.ack()
     assert not any(redis_client.hexists(UNACKED, m.delivery_tag) for m in got)
+
+
+def test_a_server_that_refuses_the_burst_call_gets_one_message_per_wait(
+    hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker]
+) -> None:
+    # An ACL written for stock kombu (no RPOP): the worker keeps consuming, one at a time.
+    user, password = f"no-rpop-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis_client.acl_setuser(
+        user,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-rpop"],
+    )
+    try:
+        for _ in range(4):
+            push(redis_client, hermes_settings)
+        url = hermes_settings.redis_url.replace("redis://", f"redis://{user}:{password}@")
+        taker = Taker(hermes_settings, prefetch=10, url=url)
+        takers.append(taker)
+
+        assert len(taker.drain_once()) == 1
+        assert len(taker.drain_once()) == 1
+        assert redis_client.llen(hermes_settings.queue_name) == 2
+        assert all(redis_client.hexists(UNACKED, m.delivery_tag) for m in taker.got)
+        for message in taker.got:
+            message.ack()  # while the user still exists
+    finally:
+        redis_client.acl_deluser(user)
