@@ -27,6 +27,9 @@ The same burst is then claimed over ~23 ms (``benchmarks/burst.py``).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -127,16 +130,31 @@ class QoS(kombu_redis.QoS):
     # channel. Its message comes back after the visibility timeout, and the redelivered copy
     # finds the job ended and is skipped, so nothing runs twice.
     def ack(self, delivery_tag: Any) -> None:
+        full = not self.can_consume()  # type: ignore[no-untyped-call]
         try:
             super().ack(delivery_tag)  # type: ignore[no-untyped-call]
         except CONNECTION_GONE as exc:
             log.warning("ack lost with the old connection (%s); redelivery will be skipped", exc)
+        if full:
+            self._credit_returned()
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        full = not self.can_consume()  # type: ignore[no-untyped-call]
         try:
             super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
         except CONNECTION_GONE as exc:
             log.warning("reject lost with the old connection (%s)", exc)
+        if full:
+            self._credit_returned()
+
+    def _credit_returned(self) -> None:
+        """A full consumer got room for a message again. Celery's threads pool acks from
+        the job's thread, while the consumer's event loop sleeps until its next timer (up
+        to 10 s) with no BRPOP to wait on (none is sent without room; one whose reply came
+        in meanwhile is parked with its message): wake the loop to poll again."""
+        wake = getattr(self.channel.connection, "wake_event_loop", None)
+        if wake is not None:
+            wake()
 
 
 class Channel(kombu_redis.Channel):
@@ -215,6 +233,50 @@ def _acked_as(message: Any) -> bytes | None:
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # A pipe whose read end is on the event loop: any thread can wake the loop.
+        self._wake_fds: tuple[int, int] | None = None
+        self._wake_lock = threading.Lock()  # no write to a closed (or reused) descriptor
+        self._loop: Any = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)  # type: ignore[no-untyped-call]
+        with self._wake_lock:
+            if self._wake_fds is None:
+                read_fd, write_fd = os.pipe()
+                os.set_blocking(read_fd, False)
+                os.set_blocking(write_fd, False)
+                self._wake_fds = (read_fd, write_fd)
+            self._loop = loop
+            loop.add_reader(self._wake_fds[0], self._on_wake, self._wake_fds[0])
+
+    @staticmethod
+    def _on_wake(read_fd: int) -> None:
+        # Nothing to do but empty the pipe: the loop's next tick polls for what room allows.
+        with contextlib.suppress(OSError):
+            os.read(read_fd, 4096)
+
+    def wake_event_loop(self) -> None:
+        """Wake the consumer's event loop from any thread (no-op without one)."""
+        with self._wake_lock:
+            if self._wake_fds is not None:
+                with contextlib.suppress(BlockingIOError):  # full: wakes are pending anyway
+                    os.write(self._wake_fds[1], b"\0")
+
+    def close_connection(self, connection: Any) -> None:
+        try:
+            super().close_connection(connection)  # type: ignore[no-untyped-call]
+        finally:
+            with self._wake_lock:
+                fds, self._wake_fds = self._wake_fds, None
+                if fds is not None:
+                    if self._loop is not None:
+                        with contextlib.suppress(Exception):
+                            self._loop.remove_reader(fds[0])
+                    for fd in fds:
+                        os.close(fd)
 
 
 TRANSPORT = f"{__name__}:Transport"
