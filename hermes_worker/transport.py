@@ -23,6 +23,13 @@ prefetch limit and ``delivery_batch`` allow and records each in the unacked hash
 atomic step, so a worker killed between the pop and the delivery leaves them to the
 visibility sweep (stock kombu loses the one message it has popped and not yet recorded).
 The same burst is then claimed over ~23 ms (``benchmarks/burst.py``).
+
+Fourth, a full worker (as many jobs as its prefetch limit, the usual state under load) takes
+its next job as soon as one ends. With no room, kombu sends no BRPOP (or parks the reply of
+one already sent, message inside); Celery's threads pool acks from the job's own thread, and
+the consumer's event loop only looked again at its next timer, up to a second later (0.5 s
+on average, ``tests/test_transport.py``). An ack or reject that makes room now wakes the
+loop through a pipe registered on it.
 """
 
 from __future__ import annotations
