@@ -516,11 +516,12 @@ async def _vllm_serve(
     process = _spawn(serve_command(settings, port, template), os.environ.copy(), log_path)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
-        # vLLM's server closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
-        # aiohttp would reuse it for 15 s, and a request sent on one the server is closing
-        # fails ("Cannot write to closing transport": a run died so between levels, where
-        # most of the last level's connections sit idle). Drop them first, client-side.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2)
+        # A connection per request. Reused ones died under runs twice, between levels where
+        # most of them sat idle: "Cannot write to closing transport" (vLLM's server closes
+        # connections idle for 5 s, aiohttp reuses them for 15 s) and, with the client
+        # dropping them after 2 s, "Server disconnected" before any reply. A retry could
+        # run a job twice; a new loopback connection costs well under a millisecond.
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
         timeout = aiohttp.ClientTimeout(total=JOB_TIMEOUT_S)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
             await _wait_http(http, f"http://127.0.0.1:{port}/health", process, log_path)
