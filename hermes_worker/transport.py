@@ -218,15 +218,26 @@ class Channel(kombu_redis.Channel):
                     # Lua's JSON parser read it differently from kombu's (invalid UTF-8,
                     # say): kombu could not ack the record, and restoring it could fail.
                     # Forget it; a message still gets recorded by QoS.append, kombu's way.
-                    pipe = client.pipeline(transaction=False)
-                    pipe.zrem(self.unacked_index_key, tag).hdel(self.unacked_key, tag)
-                    pipe.execute()
+                    self._forget_unacked(client, tag)
                     tag = b""
                 if message is None:
                     continue
                 if tag:
                     self.qos.recorded.add(tag.decode())
-                self.connection._deliver(message, queue)
+                try:
+                    self.connection._deliver(message, queue)
+                except UNDECODABLE as exc:
+                    # kombu cannot read it (a body that is not base64, say): dropped, as
+                    # _brpop_read drops one that BRPOP took, and its record with it.
+                    log.error("dropped a message on queue %s kombu cannot read: %s", queue, exc)
+                    if tag:
+                        self.qos.recorded.discard(tag.decode())
+                        self._forget_unacked(client, tag)
+
+    def _forget_unacked(self, client: Any, tag: bytes) -> None:
+        pipe = client.pipeline(transaction=False)
+        pipe.zrem(self.unacked_index_key, tag).hdel(self.unacked_key, tag)
+        pipe.execute()
 
 
 def _acked_as(message: Any) -> bytes | None:

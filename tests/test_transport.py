@@ -176,6 +176,11 @@ def test_items_in_a_burst_that_are_not_messages_are_dropped_and_the_rest_deliver
     odd = json.loads(payload)
     tag = odd["properties"]["delivery_tag"]
     redis_client.lpush(name, payload.encode().replace(tag.encode(), b"bad-\xff-tag"))
+    # A message in every field but its body, which is not base64: kombu cannot read it.
+    name, payload = build(hermes_settings)
+    unreadable = json.loads(payload)
+    unreadable["body"] = "not base64!"
+    redis_client.lpush(name, json.dumps(unreadable))
     last = push(redis_client, hermes_settings)
     taker = Taker(hermes_settings, prefetch=10)
     takers.append(taker)
@@ -187,6 +192,7 @@ def test_items_in_a_burst_that_are_not_messages_are_dropped_and_the_rest_deliver
     assert redis_client.llen(hermes_settings.queue_name) == 0
     # The odd one is recorded under the tag kombu will ack, not the one Lua read.
     assert not redis_client.hexists(UNACKED, b"bad-\xff-tag")
+    assert not redis_client.hexists(UNACKED, unreadable["properties"]["delivery_tag"])
     assert all(redis_client.hexists(UNACKED, m.delivery_tag) for m in got)
     for message in got:
         message.ack()
