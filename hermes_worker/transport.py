@@ -137,31 +137,31 @@ class QoS(kombu_redis.QoS):
     # channel. Its message comes back after the visibility timeout, and the redelivered copy
     # finds the job ended and is skipped, so nothing runs twice.
     def ack(self, delivery_tag: Any) -> None:
-        full = not self.can_consume()  # type: ignore[no-untyped-call]
-        try:
-            super().ack(delivery_tag)  # type: ignore[no-untyped-call]
-        except CONNECTION_GONE as exc:
-            log.warning("ack lost with the old connection (%s); redelivery will be skipped", exc)
-        if full:
-            self._credit_returned()
+        with self._waking_when_room_returns():
+            try:
+                super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+            except CONNECTION_GONE as exc:
+                log.warning(
+                    "ack lost with the old connection (%s); redelivery will be skipped", exc
+                )
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        full = not self.can_consume()  # type: ignore[no-untyped-call]
-        try:
-            super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
-        except CONNECTION_GONE as exc:
-            log.warning("reject lost with the old connection (%s)", exc)
-        if full:
-            self._credit_returned()
+        with self._waking_when_room_returns():
+            try:
+                super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+            except CONNECTION_GONE as exc:
+                log.warning("reject lost with the old connection (%s)", exc)
 
-    def _credit_returned(self) -> None:
-        """A full consumer got room for a message again. Celery's threads pool acks from
-        the job's thread, while the consumer's event loop sleeps until its next timer (up
-        to 10 s) with no BRPOP to wait on (none is sent without room; one whose reply came
-        in meanwhile is parked with its message): wake the loop to poll again."""
-        wake = getattr(self.channel.connection, "wake_event_loop", None)
-        if wake is not None:
-            wake()
+    @contextmanager
+    def _waking_when_room_returns(self) -> Iterator[None]:
+        """Around an ack or reject: if the consumer was full, wake its event loop after.
+        Celery's threads pool acks from the job's thread, while the loop sleeps until its
+        next timer (kombu's binding refresh, each second) with no BRPOP to wait on (none
+        is sent without room; one whose reply came in meanwhile is parked, message inside)."""
+        full = not self.can_consume()  # type: ignore[no-untyped-call]
+        yield
+        if full:
+            self.channel.connection.wake_event_loop()
 
 
 class Channel(kombu_redis.Channel):
@@ -174,6 +174,7 @@ class Channel(kombu_redis.Channel):
         *kombu_redis.Channel.from_transport_options,
         "delivery_batch",
     )
+    _take_more_script: Any = None  # TAKE_MORE_LUA, registered on first use
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
@@ -200,9 +201,10 @@ class Channel(kombu_redis.Channel):
         ]
         keys = [self.unacked_index_key, self.unacked_key, *(name for name, _ in lists)]
         with self.conn_or_acquire() as client:
-            script = client.register_script(TAKE_MORE_LUA)  # EVALSHA, the body sent once
+            if self._take_more_script is None:  # EVALSHA, the body sent once
+                self._take_more_script = client.register_script(TAKE_MORE_LUA)
             try:
-                taken = script(keys=keys, args=[room, time.time()], client=client)
+                taken = self._take_more_script(keys=keys, args=[room, time.time()], client=client)
             except ResponseError as exc:  # an ACL without RPOP, say: carry on as stock kombu
                 log.warning("taking one message per BRPOP from now on: %s", exc)
                 self.delivery_batch = 1
@@ -218,7 +220,7 @@ class Channel(kombu_redis.Channel):
                     # Lua's JSON parser read it differently from kombu's (invalid UTF-8,
                     # say): kombu could not ack the record, and restoring it could fail.
                     # Forget it; a message still gets recorded by QoS.append, kombu's way.
-                    self._forget_unacked(client, tag)
+                    self.qos._remove_from_indices(tag).execute()
                     tag = b""
                 if message is None:
                     continue
@@ -232,12 +234,7 @@ class Channel(kombu_redis.Channel):
                     log.error("dropped a message on queue %s kombu cannot read: %s", queue, exc)
                     if tag:
                         self.qos.recorded.discard(tag.decode())
-                        self._forget_unacked(client, tag)
-
-    def _forget_unacked(self, client: Any, tag: bytes) -> None:
-        pipe = client.pipeline(transaction=False)
-        pipe.zrem(self.unacked_index_key, tag).hdel(self.unacked_key, tag)
-        pipe.execute()
+                        self.qos._remove_from_indices(tag).execute()
 
 
 def _acked_as(message: Any) -> bytes | None:
