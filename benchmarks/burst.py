@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from bench_report import percentile
 from serving import (
     _spawn,
     _stop,
@@ -32,6 +33,7 @@ from serving import (
     clean_redis,
     engine_settings,
     parse_args,
+    progress,
     resolve_model,
     worker_env,
 )
@@ -84,11 +86,6 @@ async def one_worker(
     return out
 
 
-def p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
-
-
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     batches = [int(b) for b in args.batches.split(",")]
     totals: dict[int, dict[str, list[float]]] = {b: {} for b in batches}
@@ -99,14 +96,14 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 got = await one_worker(args, model, batch, Path(tmp_name))
                 for key, values in got.items():
                     totals[batch].setdefault(key, []).extend(values)
-                print(f"round {turn + 1}, batch {batch}: done", file=sys.stderr, flush=True)
+                progress(f"round {turn + 1}, batch {batch}: done")
     return [
         {
             "batch": batch,
             "spread_p50_ms": statistics.median(t["spread"]),
             "spread_max_ms": max(t["spread"]),
-            "wait_p50_ms": p(t["wait"], 50),
-            "wait_p90_ms": p(t["wait"], 90),
+            "wait_p50_ms": percentile(t["wait"], 50),
+            "wait_p90_ms": percentile(t["wait"], 90),
             "brpop_per_job": statistics.mean(t["brpop"]),
             "evalsha_per_job": statistics.mean(t["evalsha"]),
         }
