@@ -6,6 +6,7 @@ samples into one row; the writers turn the rows into a text table, Markdown, JSO
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -183,12 +184,37 @@ def memory_trend(points: Sequence[tuple[int, float]]) -> dict[str, Any]:
     }
 
 
+# CPU features that change a CPU engine's speed several-fold: runs on machines that differ
+# in them are not comparable (vLLM's CPU kernels use AVX-512 where it exists; bfloat16
+# without AVX-512 BF16 or AMX is emulated).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_info(cpuinfo: str) -> dict[str, Any]:
+    """The CPU's model name and which of :data:`CPU_FEATURES` it has, from /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        if not sep:
+            if fields:  # the first processor's block is enough
+                break
+            continue
+        fields.setdefault(name.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu_model": fields.get("model name"),
+        "cpu_features": [f for f in CPU_FEATURES if f in flags],
+    }
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
+    with contextlib.suppress(OSError):  # not Linux: the model and features stay unknown
+        info.update(cpu_info(Path("/proc/cpuinfo").read_text()))
     if shutil.which("nvidia-smi"):
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -352,7 +378,8 @@ def markdown(result: Mapping[str, Any], title: str | None = None) -> str:
         f"Command: `{config['command']}`",
         "",
         f"Run {config['started']} ({config['duration_s']:.0f} s) on "
-        f"{config['machine'].get('cpus')} CPUs{_gpus(config)}; {describe(config)}.",
+        f"{config['machine'].get('cpus')} CPUs{_cpu(config)}{_gpus(config)}; "
+        f"{describe(config)}.",
         "",
         "Ratios compare the ways within this run (see benchmarks/README.md for what each row "
         "measures); in brackets, the lowest and highest of the rounds.",
@@ -379,6 +406,14 @@ def markdown(result: Mapping[str, Any], title: str | None = None) -> str:
         lines += ["", "## Memory", "", soak_line(result["soak"]) + "."]
     lines += ["", "![throughput and TTFT vs concurrency](" + config.get("png_name", "") + ")"]
     return "\n".join(lines) + "\n"
+
+
+def _cpu(config: Mapping[str, Any]) -> str:
+    model, features = config["machine"].get("cpu_model"), config["machine"].get("cpu_features")
+    if model is None:
+        return ""
+    shown = ", ".join(features) if features else "none of " + ", ".join(CPU_FEATURES)
+    return f" ({model}; {shown})"
 
 
 def _gpus(config: Mapping[str, Any]) -> str:

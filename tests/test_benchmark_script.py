@@ -353,6 +353,29 @@ def test_reports_are_written_as_json_markdown_and_png(tmp_path: Path) -> None:
     assert "queue/direct throughput 0.96x; queue/vllm-serve throughput 1.20x" in text
 
 
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx avx2 fma
+
+processor\t: 1
+model name\t: another model, never read
+flags\t\t: avx512f
+"""
+
+
+def test_the_machine_line_names_the_cpu_and_its_vector_extensions(tmp_path: Path) -> None:
+    cpu = report.cpu_info(CPUINFO)
+    assert cpu == {"cpu_model": "AMD EPYC", "cpu_features": ["avx2"]}
+    avx512 = CPUINFO.replace("avx avx2 fma", "avx2 avx512f avx512_bf16")
+    assert report.cpu_info(avx512)["cpu_features"] == ["avx2", "avx512f", "avx512_bf16"]
+    result = {"config": {**config(), "machine": {"cpus": 2, **cpu}}, "rows": rows(), "soak": None}
+    md = report.write_all(result, tmp_path / "r")[1].read_text()
+    assert "on 2 CPUs (AMD EPYC; avx2), no GPU;" in md
+    bare = {"config": config(), "rows": rows(), "soak": None}  # older results: no CPU fields
+    assert "on 2 CPUs, no GPU;" in report.write_all(bare, tmp_path / "s")[1].read_text()
+
+
 def test_nan_is_written_as_null(tmp_path: Path) -> None:
     row = {**rows()[0], "itl_p50_ms": math.nan}
     result = {"config": config(), "rows": [row], "soak": None}

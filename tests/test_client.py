@@ -529,12 +529,14 @@ def test_result_blocks_until_the_terminal_event_then_reads_the_result(
     assert isinstance(counting, CountingRedis)
     client = HermesClient(hermes_settings, redis=counting)
     holder: list[JobResult] = []
-    later(1.0, lambda: holder.append(worker.finish()))
+    finisher = later(1.0, lambda: holder.append(worker.finish()))
     # When the producer waits for the result
     start = time.monotonic()
     result = client.job("job-1").result(timeout=20)
     elapsed = time.monotonic() - start
     # Then it gets the stored result as soon as the terminal event lands, without polling
+    # (the reader can return before the writing thread has kept what it wrote: seen failing)
+    finisher.join(10)
     assert result == holder[0]
     assert result.choices[0].message.content == "Hello!"
     assert 0.9 < elapsed < BLOCK_CHUNK_S

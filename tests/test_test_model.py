@@ -81,6 +81,7 @@ def llm(test_model_dir: Path) -> Iterator[Any]:
         gpu_memory_utilization=0.2,
         enable_prefix_caching=True,
         seed=0,
+        enforce_eager=True,  # as the tests' workers (see worker_fixtures.worker_env)
     )
     yield engine
     engine.llm_engine.engine_core.shutdown()
