@@ -470,7 +470,7 @@ class JobHandle:
         cursor = after
         while True:
             events = self._read(cursor, deadline.block_ms())
-            if not events and stream_is_over(self._status(), after_terminal=False):
+            if not events and self._ended_meanwhile():
                 events = self._read(cursor, None)  # it may have ended just after the read
                 if not events:
                     return
@@ -517,7 +517,10 @@ class JobHandle:
         # Taken before the record is read again, so an event written after that read wakes us.
         cursor = self._last_event_id()
         while True:
-            result = finished_result(self.id, self._redis.hgetall(key))
+            try:
+                result = finished_result(self.id, self._redis.hgetall(key))
+            except RedisTimeoutError:  # as in _read: the deadline (next line) decides
+                result = None
             if result is not None:
                 return result
             events = self._read(cursor, deadline.block_ms())
@@ -526,6 +529,16 @@ class JobHandle:
 
     def _status(self) -> JobStatus | None:
         return status_from(self._redis.hget(self._keys.job(self.id), "status"))
+
+    def _ended_meanwhile(self) -> bool:
+        """After a wait that brought no event: whether the record shows the job ended. A
+        read that times out (Redis starved of CPU for longer than the socket timeout, seen
+        on a 2-core box running an engine) counts as not yet: the caller's deadline decides
+        when to give up, as for a timed-out XREAD."""
+        try:
+            return stream_is_over(self._status(), after_terminal=False)
+        except RedisTimeoutError:
+            return False
 
     def _ends_at(self, event: StreamEvent) -> bool:
         """Whether this terminal event is the job's last: the job is over and no later
@@ -703,7 +716,7 @@ class AsyncJobHandle:
         try:
             while True:
                 events = await sub.get(deadline.block_ms() / 1000)
-                if not events and stream_is_over(await self._status(), after_terminal=False):
+                if not events and await self._ended_meanwhile():
                     events = await self._read(cursor, None)  # it may have ended just now
                     if not events:
                         return
@@ -746,7 +759,10 @@ class AsyncJobHandle:
         # Taken before the record is read again, so an event written after that read wakes us.
         cursor = await self._last_event_id()
         while True:
-            result = finished_result(self.id, await self._redis.hgetall(key))
+            try:
+                result = finished_result(self.id, await self._redis.hgetall(key))
+            except RedisTimeoutError:  # as in _read: the deadline (next line) decides
+                result = None
             if result is not None:
                 return result
             events = await self._read(cursor, deadline.block_ms())
@@ -755,6 +771,13 @@ class AsyncJobHandle:
 
     async def _status(self) -> JobStatus | None:
         return status_from(await self._redis.hget(self._keys.job(self.id), "status"))
+
+    async def _ended_meanwhile(self) -> bool:
+        """See :meth:`JobHandle._ended_meanwhile`."""
+        try:
+            return stream_is_over(await self._status(), after_terminal=False)
+        except RedisTimeoutError:
+            return False
 
     async def _ends_at(self, event: StreamEvent) -> bool:
         """Whether this terminal event is the job's last (see :meth:`JobHandle._ends_at`)."""

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -518,6 +519,98 @@ class CountingRedis(redis.Redis):
         self.commands += 1
         # redis-py leaves execute_command unannotated
         return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+class Stalls:
+    """Which reads of a job record time out, as they do when redis-server is starved of CPU
+    for longer than the socket timeout (seen in CI): the first two HGETs (the status reads
+    of a stream's wait) and the second and third HGETALL (the reads in a result's wait)."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[str] = Counter()
+        self.stalled: Counter[str] = Counter()
+
+    def check(self, command: object) -> None:
+        name = str(command).upper()
+        if name not in ("HGET", "HGETALL"):
+            return
+        self.seen[name] += 1
+        if self.stalled[name] < 2 and (name == "HGET" or self.seen[name] > 1):
+            self.stalled[name] += 1
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+
+class StallingRedis(redis.Redis):
+    stalls: Stalls
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.stalls.check(args[0])
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+class AsyncStallingRedis(AsyncRedis):
+    stalls: Stalls
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.stalls.check(args[0])
+        return await super().execute_command(*args, **options)
+
+
+# A short socket timeout: a client's XREAD waits are half of it (block_chunk_s).
+STALLING_SOCKET_TIMEOUT_S = 0.4
+
+
+def test_a_wait_outlives_record_reads_that_time_out(
+    hermes_settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Given a running job that ends a second from now, and reads of its record that time out
+    first = running_job(redis_client, hermes_settings)
+    later(1.0, lambda: (first.emit("content", {"text": "Hi"}), first.finish()))
+    stalling = StallingRedis.from_url(
+        hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
+    )
+    assert isinstance(stalling, StallingRedis)
+    stalling.stalls = Stalls()
+    client = HermesClient(hermes_settings, redis=stalling)
+    # When the producer follows the stream, then waits for the result of another job
+    seen = [e.type for e in client.job("job-1").stream(timeout=20)]
+    second = running_job(redis_client, hermes_settings, "job-2")
+    later(1.0, second.finish)
+    result = client.job("job-2").result(timeout=20)
+    # Then the timed-out reads were waited out, within the caller's deadline
+    assert seen == ["started", "content", "done"]
+    assert result.job.status is JobStatus.SUCCEEDED
+    assert stalling.stalls.stalled == {"HGET": 2, "HGETALL": 2}
+    stalling.close()
+
+
+def test_the_async_client_outlives_record_reads_that_time_out(
+    hermes_settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Given a running job that ends a second from now, and reads of its record that time out
+    first = running_job(redis_client, hermes_settings)
+    later(1.0, lambda: (first.emit("content", {"text": "Hi"}), first.finish()))
+    stalls = Stalls()
+
+    async def scenario() -> tuple[list[str], JobResult]:
+        stalling = AsyncStallingRedis.from_url(
+            hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
+        )
+        stalling.stalls = stalls
+        async with AsyncHermesClient(hermes_settings, redis=stalling) as client:
+            # When the producer follows the stream, then waits for the result of another job
+            seen = [e.type async for e in client.job("job-1").stream(timeout=20)]
+            second = running_job(redis_client, hermes_settings, "job-2")
+            later(1.0, second.finish)
+            result = await client.job("job-2").result(timeout=20)
+        await stalling.aclose()
+        return seen, result
+
+    seen, result = asyncio.run(scenario())
+    # Then the timed-out reads were waited out, within the caller's deadline
+    assert seen == ["started", "content", "done"]
+    assert result.job.status is JobStatus.SUCCEEDED
+    assert stalls.stalled == {"HGET": 2, "HGETALL": 2}
 
 
 def test_result_blocks_until_the_terminal_event_then_reads_the_result(
