@@ -27,12 +27,13 @@ or deleted (``purge_dead_letters``); see :mod:`producers.control`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from uuid import uuid4
 
 from celery import Celery
@@ -257,6 +258,35 @@ class Deadline:
         return max(1, min(self._chunk_ms, math.ceil(left * 1000)))
 
 
+T = TypeVar("T")
+
+
+def read_while_waiting(deadline: Deadline, read: Callable[[], T]) -> T:
+    """Make a read that a wait depends on (the job record, the stream's last entries), and
+    make it again when it times out, until the caller's deadline.
+
+    A read that times out says nothing about the job: redis-server was starved of CPU for
+    longer than the socket timeout (seen on a 2-core box running an engine), or the link is
+    slow. So it counts as "not known yet", as an XREAD that times out does, and the wait
+    goes on. Only reads made while waiting come here: a submit, a cancel and a plain
+    status() raise at once, since their caller waits for nothing.
+    """
+    while True:
+        try:
+            return read()
+        except RedisTimeoutError:
+            deadline.block_ms()  # TimeoutError once the caller's time is spent
+
+
+async def read_while_waiting_async(deadline: Deadline, read: Callable[[], Awaitable[T]]) -> T:
+    """The asyncio twin of :func:`read_while_waiting`."""
+    while True:
+        try:
+            return await read()
+        except RedisTimeoutError:
+            deadline.block_ms()
+
+
 def events_from_xread(reply: Any) -> list[StreamEvent]:
     """The entries of the one stream an XREAD asked for, decoded (RESP2 or RESP3 replies)."""
     if not reply:
@@ -470,14 +500,15 @@ class JobHandle:
         cursor = after
         while True:
             events = self._read(cursor, deadline.block_ms())
-            if not events and self._ended_meanwhile():
-                events = self._read(cursor, None)  # it may have ended just after the read
+            if not events and self._ended_meanwhile(deadline):
+                # It may have ended just after the read: what it wrote last, read now.
+                events = read_while_waiting(deadline, functools.partial(self._xread, cursor))
                 if not events:
                     return
             for event in events:
                 yield event
                 cursor = event.id
-                if event.terminal and self._ends_at(event):
+                if event.terminal and self._ends_at(event, deadline):
                     return
 
     def poll(self) -> JobResult | None:
@@ -511,16 +542,17 @@ class JobHandle:
         """
         deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
         key = self._keys.job(self.id)
-        result = finished_result(self.id, self._redis.hgetall(key))
+
+        def record() -> Any:
+            return self._redis.hgetall(key)
+
+        result = finished_result(self.id, read_while_waiting(deadline, record))
         if result is not None:  # the usual case after reading the stream: one command
             return result
         # Taken before the record is read again, so an event written after that read wakes us.
-        cursor = self._last_event_id()
+        cursor = read_while_waiting(deadline, self._last_event_id)
         while True:
-            try:
-                result = finished_result(self.id, self._redis.hgetall(key))
-            except RedisTimeoutError:  # as in _read: the deadline (next line) decides
-                result = None
+            result = finished_result(self.id, read_while_waiting(deadline, record))
             if result is not None:
                 return result
             events = self._read(cursor, deadline.block_ms())
@@ -530,17 +562,11 @@ class JobHandle:
     def _status(self) -> JobStatus | None:
         return status_from(self._redis.hget(self._keys.job(self.id), "status"))
 
-    def _ended_meanwhile(self) -> bool:
-        """After a wait that brought no event: whether the record shows the job ended. A
-        read that times out (Redis starved of CPU for longer than the socket timeout, seen
-        on a 2-core box running an engine) counts as not yet: the caller's deadline decides
-        when to give up, as for a timed-out XREAD."""
-        try:
-            return stream_is_over(self._status(), after_terminal=False)
-        except RedisTimeoutError:
-            return False
+    def _ended_meanwhile(self, deadline: Deadline) -> bool:
+        """After a wait that brought no event: whether the record shows the job ended."""
+        return stream_is_over(read_while_waiting(deadline, self._status), after_terminal=False)
 
-    def _ends_at(self, event: StreamEvent) -> bool:
+    def _ends_at(self, event: StreamEvent, deadline: Deadline) -> bool:
         """Whether this terminal event is the job's last: the job is over and no later
         attempt (or cancel) ended after it. A reader that starts after a retried job
         ended must read on past the failed attempt's terminal event. ``done`` always is:
@@ -548,12 +574,12 @@ class JobHandle:
         if event.type == "done":
             return True
         terminal_id = event.id
-        status = self._status()
+        status = read_while_waiting(deadline, self._status)
         if not stream_is_over(status, after_terminal=True):
             return False
         if status is None:
             return True
-        newest = self._newest_terminal_id()
+        newest = read_while_waiting(deadline, self._newest_terminal_id)
         return newest is None or newest == terminal_id
 
     def _newest_terminal_id(self) -> str | None:
@@ -565,14 +591,17 @@ class JobHandle:
             upper = older_than(page)
         return None
 
+    def _xread(self, cursor: str, block_ms: int | None = None) -> list[StreamEvent]:
+        key = self._keys.events(self.id)
+        return events_from_xread(self._redis.xread({key: cursor}, count=READ_COUNT, block=block_ms))
+
     def _read(self, cursor: str, block_ms: int | None) -> list[StreamEvent]:
+        """A wait for events: one that times out (a starved or slow link) read nothing yet,
+        and the caller's own deadline decides when to give up."""
         try:
-            reply = self._redis.xread(
-                {self._keys.events(self.id): cursor}, count=READ_COUNT, block=block_ms
-            )
-        except RedisTimeoutError:  # a starved or slow link: nothing read yet; the caller's
-            return []  # own deadline decides when to give up
-        return events_from_xread(reply)
+            return self._xread(cursor, block_ms)
+        except RedisTimeoutError:
+            return []
 
     def _last_event_id(self) -> str:
         last = self._redis.xrevrange(self._keys.events(self.id), count=1)
@@ -716,8 +745,10 @@ class AsyncJobHandle:
         try:
             while True:
                 events = await sub.get(deadline.block_ms() / 1000)
-                if not events and await self._ended_meanwhile():
-                    events = await self._read(cursor, None)  # it may have ended just now
+                if not events and await self._ended_meanwhile(deadline):
+                    # It may have ended just now: what it wrote last, read now.
+                    now = functools.partial(self._xread, cursor)
+                    events = await read_while_waiting_async(deadline, now)
                     if not events:
                         return
                 for event in events:
@@ -725,7 +756,7 @@ class AsyncJobHandle:
                         continue
                     yield event
                     cursor = event.id
-                    if event.terminal and await self._ends_at(event):
+                    if event.terminal and await self._ends_at(event, deadline):
                         return
         finally:
             hub.unfollow(sub)
@@ -753,16 +784,17 @@ class AsyncJobHandle:
         """Wait until the job has ended and return its result; ``TimeoutError`` on timeout."""
         deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
         key = self._keys.job(self.id)
-        result = finished_result(self.id, await self._redis.hgetall(key))
+
+        async def record() -> Any:
+            return await self._redis.hgetall(key)
+
+        result = finished_result(self.id, await read_while_waiting_async(deadline, record))
         if result is not None:  # the usual case after reading the stream: one command
             return result
         # Taken before the record is read again, so an event written after that read wakes us.
-        cursor = await self._last_event_id()
+        cursor = await read_while_waiting_async(deadline, self._last_event_id)
         while True:
-            try:
-                result = finished_result(self.id, await self._redis.hgetall(key))
-            except RedisTimeoutError:  # as in _read: the deadline (next line) decides
-                result = None
+            result = finished_result(self.id, await read_while_waiting_async(deadline, record))
             if result is not None:
                 return result
             events = await self._read(cursor, deadline.block_ms())
@@ -772,24 +804,22 @@ class AsyncJobHandle:
     async def _status(self) -> JobStatus | None:
         return status_from(await self._redis.hget(self._keys.job(self.id), "status"))
 
-    async def _ended_meanwhile(self) -> bool:
+    async def _ended_meanwhile(self, deadline: Deadline) -> bool:
         """See :meth:`JobHandle._ended_meanwhile`."""
-        try:
-            return stream_is_over(await self._status(), after_terminal=False)
-        except RedisTimeoutError:
-            return False
+        status = await read_while_waiting_async(deadline, self._status)
+        return stream_is_over(status, after_terminal=False)
 
-    async def _ends_at(self, event: StreamEvent) -> bool:
+    async def _ends_at(self, event: StreamEvent, deadline: Deadline) -> bool:
         """Whether this terminal event is the job's last (see :meth:`JobHandle._ends_at`)."""
         if event.type == "done":
             return True
         terminal_id = event.id
-        status = await self._status()
+        status = await read_while_waiting_async(deadline, self._status)
         if not stream_is_over(status, after_terminal=True):
             return False
         if status is None:
             return True
-        newest = await self._newest_terminal_id()
+        newest = await read_while_waiting_async(deadline, self._newest_terminal_id)
         return newest is None or newest == terminal_id
 
     async def _newest_terminal_id(self) -> str | None:
@@ -801,14 +831,17 @@ class AsyncJobHandle:
             upper = older_than(page)
         return None
 
-    async def _read(self, cursor: str, block_ms: int | None) -> list[StreamEvent]:
-        try:
-            reply = await self._redis.xread(
-                {self._keys.events(self.id): cursor}, count=READ_COUNT, block=block_ms
-            )
-        except RedisTimeoutError:  # as in the sync client
-            return []
+    async def _xread(self, cursor: str, block_ms: int | None = None) -> list[StreamEvent]:
+        key = self._keys.events(self.id)
+        reply = await self._redis.xread({key: cursor}, count=READ_COUNT, block=block_ms)
         return events_from_xread(reply)
+
+    async def _read(self, cursor: str, block_ms: int | None) -> list[StreamEvent]:
+        """See :meth:`JobHandle._read`."""
+        try:
+            return await self._xread(cursor, block_ms)
+        except RedisTimeoutError:
+            return []
 
     async def _last_event_id(self) -> str:
         last = await self._redis.xrevrange(self._keys.events(self.id), count=1)

@@ -12,6 +12,7 @@ import redis
 
 from hermes_worker.queue import delete_deployment_keys
 from hermes_worker.settings import Settings
+from hermes_worker.store import Keys
 from hermes_worker.testing.model import TinyModelSpec, build_test_model
 
 # The session's real worker process (tests/worker_fixtures.py).
@@ -75,4 +76,16 @@ def redis_client(hermes_settings: Settings) -> Iterator[redis.Redis]:
     """A plain Redis client on the tests' database (bytes replies)."""
     client = redis.Redis.from_url(hermes_settings.redis_url)
     yield client
+    client.close()
+
+
+@pytest.fixture
+def keys() -> Iterator[Keys]:
+    """A key prefix no other test shares, on the tests' database; its keys removed afterwards."""
+    keys = Keys(f"hermes-test-{uuid.uuid4().hex[:8]}:")
+    yield keys
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    found = list(client.scan_iter(f"{keys.prefix}*"))
+    if found:
+        client.delete(*found)
     client.close()

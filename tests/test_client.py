@@ -522,22 +522,33 @@ class CountingRedis(redis.Redis):
 
 
 class Stalls:
-    """Which reads of a job record time out, as they do when redis-server is starved of CPU
-    for longer than the socket timeout (seen in CI): the first two HGETs (the status reads
-    of a stream's wait) and the second and third HGETALL (the reads in a result's wait)."""
+    """Which reads time out, as they do when redis-server is starved of CPU for longer than
+    the socket timeout (seen in CI): ``plan`` maps a command to the occurrences of it (1 for
+    the first) that raise redis-py's TimeoutError instead of being sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, plan: dict[str, set[int]]) -> None:
+        self.plan = plan
         self.seen: Counter[str] = Counter()
         self.stalled: Counter[str] = Counter()
 
     def check(self, command: object) -> None:
         name = str(command).upper()
-        if name not in ("HGET", "HGETALL"):
+        if name not in self.plan:
             return
         self.seen[name] += 1
-        if self.stalled[name] < 2 and (name == "HGET" or self.seen[name] > 1):
+        if self.seen[name] in self.plan[name]:
             self.stalled[name] += 1
             raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+
+# The status reads of a stream's wait (HGET), and the reads of the record in a result's wait
+# after its first (HGETALL).
+WAIT_LOOP_STALLS = {"HGET": {1, 2}, "HGETALL": {2, 3}}
+# The first read of every other kind a wait makes: the status read that decides whether a
+# terminal event ends the stream (HGET), the backwards search for the job's last terminal
+# event and then the cursor a result's wait starts from (XREVRANGE), and a result's first
+# read of the record (HGETALL).
+FIRST_READ_STALLS = {"HGET": {1}, "HGETALL": {1}, "XREVRANGE": {1, 3}}
 
 
 class StallingRedis(redis.Redis):
@@ -570,7 +581,7 @@ def test_a_wait_outlives_record_reads_that_time_out(
         hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
     )
     assert isinstance(stalling, StallingRedis)
-    stalling.stalls = Stalls()
+    stalling.stalls = Stalls(WAIT_LOOP_STALLS)
     client = HermesClient(hermes_settings, redis=stalling)
     # When the producer follows the stream, then waits for the result of another job
     seen = [e.type for e in client.job("job-1").stream(timeout=20)]
@@ -590,7 +601,7 @@ def test_the_async_client_outlives_record_reads_that_time_out(
     # Given a running job that ends a second from now, and reads of its record that time out
     first = running_job(redis_client, hermes_settings)
     later(1.0, lambda: (first.emit("content", {"text": "Hi"}), first.finish()))
-    stalls = Stalls()
+    stalls = Stalls(WAIT_LOOP_STALLS)
 
     async def scenario() -> tuple[list[str], JobResult]:
         stalling = AsyncStallingRedis.from_url(
@@ -611,6 +622,112 @@ def test_the_async_client_outlives_record_reads_that_time_out(
     assert seen == ["started", "content", "done"]
     assert result.job.status is JobStatus.SUCCEEDED
     assert stalls.stalled == {"HGET": 2, "HGETALL": 2}
+
+
+def retried_job(r: redis.Redis, settings: Settings) -> None:
+    """job-1, ended: its first attempt failed, its second succeeded."""
+    worker = running_job(r, settings)
+    worker.emit("error", {"type": "engine_error", "message": "engine died"})
+    worker.emit("restarted", {"attempt": 2})
+    worker.emit("content", {"text": "Hi"})
+    worker.finish()
+
+
+def test_every_read_a_wait_makes_outlives_a_timeout(
+    hermes_settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Given a retried job that has ended, and a client whose first read of every kind a
+    # wait makes times out
+    retried_job(redis_client, hermes_settings)
+    stalling = StallingRedis.from_url(
+        hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
+    )
+    assert isinstance(stalling, StallingRedis)
+    stalling.stalls = Stalls(FIRST_READ_STALLS)
+    client = HermesClient(hermes_settings, redis=stalling)
+    # When the producer reads the retried job's stream, then waits for a job that ends a
+    # second from now
+    seen = [e.type for e in client.job("job-1").stream(timeout=20)]
+    second = running_job(redis_client, hermes_settings, "job-2")
+    later(1.0, second.finish)
+    result = client.job("job-2").result(timeout=20)
+    # Then each timed-out read was made again: the stream went on past the failed
+    # attempt's end, and the wait for the result lasted until the job ended
+    assert seen == ["started", "error", "restarted", "content", "done"]
+    assert result.job.status is JobStatus.SUCCEEDED
+    assert stalling.stalls.stalled == {"HGET": 1, "HGETALL": 1, "XREVRANGE": 2}
+    stalling.close()
+
+
+def test_the_async_client_makes_every_read_of_a_wait_again_after_a_timeout(
+    hermes_settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Given a retried job that has ended, and an asyncio client whose first read of every
+    # kind a wait makes times out
+    retried_job(redis_client, hermes_settings)
+    stalls = Stalls(FIRST_READ_STALLS)
+
+    async def scenario() -> tuple[list[str], JobResult]:
+        stalling = AsyncStallingRedis.from_url(
+            hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
+        )
+        stalling.stalls = stalls
+        async with AsyncHermesClient(hermes_settings, redis=stalling) as client:
+            # When the producer reads the retried job's stream, then waits for another
+            seen = [e.type async for e in client.job("job-1").stream(timeout=20)]
+            second = running_job(redis_client, hermes_settings, "job-2")
+            later(1.0, second.finish)
+            result = await client.job("job-2").result(timeout=20)
+        await stalling.aclose()
+        return seen, result
+
+    seen, result = asyncio.run(scenario())
+    # Then each timed-out read was made again
+    assert seen == ["started", "error", "restarted", "content", "done"]
+    assert result.job.status is JobStatus.SUCCEEDED
+    assert stalls.stalled == {"HGET": 1, "HGETALL": 1, "XREVRANGE": 2}
+
+
+def test_a_stream_whose_reads_time_out_as_the_job_ends_still_reads_its_end(
+    hermes_settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Given a job that has ended, and a client whose first two XREADs time out: the wait for
+    # events, then the read of what the job wrote last once its record shows it ended
+    worker = running_job(redis_client, hermes_settings)
+    worker.emit("content", {"text": "Hi"})
+    worker.finish()
+    stalling = StallingRedis.from_url(
+        hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
+    )
+    assert isinstance(stalling, StallingRedis)
+    stalling.stalls = Stalls({"XREAD": {1, 2}})
+    client = HermesClient(hermes_settings, redis=stalling)
+    # When the producer reads its stream, Then it gets every event, up to the end
+    seen = [e.type for e in client.job("job-1").stream(timeout=20)]
+    assert seen == ["started", "content", "done"]
+    assert stalling.stalls.stalled == {"XREAD": 2}
+    stalling.close()
+
+
+def test_a_wait_whose_reads_keep_timing_out_ends_at_the_callers_deadline(
+    hermes_settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Given a running job whose record cannot be read: every read of it times out
+    running_job(redis_client, hermes_settings)
+    stalling = StallingRedis.from_url(
+        hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
+    )
+    assert isinstance(stalling, StallingRedis)
+    stalling.stalls = Stalls({"HGETALL": set(range(1, 1000))})
+    client = HermesClient(hermes_settings, redis=stalling)
+    start = time.monotonic()
+    # When the producer waits for its result with a timeout, Then it gets TimeoutError
+    # for the job once that time is spent, not redis-py's error and not a wait forever
+    with pytest.raises(TimeoutError, match="job-1"):
+        client.job("job-1").result(timeout=1.0)
+    assert 0.95 < time.monotonic() - start < 3
+    assert stalling.stalls.stalled["HGETALL"] >= 2
+    stalling.close()
 
 
 def test_result_blocks_until_the_terminal_event_then_reads_the_result(

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import redis
+from conftest import TEST_REDIS_URL as REDIS_URL
 from redis.asyncio import Redis as AsyncRedis
 
 from hermes_worker.store import Keys, encode_event
 from producers.hub import StreamHub, entries_by_stream
-
-REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
 class CountingRedis(AsyncRedis):
@@ -26,16 +22,6 @@ class CountingRedis(AsyncRedis):
     async def xread(self, *args: Any, **kwargs: Any) -> Any:
         type(self).xreads += 1
         return await super().xread(*args, **kwargs)
-
-
-@pytest.fixture
-def keys() -> Iterator[Keys]:
-    keys = Keys(f"hermes-test-{uuid.uuid4().hex[:8]}:")
-    yield keys
-    client = redis.Redis.from_url(REDIS_URL)
-    found = list(client.scan_iter(f"{keys.prefix}*"))
-    if found:
-        client.delete(*found)
 
 
 def write(key: str, seq: int, text: str) -> str:

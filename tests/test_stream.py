@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import Iterator
 
-import pytest
 import redis
+from conftest import TEST_REDIS_URL as REDIS_URL
 from redis.asyncio import Redis as AsyncRedis
 
 from hermes_worker.store import Keys, decode_event
 from hermes_worker.stream import JobStream, StreamWriter
-
-REDIS_URL = "redis://127.0.0.1:6379/14"
-
-
-@pytest.fixture
-def keys() -> Iterator[Keys]:
-    keys = Keys(f"hermes-test-{uuid.uuid4().hex[:8]}:")
-    yield keys
-    client = redis.Redis.from_url(REDIS_URL)
-    found = list(client.scan_iter(f"{keys.prefix}*"))
-    if found:
-        client.delete(*found)
 
 
 def read_events(keys: Keys, job_id: str) -> list[tuple[int, str, object]]:
