@@ -146,19 +146,21 @@ def job_message(
         job_id, TASK_NAME, args=[body], reply_to=app.thread_oid, ignore_result=None
     )
     properties = {
-        **task.properties,
-        "delivery_mode": 2,  # persistent, as Celery sends tasks
+        # First, in this order, and the properties first of all: the consumer reads them off
+        # the start of the message without decoding the body (hermes_worker.transport).
+        "delivery_tag": str(uuid.uuid4()),
         # The anonymous exchange: the routing key is the queue (no binding lookup).
         "delivery_info": {"exchange": "", "routing_key": queue},
+        **task.properties,
+        "delivery_mode": 2,  # persistent, as Celery sends tasks
         "priority": priority,
         "body_encoding": "base64",
-        "delivery_tag": str(uuid.uuid4()),
     }
     message = {
+        "properties": properties,
         "body": base64.b64encode(json.dumps(task.body).encode()).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": task.headers,
-        "properties": properties,
     }
     return queue_list(queue, priority), json.dumps(message)

@@ -20,6 +20,7 @@ from kombu.asynchronous import Hub
 
 from hermes_worker.queue import job_message, make_celery
 from hermes_worker.settings import Settings
+from hermes_worker.transport import TAKE_MORE_LUA
 
 UNACKED, UNACKED_INDEX = b"unacked", b"unacked_index"
 
@@ -181,6 +182,11 @@ def test_items_in_a_burst_that_are_not_messages_are_dropped_and_the_rest_deliver
     unreadable = json.loads(payload)
     unreadable["body"] = "not base64!"
     redis_client.lpush(name, json.dumps(unreadable))
+    # The start of one of our messages, then no JSON: recorded by the Lua call, which reads
+    # the tag off the start alone, and kombu cannot read it.
+    name, payload = build(hermes_settings)
+    cut = json.loads(payload)["properties"]["delivery_tag"]
+    redis_client.lpush(name, payload[: len(payload) // 2])
     last = push(redis_client, hermes_settings)
     taker = Taker(hermes_settings, prefetch=10)
     takers.append(taker)
@@ -193,10 +199,52 @@ def test_items_in_a_burst_that_are_not_messages_are_dropped_and_the_rest_deliver
     # The odd one is recorded under the tag kombu will ack, not the one Lua read.
     assert not redis_client.hexists(UNACKED, b"bad-\xff-tag")
     assert not redis_client.hexists(UNACKED, unreadable["properties"]["delivery_tag"])
+    assert not redis_client.hexists(UNACKED, cut)
     assert all(redis_client.hexists(UNACKED, m.delivery_tag) for m in got)
     for message in got:
         message.ack()
     assert not any(redis_client.hexists(UNACKED, m.delivery_tag) for m in got)
+
+
+def test_the_burst_call_reads_the_tag_off_the_start_of_our_messages_and_decodes_others(
+    hermes_settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Given, on one list: a message as our producers write it (the delivery tag and info
+    # first), the same message with its properties last (as Celery's send_task orders it),
+    # one whose routing key JSON escapes, and the start of one of ours followed by no JSON
+    app = make_celery(hermes_settings)
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    ours = job_message(app, body, "a", 0, "jobs")[1]
+    parsed = json.loads(ours)
+    properties = parsed.pop("properties")
+    last = json.dumps({**parsed, "properties": {**properties, "delivery_tag": "tag-last"}})
+    escaped = job_message(app, body, "b", 0, "jobs-\u00e9")[1]
+    cut = job_message(app, body, "c", 0, "jobs")[1]
+    cut = cut[: cut.index('"body"')] + "and no JSON after the head"
+    items = [ours, last, escaped, cut]
+    prefix = hermes_settings.key_prefix
+    index, unacked, queue = f"{prefix}index", f"{prefix}unacked", f"{prefix}list"
+    redis_client.rpush(queue, *reversed(items))  # RPOP takes them in this order
+    # When the burst call takes them
+    script = redis_client.register_script(TAKE_MORE_LUA)
+    taken = script(keys=[index, unacked, queue], args=[10, time.time()])
+    # Then each is recorded under its own tag, with its delivery info: the first, second and
+    # third as kombu's QoS would record them, and the last one although Redis could not
+    # have decoded it (Python finds it unreadable and forgets the record)
+    tags = [tag.decode() for tag in taken[2::3]]
+    expected = [json.loads(ours)["properties"]["delivery_tag"], "tag-last"]
+    expected += [json.loads(escaped)["properties"]["delivery_tag"], tags[3]]
+    assert tags == expected and tags[3]
+    assert [item.decode() for item in taken[1::3]] == items
+    for item, tag, route in zip(items[:3], tags[:3], ["jobs", "jobs", "jobs-\u00e9"], strict=True):
+        assert json.loads(redis_client.hget(unacked, tag) or b"null") == [
+            json.loads(item),
+            "",
+            route,
+        ]
+    assert (redis_client.hget(unacked, tags[3]) or b"").decode() == f'[{cut},"","jobs"]'
+    assert redis_client.zcard(index) == 4
+    redis_client.delete(index, unacked)
 
 
 def test_a_server_that_refuses_the_burst_call_gets_one_message_per_wait(
