@@ -27,6 +27,7 @@ or deleted (``purge_dead_letters``); see :mod:`producers.control`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import math
@@ -259,6 +260,7 @@ class Deadline:
 
 
 T = TypeVar("T")
+RETRY_PAUSE_S = 0.05  # after a read made while waiting timed out, before it is made again
 
 
 def read_while_waiting(deadline: Deadline, read: Callable[[], T]) -> T:
@@ -275,7 +277,9 @@ def read_while_waiting(deadline: Deadline, read: Callable[[], T]) -> T:
         try:
             return read()
         except RedisTimeoutError:
-            deadline.block_ms()  # TimeoutError once the caller's time is spent
+            # TimeoutError once the caller's time is spent; else a short pause, so that a
+            # client whose timeouts come at once (a double, a zero socket timeout) cannot spin.
+            time.sleep(min(RETRY_PAUSE_S, deadline.block_ms() / 1000))
 
 
 async def read_while_waiting_async(deadline: Deadline, read: Callable[[], Awaitable[T]]) -> T:
@@ -284,7 +288,7 @@ async def read_while_waiting_async(deadline: Deadline, read: Callable[[], Awaita
         try:
             return await read()
         except RedisTimeoutError:
-            deadline.block_ms()
+            await asyncio.sleep(min(RETRY_PAUSE_S, deadline.block_ms() / 1000))
 
 
 def events_from_xread(reply: Any) -> list[StreamEvent]:

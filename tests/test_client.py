@@ -526,8 +526,9 @@ class Stalls:
     the socket timeout (seen in CI): ``plan`` maps a command to the occurrences of it (1 for
     the first) that raise redis-py's TimeoutError instead of being sent."""
 
-    def __init__(self, plan: dict[str, set[int]]) -> None:
+    def __init__(self, plan: dict[str, set[int]], wait_s: float = 0.0) -> None:
         self.plan = plan
+        self.wait_s = wait_s  # how long a stalled read waits before it times out (sync)
         self.seen: Counter[str] = Counter()
         self.stalled: Counter[str] = Counter()
 
@@ -538,6 +539,7 @@ class Stalls:
         self.seen[name] += 1
         if self.seen[name] in self.plan[name]:
             self.stalled[name] += 1
+            time.sleep(self.wait_s)
             raise redis.exceptions.TimeoutError("Timeout reading from socket")
 
 
@@ -718,15 +720,17 @@ def test_a_wait_whose_reads_keep_timing_out_ends_at_the_callers_deadline(
         hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
     )
     assert isinstance(stalling, StallingRedis)
-    stalling.stalls = Stalls({"HGETALL": set(range(1, 1000))})
+    stalling.stalls = Stalls({"HGETALL": set(range(1, 1000))}, wait_s=0.2)
     client = HermesClient(hermes_settings, redis=stalling)
     start = time.monotonic()
     # When the producer waits for its result with a timeout, Then it gets TimeoutError
-    # for the job once that time is spent, not redis-py's error and not a wait forever
+    # for the job once that time is spent, not redis-py's error and not a wait forever,
+    # having tried the read again after each timeout
     with pytest.raises(TimeoutError, match="job-1"):
-        client.job("job-1").result(timeout=1.0)
-    assert 0.95 < time.monotonic() - start < 3
-    assert stalling.stalls.stalled["HGETALL"] >= 2
+        client.job("job-1").result(timeout=2.0)
+    assert 1.95 < time.monotonic() - start < 5
+    # (about 8 tries of 0.25 s each: a timeout, then the pause before the next)
+    assert 2 <= stalling.stalls.stalled["HGETALL"] <= 10
     stalling.close()
 
 
