@@ -573,23 +573,55 @@ class AsyncStallingRedis(AsyncRedis):
 STALLING_SOCKET_TIMEOUT_S = 0.4
 
 
+def stalling_client(settings: Settings, stalls: Stalls) -> tuple[HermesClient, StallingRedis]:
+    """A client whose Redis times out on the reads ``stalls`` picks (close the second)."""
+    stalling = StallingRedis.from_url(settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S)
+    assert isinstance(stalling, StallingRedis)
+    stalling.stalls = stalls
+    return HermesClient(settings, redis=stalling), stalling
+
+
+def read_then_wait(
+    client: HermesClient, r: redis.Redis, settings: Settings
+) -> tuple[list[str], JobResult]:
+    """Read job-1's stream to its end, then wait for the result of job-2, which a worker
+    starts now and ends a second later."""
+    seen = [e.type for e in client.job("job-1").stream(timeout=20)]
+    second = running_job(r, settings, "job-2")
+    later(1.0, second.finish)
+    return seen, client.job("job-2").result(timeout=20)
+
+
+def read_then_wait_async(
+    settings: Settings, r: redis.Redis, stalls: Stalls
+) -> tuple[list[str], JobResult]:
+    """:func:`read_then_wait` through an asyncio client whose Redis times out as told."""
+
+    async def scenario() -> tuple[list[str], JobResult]:
+        stalling = AsyncStallingRedis.from_url(
+            settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
+        )
+        stalling.stalls = stalls
+        async with AsyncHermesClient(settings, redis=stalling) as client:
+            seen = [e.type async for e in client.job("job-1").stream(timeout=20)]
+            second = running_job(r, settings, "job-2")
+            later(1.0, second.finish)
+            result = await client.job("job-2").result(timeout=20)
+        await stalling.aclose()
+        return seen, result
+
+    return asyncio.run(scenario())
+
+
 def test_a_wait_outlives_record_reads_that_time_out(
     hermes_settings: Settings, redis_client: redis.Redis
 ) -> None:
     # Given a running job that ends a second from now, and reads of its record that time out
     first = running_job(redis_client, hermes_settings)
     later(1.0, lambda: (first.emit("content", {"text": "Hi"}), first.finish()))
-    stalling = StallingRedis.from_url(
-        hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
-    )
-    assert isinstance(stalling, StallingRedis)
-    stalling.stalls = Stalls(WAIT_LOOP_STALLS)
-    client = HermesClient(hermes_settings, redis=stalling)
+    client, stalling = stalling_client(hermes_settings, Stalls(WAIT_LOOP_STALLS))
     # When the producer follows the stream, then waits for the result of another job
-    seen = [e.type for e in client.job("job-1").stream(timeout=20)]
-    second = running_job(redis_client, hermes_settings, "job-2")
-    later(1.0, second.finish)
-    result = client.job("job-2").result(timeout=20)
+    seen, result = read_then_wait(client, redis_client, hermes_settings)
     # Then the timed-out reads were waited out, within the caller's deadline
     assert seen == ["started", "content", "done"]
     assert result.job.status is JobStatus.SUCCEEDED
@@ -604,22 +636,8 @@ def test_the_async_client_outlives_record_reads_that_time_out(
     first = running_job(redis_client, hermes_settings)
     later(1.0, lambda: (first.emit("content", {"text": "Hi"}), first.finish()))
     stalls = Stalls(WAIT_LOOP_STALLS)
-
-    async def scenario() -> tuple[list[str], JobResult]:
-        stalling = AsyncStallingRedis.from_url(
-            hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
-        )
-        stalling.stalls = stalls
-        async with AsyncHermesClient(hermes_settings, redis=stalling) as client:
-            # When the producer follows the stream, then waits for the result of another job
-            seen = [e.type async for e in client.job("job-1").stream(timeout=20)]
-            second = running_job(redis_client, hermes_settings, "job-2")
-            later(1.0, second.finish)
-            result = await client.job("job-2").result(timeout=20)
-        await stalling.aclose()
-        return seen, result
-
-    seen, result = asyncio.run(scenario())
+    # When the producer follows the stream, then waits for the result of another job
+    seen, result = read_then_wait_async(hermes_settings, redis_client, stalls)
     # Then the timed-out reads were waited out, within the caller's deadline
     assert seen == ["started", "content", "done"]
     assert result.job.status is JobStatus.SUCCEEDED
@@ -641,18 +659,10 @@ def test_every_read_a_wait_makes_outlives_a_timeout(
     # Given a retried job that has ended, and a client whose first read of every kind a
     # wait makes times out
     retried_job(redis_client, hermes_settings)
-    stalling = StallingRedis.from_url(
-        hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
-    )
-    assert isinstance(stalling, StallingRedis)
-    stalling.stalls = Stalls(FIRST_READ_STALLS)
-    client = HermesClient(hermes_settings, redis=stalling)
+    client, stalling = stalling_client(hermes_settings, Stalls(FIRST_READ_STALLS))
     # When the producer reads the retried job's stream, then waits for a job that ends a
     # second from now
-    seen = [e.type for e in client.job("job-1").stream(timeout=20)]
-    second = running_job(redis_client, hermes_settings, "job-2")
-    later(1.0, second.finish)
-    result = client.job("job-2").result(timeout=20)
+    seen, result = read_then_wait(client, redis_client, hermes_settings)
     # Then each timed-out read was made again: the stream went on past the failed
     # attempt's end, and the wait for the result lasted until the job ended
     assert seen == ["started", "error", "restarted", "content", "done"]
@@ -668,22 +678,8 @@ def test_the_async_client_makes_every_read_of_a_wait_again_after_a_timeout(
     # kind a wait makes times out
     retried_job(redis_client, hermes_settings)
     stalls = Stalls(FIRST_READ_STALLS)
-
-    async def scenario() -> tuple[list[str], JobResult]:
-        stalling = AsyncStallingRedis.from_url(
-            hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
-        )
-        stalling.stalls = stalls
-        async with AsyncHermesClient(hermes_settings, redis=stalling) as client:
-            # When the producer reads the retried job's stream, then waits for another
-            seen = [e.type async for e in client.job("job-1").stream(timeout=20)]
-            second = running_job(redis_client, hermes_settings, "job-2")
-            later(1.0, second.finish)
-            result = await client.job("job-2").result(timeout=20)
-        await stalling.aclose()
-        return seen, result
-
-    seen, result = asyncio.run(scenario())
+    # When the producer reads the retried job's stream, then waits for another
+    seen, result = read_then_wait_async(hermes_settings, redis_client, stalls)
     # Then each timed-out read was made again
     assert seen == ["started", "error", "restarted", "content", "done"]
     assert result.job.status is JobStatus.SUCCEEDED
@@ -698,12 +694,7 @@ def test_a_stream_whose_reads_time_out_as_the_job_ends_still_reads_its_end(
     worker = running_job(redis_client, hermes_settings)
     worker.emit("content", {"text": "Hi"})
     worker.finish()
-    stalling = StallingRedis.from_url(
-        hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
-    )
-    assert isinstance(stalling, StallingRedis)
-    stalling.stalls = Stalls({"XREAD": {1, 2}})
-    client = HermesClient(hermes_settings, redis=stalling)
+    client, stalling = stalling_client(hermes_settings, Stalls({"XREAD": {1, 2}}))
     # When the producer reads its stream, Then it gets every event, up to the end
     seen = [e.type for e in client.job("job-1").stream(timeout=20)]
     assert seen == ["started", "content", "done"]
@@ -716,12 +707,8 @@ def test_a_wait_whose_reads_keep_timing_out_ends_at_the_callers_deadline(
 ) -> None:
     # Given a running job whose record cannot be read: every read of it times out
     running_job(redis_client, hermes_settings)
-    stalling = StallingRedis.from_url(
-        hermes_settings.redis_url, socket_timeout=STALLING_SOCKET_TIMEOUT_S
-    )
-    assert isinstance(stalling, StallingRedis)
-    stalling.stalls = Stalls({"HGETALL": set(range(1, 1000))}, wait_s=0.2)
-    client = HermesClient(hermes_settings, redis=stalling)
+    stalls = Stalls({"HGETALL": set(range(1, 1000))}, wait_s=0.2)
+    client, stalling = stalling_client(hermes_settings, stalls)
     start = time.monotonic()
     # When the producer waits for its result with a timeout, Then it gets TimeoutError
     # for the job once that time is spent, not redis-py's error and not a wait forever,
