@@ -161,6 +161,13 @@ class _LiveCollector:
             errors.add_metric([source], vitals.redis_errors[source])
         errors.add_metric(["stream_writer"], getattr(ctx.writer, "failed_flushes", 0))
         yield errors
+        yield CounterMetricFamily(
+            "hermes_engine_output_reads_total",
+            "Reads of the engine's output by generating jobs, one delta each: generated tokens "
+            "over reads is the tokens each read carries, more of them when output pacing "
+            "(HERMES_OUTPUT_PACE_MS) lets the engine's steps merge.",
+            value=ctx.output_reads,
+        )
         sent = getattr(ctx.writer, "commands_sent", None)
         if sent is not None:
             yield CounterMetricFamily(

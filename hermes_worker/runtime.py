@@ -24,7 +24,14 @@ from redis.exceptions import RedisError
 
 from hermes_worker.engine import Engine
 from hermes_worker.errors import EngineError, HermesError, InvalidRequest, StoreUnavailable
-from hermes_worker.execution import JobContext, PreparedJob, dead_letter, reject, run_attempt
+from hermes_worker.execution import (
+    JobContext,
+    OutputPace,
+    PreparedJob,
+    dead_letter,
+    reject,
+    run_attempt,
+)
 from hermes_worker.heartbeat import heartbeat, listen_for_cancels, watch_engine
 from hermes_worker.jobs import JOB_ID_PATTERN, JobStatus, parse_job
 from hermes_worker.leases import Leases
@@ -122,6 +129,7 @@ class Runtime:
             model=settings.model or "unknown",
             max_generation_s=settings.max_generation_s,
             fault_injection=settings.fault_injection,
+            pace=OutputPace(settings.output_pace_ms / 1000, settings.output_pace_min_jobs),
         )
         beat_s = settings.lease_ttl_s / 3
         vitals = Vitals(self.worker, self._ctx.model, settings.queue_name, interval_s=beat_s)

@@ -69,6 +69,20 @@ class Settings(BaseSettings):
         gt=0,
         description="Pending streamed text is written at this age at the latest.",
     )
+    output_pace_ms: float = Field(
+        default=50.0,
+        ge=0,
+        description="While at least output_pace_min_jobs jobs generate, each reads the "
+        "engine's output at most once per this many ms, and vLLM merges the tokens of the "
+        "steps between reads: fewer wake-ups of the worker per token. A job's first tokens "
+        "and its last (by max_tokens) are read at once; a stop by EOS is seen up to this much "
+        "later. 0 reads every step.",
+    )
+    output_pace_min_jobs: int = Field(
+        default=8,
+        ge=1,
+        description="Jobs generating at once from which output_pace_ms applies.",
+    )
     lease_ttl_s: float = Field(
         default=30.0,
         gt=0,

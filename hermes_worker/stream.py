@@ -66,6 +66,9 @@ class StreamWriter:
         self._flush_s = flush_s
         self._min_tokens = min_tokens
         self._max_flush_s = max(flush_s, max_flush_s if max_flush_s is not None else flush_s)
+        # Text this close to due goes out with the text that is: jobs that read the engine a
+        # few ms apart share one pipeline instead of one each (each wakes every XREAD).
+        self._slack_s = flush_s / 4
         self._ttl_s = ttl_s
         self._dirty: dict[str, JobStream] = {}
         self._wake = asyncio.Event()
@@ -147,7 +150,7 @@ class StreamWriter:
             self._urgent.set()
 
     def _due(self, stream: JobStream, now: float) -> bool:
-        age = now - (stream.since if stream.since is not None else now)
+        age = now - (stream.since if stream.since is not None else now) + self._slack_s
         if stream.urgent or age >= self._max_flush_s:
             return True
         return age >= self._flush_s and stream.tokens >= self._min_tokens
@@ -158,7 +161,7 @@ class StreamWriter:
         wait = self._flush_s
         for stream in self._dirty.values():
             since = stream.since if stream.since is not None else now
-            wait = min(wait, since + self._max_flush_s - now)
+            wait = min(wait, since + self._max_flush_s - self._slack_s - now)
         return max(wait, 0.001)
 
     async def _run(self) -> None:
