@@ -101,6 +101,7 @@ class Attempt:
     started_at: float
     stream: JobStream
     cancel_requested: bool = False
+    output_sent: bool = False  # an event with generated output has been emitted
     prompt_tokens: int = 0
     first_token_at: float | None = None
     completion_tokens: int = 0
@@ -274,7 +275,7 @@ async def _run_claimed(
         attempt.stream,
         "started",
         {"attempt": attempt.number, "worker": ctx.worker, "prompt_tokens": attempt.prompt_tokens},
-        urgent=True,
+        soon=True,  # with the next regular flush, or at once with the first output
     )
     parser: OutputParser = ContentParser() if prepared.plan.json_document else StreamingParser()
     by_deadline = deadline is not None and deadline - time.time() < ctx.max_generation_s
@@ -370,7 +371,10 @@ def _account(ctx: JobContext, attempt: Attempt, delta: Delta, parser: OutputPars
 
 def _send(ctx: JobContext, attempt: Attempt, events: list[ParserEvent]) -> None:
     for event in events:
-        urgent = not attempt.call_ids and attempt.stream.next_seq <= 3
+        # The first output after the first token goes at once (time to first token); text
+        # before it (a forced prefix) goes with it.
+        urgent = attempt.first_token_at is not None and not attempt.output_sent
+        attempt.output_sent = attempt.output_sent or urgent
         if event.tool_call is not None:
             call_id = f"call_{uuid.uuid4().hex[:24]}"
             data = _tool_call(call_id, event.tool_call.name, event.tool_call.arguments)

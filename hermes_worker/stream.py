@@ -45,6 +45,7 @@ class JobStream:
     since: float | None = None  # when the oldest op not yet written was made (monotonic)
     tokens: int = 0  # tokens generated since the last write
     urgent: bool = False
+    soon: bool = False  # holds an event that goes out with the next regular flush
     unsure: bool = False  # a write failed: some of its events may have landed all the same
 
 
@@ -66,8 +67,9 @@ class StreamWriter:
         self._flush_s = flush_s
         self._min_tokens = min_tokens
         self._max_flush_s = max(flush_s, max_flush_s if max_flush_s is not None else flush_s)
-        # Text this close to due goes out with the text that is: jobs that read the engine a
-        # few ms apart share one pipeline instead of one each (each wakes every XREAD).
+        # Text this close to due goes out with the text that is due: jobs that read the
+        # engine a few ms apart share one pipeline instead of one each (every pipeline wakes
+        # the consumers' XREADs). The flusher still wakes when the first is really due.
         self._slack_s = flush_s / 4
         self._ttl_s = ttl_s
         self._dirty: dict[str, JobStream] = {}
@@ -80,14 +82,18 @@ class StreamWriter:
 
     # -- called by jobs (synchronous, never awaits Redis) ----------------------------------
 
-    def emit(self, stream: JobStream, type_: str, data: Any, *, urgent: bool = False) -> None:
+    def emit(
+        self, stream: JobStream, type_: str, data: Any, *, urgent: bool = False, soon: bool = False
+    ) -> None:
         """Queue an event; text right after text of the same kind joins the same entry.
-        (Count the tokens behind text with :meth:`generated`.)"""
+        (Count the tokens behind text with :meth:`generated`.) ``urgent``: written at once;
+        ``soon``: with the next regular flush (within ``flush_s``), whatever the tokens."""
         last = stream.ops[-1] if stream.ops else None
         if type_ in TEXT_EVENTS and last and last[0] == "xadd" and last[1] == type_:
             last[2] = {"text": last[2]["text"] + data["text"]}
         else:
             stream.ops.append(["xadd", type_, data])
+        stream.soon = stream.soon or soon
         self._mark(stream, urgent)
 
     @staticmethod
@@ -125,6 +131,7 @@ class StreamWriter:
                 op[1].set_result(None)
         stream.ops = []
         stream.since, stream.tokens, stream.urgent, stream.unsure = None, 0, False, False
+        stream.soon = False
         self._dirty.pop(stream.job_id, None)
 
     # -- the flusher ------------------------------------------------------------------------
@@ -153,7 +160,7 @@ class StreamWriter:
         age = now - (stream.since if stream.since is not None else now) + self._slack_s
         if stream.urgent or age >= self._max_flush_s:
             return True
-        return age >= self._flush_s and stream.tokens >= self._min_tokens
+        return age >= self._flush_s and (stream.soon or stream.tokens >= self._min_tokens)
 
     def _next_due_s(self, now: float) -> float:
         """How long until the next pending job could be due (at most ``flush_s``: its
@@ -161,7 +168,7 @@ class StreamWriter:
         wait = self._flush_s
         for stream in self._dirty.values():
             since = stream.since if stream.since is not None else now
-            wait = min(wait, since + self._max_flush_s - self._slack_s - now)
+            wait = min(wait, since + self._max_flush_s - now)
         return max(wait, 0.001)
 
     async def _run(self) -> None:
@@ -191,7 +198,7 @@ class StreamWriter:
             for stream in batch:
                 ops, stream.ops = stream.ops, []
                 taken.append((stream, ops))
-                stream.since, stream.tokens, stream.urgent = None, 0, False
+                stream.since, stream.tokens, stream.urgent, stream.soon = None, 0, False, False
                 finished.extend(self._queue_ops(pipe, stream, ops))
             count = len(pipe.command_stack)
             if count:

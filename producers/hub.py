@@ -80,6 +80,9 @@ class StreamHub:
         self._block_ms = max(1, int(block_s * 1000))
         self._count = count
         self._subs: dict[str, list[Subscription]] = {}
+        # What the next XREAD asks for: each followed key after its oldest follower's cursor.
+        # Kept up to date as followers come, go and advance, not rebuilt for every XREAD.
+        self._cursors: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
         self._reading = False  # an XREAD is in flight with the streams followed then
 
@@ -87,6 +90,7 @@ class StreamHub:
         """Start reading ``key`` after entry id ``cursor``."""
         sub = Subscription(key, cursor)
         self._subs.setdefault(key, []).append(sub)
+        self._update_cursor(key)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="hermes-stream-hub")
         elif self._reading:
@@ -99,6 +103,7 @@ class StreamHub:
             subs.remove(sub)
         if not subs:
             self._subs.pop(sub.key, None)
+        self._update_cursor(sub.key)
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -122,8 +127,7 @@ class StreamHub:
 
     async def _run(self) -> None:
         while self._subs:
-            streams: dict[Any, Any] = {key: self._cursor(key) for key in self._subs}
-            streams[self._wake_key] = self._wake_cursor
+            streams: dict[Any, Any] = {**self._cursors, self._wake_key: self._wake_cursor}
             self._reading = True
             try:
                 reply = await self._redis.xread(streams, count=self._count, block=self._block_ms)
@@ -138,9 +142,13 @@ class StreamHub:
                 self._reading = False
             self._dispatch(entries_by_stream(reply))
 
-    def _cursor(self, key: str) -> str:
+    def _update_cursor(self, key: str) -> None:
         # Followers of one key may be at different ids; read from the oldest.
-        return min((sub.cursor for sub in self._subs[key]), key=entry_order)
+        subs = self._subs.get(key)
+        if subs:
+            self._cursors[key] = min((sub.cursor for sub in subs), key=entry_order)
+        else:
+            self._cursors.pop(key, None)
 
     def _dispatch(self, by_key: dict[str, list[tuple[Any, Any]]]) -> None:
         for key, entries in by_key.items():
@@ -153,6 +161,7 @@ class StreamHub:
                 if fresh:
                     sub.cursor = fresh[-1].id
                     sub.put(fresh)
+            self._update_cursor(key)
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import redis
 from conftest import TEST_REDIS_URL as REDIS_URL
@@ -194,3 +195,68 @@ def test_a_write_whose_reply_was_lost_is_not_written_twice(keys: Keys) -> None:
     assert [s for s, _, _ in events] == list(range(1, len(events) + 1))
     assert [t for _, t, _ in events] == ["started", "content", "content", "done"]
     assert "".join(str(d["text"]) for _, t, d in events if t == "content") == "one two"  # type: ignore[index]
+
+
+def test_an_event_sent_soon_rides_the_next_regular_flush_not_one_of_its_own(keys: Keys) -> None:
+    async def scenario() -> tuple[list[int], list[int]]:
+        redis_client = AsyncRedis.from_url(REDIS_URL)
+        # A writer whose text waits for 1000 tokens or 10 s, flushing every 0.3 s otherwise
+        writer = StreamWriter(redis_client, keys, flush_s=0.3, ttl_s=60, min_tokens=1000,
+                              max_flush_s=10)  # fmt: skip
+        writer.start()
+        stream = JobStream("j1")
+        # When a job's `started` is sent soon, and a second job's is sent urgently
+        writer.emit(stream, "started", {"attempt": 1}, soon=True)
+        urgent = JobStream("j2")
+        writer.emit(urgent, "started", {"attempt": 1}, urgent=True)
+        await asyncio.sleep(0.1)
+        early = [len(read_events(keys, job)) for job in ("j1", "j2")]
+        await asyncio.sleep(0.6)
+        later = [len(read_events(keys, job)) for job in ("j1", "j2")]
+        await writer.stop()
+        await redis_client.aclose()
+        return early, later
+
+    early, later = asyncio.run(scenario())
+    # Then the urgent one was written at once, the soon one not before the flush interval
+    # but well before text would have been (10 s)
+    assert early == [0, 1]
+    assert later == [1, 1]
+
+
+def test_jobs_due_a_few_ms_apart_share_one_pipeline(keys: Keys) -> None:
+    async def scenario() -> int:
+        redis_client = AsyncRedis.from_url(REDIS_URL)
+        writer = StreamWriter(redis_client, keys, flush_s=0.2, ttl_s=60, min_tokens=1000,
+                              max_flush_s=0.4)  # fmt: skip
+        writer.start()
+        streams = [JobStream(f"j{i}") for i in range(5)]
+        # Given five jobs whose text starts 10 ms apart (due at max_flush_s, 10 ms apart)
+        for stream in streams:
+            writer.emit(stream, "content", {"text": "x"})
+            await asyncio.sleep(0.01)
+        pipelines = 0
+        real = writer._redis.pipeline
+
+        def counted(transaction: bool = False) -> Any:
+            pipe = real(transaction=transaction)
+            execute = pipe.execute
+
+            async def counted_execute(raise_on_error: bool = True) -> Any:
+                nonlocal pipelines
+                pipelines += 1
+                return await execute(raise_on_error)
+
+            pipe.execute = counted_execute  # type: ignore[method-assign]
+            return pipe
+
+        writer._redis.pipeline = counted  # type: ignore[method-assign]
+        # When the first of them comes due
+        await asyncio.sleep(0.6)
+        await writer.stop()
+        await redis_client.aclose()
+        return pipelines
+
+    # Then all five went out together (40 ms apart at most is within a quarter of flush_s)
+    assert asyncio.run(scenario()) == 1
+    assert [len(read_events(keys, f"j{i}")) for i in range(5)] == [1] * 5
