@@ -59,7 +59,8 @@ class Settings(BaseSettings):
         default=50.0,
         gt=0,
         description="A job's streamed text is written once it is this old and holds "
-        "stream_min_tokens tokens (its first output, tool calls and its end go at once).",
+        "stream_min_tokens tokens (its first output, tool calls and its end go at once; its "
+        "started event within this interval).",
     )
     stream_min_tokens: int = Field(
         default=16, ge=0, description="Tokens a stream write waits for (up to stream_max_flush_ms)."

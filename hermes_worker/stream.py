@@ -6,8 +6,11 @@ due for every job in a single pipeline. Consecutive text deltas of one kind join
 stream entry, and a job's pending text is written once it is ``flush_s`` old and holds at
 least ``min_tokens`` tokens, or once it is ``max_flush_s`` old whatever it holds: so a
 job's writes stay far below one per token, on a fast engine (many tokens per interval) and
-a slow one alike. Urgent items (a job's ``started`` event, its first output, a tool call,
-its end) are written at once, so coalescing costs no time to first token.
+a slow one alike. Urgent items (a job's first output, a tool call, its end) are written at
+once, so coalescing costs no time to first token; a job's ``started`` event is sent
+``soon``: with the next regular flush, so that it needs no pipeline of its own. Text that
+would come due within a quarter of ``flush_s`` goes out with the text that is due: every
+pipeline wakes the consumers' XREADs, so fewer, fuller pipelines cost everyone less.
 
 Per job, operations reach Redis in the order they were made. A job's end
 (:meth:`StreamWriter.close`) goes through the same queue and is awaited: the record
