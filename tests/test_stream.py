@@ -146,31 +146,56 @@ def test_settle_writes_pending_text_at_once_and_discard_drops_it(keys: Keys) -> 
     assert lost == [(1, "started", {"attempt": 1})]
 
 
-class LateReply:
+class WatchedPipelines:
+    """A real client whose pipelines' ``execute`` goes through :meth:`run` (override it)."""
+
+    def __init__(self, client: AsyncRedis) -> None:
+        self._client = client
+
+    def pipeline(self, transaction: bool = False) -> object:
+        pipe = self._client.pipeline(transaction=transaction)
+        execute = pipe.execute
+
+        async def watched(raise_on_error: bool = True) -> list[object]:
+            return await self.run(pipe, execute, raise_on_error)
+
+        pipe.execute = watched  # type: ignore[method-assign]
+        return pipe
+
+    async def run(self, pipe: Any, execute: Any, raise_on_error: bool) -> list[object]:
+        return list(await execute(raise_on_error))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._client, name)
+
+
+class LateReply(WatchedPipelines):
     """A real client whose first write of events runs on Redis but whose reply is lost (a
     read that timed out on a stalled machine): the writer cannot tell what landed."""
 
     def __init__(self, client: AsyncRedis) -> None:
-        self._client = client
+        super().__init__(client)
         self.lost = 0
 
-    def pipeline(self, transaction: bool = False) -> object:
-        pipe = self._client.pipeline(transaction=transaction)
-        run = pipe.execute
+    async def run(self, pipe: Any, execute: Any, raise_on_error: bool) -> list[object]:
+        writes_events = any(args[0] == "XADD" for args, _ in pipe.command_stack)
+        replies = await execute(raise_on_error)
+        if writes_events and not self.lost:
+            self.lost += 1
+            raise redis.exceptions.TimeoutError("Timeout reading from 127.0.0.1:6379")
+        return list(replies)
 
-        async def execute(raise_on_error: bool = True) -> list[object]:
-            writes_events = any(args[0] == "XADD" for args, _ in pipe.command_stack)
-            replies = await run(raise_on_error)
-            if writes_events and not self.lost:
-                self.lost += 1
-                raise redis.exceptions.TimeoutError("Timeout reading from 127.0.0.1:6379")
-            return replies
 
-        pipe.execute = execute  # type: ignore[method-assign]
-        return pipe
+class CountedPipelines(WatchedPipelines):
+    """A real client that counts the pipelines it sends."""
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._client, name)
+    def __init__(self, client: AsyncRedis) -> None:
+        super().__init__(client)
+        self.sent = 0
+
+    async def run(self, pipe: Any, execute: Any, raise_on_error: bool) -> list[object]:
+        self.sent += 1
+        return await super().run(pipe, execute, raise_on_error)
 
 
 def test_a_write_whose_reply_was_lost_is_not_written_twice(keys: Keys) -> None:
@@ -226,8 +251,8 @@ def test_an_event_sent_soon_rides_the_next_regular_flush_not_one_of_its_own(keys
 
 def test_jobs_due_a_few_ms_apart_share_one_pipeline(keys: Keys) -> None:
     async def scenario() -> int:
-        redis_client = AsyncRedis.from_url(REDIS_URL)
-        writer = StreamWriter(redis_client, keys, flush_s=0.2, ttl_s=60, min_tokens=1000,
+        client = CountedPipelines(AsyncRedis.from_url(REDIS_URL))
+        writer = StreamWriter(client, keys, flush_s=0.2, ttl_s=60, min_tokens=1000,  # type: ignore[arg-type]
                               max_flush_s=0.4)  # fmt: skip
         writer.start()
         streams = [JobStream(f"j{i}") for i in range(5)]
@@ -235,27 +260,11 @@ def test_jobs_due_a_few_ms_apart_share_one_pipeline(keys: Keys) -> None:
         for stream in streams:
             writer.emit(stream, "content", {"text": "x"})
             await asyncio.sleep(0.01)
-        pipelines = 0
-        real = writer._redis.pipeline
-
-        def counted(transaction: bool = False) -> Any:
-            pipe = real(transaction=transaction)
-            execute = pipe.execute
-
-            async def counted_execute(raise_on_error: bool = True) -> Any:
-                nonlocal pipelines
-                pipelines += 1
-                return await execute(raise_on_error)
-
-            pipe.execute = counted_execute  # type: ignore[method-assign]
-            return pipe
-
-        writer._redis.pipeline = counted  # type: ignore[method-assign]
         # When the first of them comes due
         await asyncio.sleep(0.6)
         await writer.stop()
-        await redis_client.aclose()
-        return pipelines
+        await client._client.aclose()
+        return client.sent
 
     # Then all five went out together (40 ms apart at most is within a quarter of flush_s)
     assert asyncio.run(scenario()) == 1
