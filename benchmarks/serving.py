@@ -594,9 +594,13 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+# Servers started and not yet stopped: what a repeated signal kills (see ``_on_signal``).
+_RUNNING: list[subprocess.Popen[bytes]] = []
+
+
 def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             cmd,
             env=env,
             stdout=log,
@@ -610,6 +614,15 @@ def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
             # over 0.2 s, every first token at the consumer within 0.15 s.
             process_group=0,
         )
+    _RUNNING.append(process)
+    return process
+
+
+def _kill_running() -> None:
+    """SIGKILL to the process group of every server not yet stopped, at once."""
+    for process in _RUNNING:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _stop(process: subprocess.Popen[bytes], grace: float = 60) -> None:
@@ -621,6 +634,8 @@ def _stop(process: subprocess.Popen[bytes], grace: float = 60) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(10)
+    with contextlib.suppress(ValueError):
+        _RUNNING.remove(process)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], log_path: Path, timeout: float = 900) -> None:
@@ -749,20 +764,37 @@ def resolve_model(name: str | None, tmp: Path) -> str:
     return name
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds, so every server started here is stopped
+_signalled = False
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """The first SIGTERM or SIGINT unwinds the run, so every server started here is stopped
+    with its grace. A repeat kills the servers' process groups at once and lets that
+    unwinding go on: raising again would break it off halfway and leave a server running.
+    Repeats are common: GNU ``timeout`` signals its child and then the child's process group
+    (this process again), and people press Ctrl-C twice."""
+    global _signalled
+    if _signalled:
+        _kill_running()
+        return
+    _signalled = True
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_signal)
     tag = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory(prefix="hermes-bench-") as tmp_name:
         tmp = Path(tmp_name)
         model = resolve_model(args.model, tmp)
         settings = engine_settings(args, model, tag)
         started = time.time()
-        rows, soak = asyncio.run(_run(args, settings, tag, tmp))
+        try:
+            rows, soak = asyncio.run(_run(args, settings, tag, tmp))
+        finally:
+            _kill_running()  # a server whose stop was cut short: nothing outlives the run
     config = {
         "model": args.model or "tiny",
         "model_path": model if args.model not in (None, "tiny") else "(built for the run)",

@@ -3,6 +3,7 @@ No engine and no Redis here: the benchmark itself is run by hand (benchmarks/REA
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+import psutil
 import pytest
 
 from hermes_worker.jobs import parse_job
@@ -443,3 +445,84 @@ def test_the_cli_command_runs_the_script() -> None:
     )
     assert "usage: hermes-worker bench" in out.stdout
     assert "--concurrency" in out.stdout and "--soak-jobs" in out.stdout
+
+
+# A server slow to stop (it ignores SIGTERM, as a worker draining its jobs does for a while)
+# with a child in its process group (as vLLM's engine core is); it writes both pids to argv[1].
+STUBBORN_SERVER = (
+    "import os, signal, subprocess, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import signal, time;"
+    " signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
+    "open(sys.argv[1], 'w').write(f'{os.getpid()} {child.pid}')\n"
+    "time.sleep(600)\n"
+)
+# The benchmark's own main(), its queue way opened like the real one (spawned, then stopped
+# with a grace) but on the stubborn server; its jobs never end. Writes argv[2]/running once
+# the first job is in.
+RUN_ON_STUBBORN = (
+    "import asyncio, contextlib, os, sys\n"
+    "from pathlib import Path\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "import serving\n"
+    "out = Path(sys.argv[2])\n"
+    "@contextlib.asynccontextmanager\n"
+    "async def stubborn(args, settings, tag, tmp):\n"
+    "    process = serving._spawn([sys.executable, '-c', sys.argv[3], str(out / 'pids')],"
+    " dict(os.environ), tmp / 'server.log')\n"
+    "    async def one(body):\n"
+    "        (out / 'running').touch()\n"
+    "        await asyncio.sleep(3600)\n"
+    "    try:\n"
+    "        yield serving.Way('queue', one, process.pid)\n"
+    "    finally:\n"
+    "        serving._stop(process, grace=120)\n"
+    "serving.OPENERS['queue'] = stubborn\n"
+    "sys.exit(serving.main(['--ways', 'queue', '--concurrency', '1', '--rounds', '1',"
+    " '--soak-jobs', '0', '--model', str(out)]))\n"
+)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_repeated_sigterm_still_stops_every_server_the_benchmark_started(
+    tmp_path: Path,
+) -> None:
+    # Given a benchmark mid-level, its server slow to stop and with a child of its own
+    run = subprocess.Popen(
+        [sys.executable, "-c", RUN_ON_STUBBORN, str(BENCHMARKS), str(tmp_path), STUBBORN_SERVER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not ((tmp_path / "running").exists() and (tmp_path / "pids").exists()):
+            assert run.poll() is None and time.monotonic() < deadline, run.stdout.read()  # type: ignore[union-attr]
+            time.sleep(0.1)
+        time.sleep(0.2)  # the pids file is written in one go, but may be seen empty
+        pids = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
+        # When it is signalled twice, as GNU timeout does (its child, then the child's
+        # process group), the second while it waits for the server to stop
+        run.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        run.send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=60)
+        deadline = time.monotonic() + 5  # SIGKILL's effect is seen a moment later
+        while any(map(_running, pids)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [pid for pid in pids if _running(pid)]
+    finally:
+        run.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    # Then it exits with SIGTERM's status well within the server's grace (120 s), and
+    # neither the server nor its child outlives it
+    assert run.returncode == 128 + signal.SIGTERM, out
+    assert len(pids) == 2 and left == []
