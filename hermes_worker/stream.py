@@ -51,6 +51,12 @@ class JobStream:
     soon: bool = False  # holds an event that goes out with the next regular flush
     unsure: bool = False  # a write failed: some of its events may have landed all the same
 
+    def taken(self) -> list[list[Any]]:
+        """Its pending ops, handed over to be written (or dropped): nothing is pending now."""
+        ops, self.ops = self.ops, []
+        self.since, self.tokens, self.urgent, self.soon = None, 0, False, False
+        return ops
+
 
 class StreamWriter:
     """The one writer of job events and records for a worker process (lives on its loop)."""
@@ -129,12 +135,10 @@ class StreamWriter:
 
     def discard(self, stream: JobStream) -> None:
         """Drop what this stream has not written yet (its job belongs to another worker now)."""
-        for op in stream.ops:
+        for op in stream.taken():
             if op[0] in ("end", "sync") and not op[1].done():
                 op[1].set_result(None)
-        stream.ops = []
-        stream.since, stream.tokens, stream.urgent, stream.unsure = None, 0, False, False
-        stream.soon = False
+        stream.unsure = False
         self._dirty.pop(stream.job_id, None)
 
     # -- the flusher ------------------------------------------------------------------------
@@ -199,9 +203,8 @@ class StreamWriter:
         try:
             await self._skip_landed([s for s in batch if s.unsure])
             for stream in batch:
-                ops, stream.ops = stream.ops, []
+                ops = stream.taken()
                 taken.append((stream, ops))
-                stream.since, stream.tokens, stream.urgent, stream.soon = None, 0, False, False
                 finished.extend(self._queue_ops(pipe, stream, ops))
             count = len(pipe.command_stack)
             if count:
