@@ -526,3 +526,38 @@ def test_a_repeated_sigterm_still_stops_every_server_the_benchmark_started(
     # neither the server nor its child outlives it
     assert run.returncode == 128 + signal.SIGTERM, out
     assert len(pids) == 2 and left == []
+
+
+def test_without_a_terminal_the_benchmark_yields_the_cpu_in_a_session_of_its_own() -> None:
+    # Given the benchmark's start, in a child without a terminal
+    probe = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+        "import serving\n"
+        "group = serving._yield_to_redis()\n"
+        "path = '/proc/self/autogroup'\n"
+        "line = open(path).read().strip() if os.path.exists(path) else '-'\n"
+        "print(group, os.getsid(0) == os.getpid(), line)\n"
+    )
+    autogroup = Path("/proc/self/autogroup")
+    if not os.access(autogroup, os.W_OK):  # a kernel without autogroups: nothing to do
+        out = subprocess.run(
+            [sys.executable, "-c", probe], stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert out.stdout.startswith("None "), out.stderr
+        return
+    mine = autogroup.read_text()
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    # Then it leads a session of its own, whose autogroup is niced to 10, and the
+    # caller's session keeps its priority
+    group, leader, seen = out[0], out[-4], " ".join(out[-3:])
+    assert leader == "True" and group.startswith("/autogroup-") and seen.endswith("nice 10")
+    assert autogroup.read_text() == mine
