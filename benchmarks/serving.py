@@ -618,11 +618,16 @@ def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
     return process
 
 
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to a server's process group: the server and whatever it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def _kill_running() -> None:
     """SIGKILL to the process group of every server not yet stopped, at once."""
     for process in _RUNNING:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_group(process)
 
 
 def _stop(process: subprocess.Popen[bytes], grace: float = 60) -> None:
@@ -631,8 +636,7 @@ def _stop(process: subprocess.Popen[bytes], grace: float = 60) -> None:
         process.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    _kill_group(process)
     process.wait(10)
     with contextlib.suppress(ValueError):
         _RUNNING.remove(process)
