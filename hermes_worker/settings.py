@@ -84,6 +84,14 @@ class Settings(BaseSettings):
         ge=1,
         description="Jobs generating at once from which output_pace_ms applies.",
     )
+    output_pace_max_reads_per_s: float = Field(
+        default=1000.0,
+        ge=0,
+        description="Paced jobs together read the engine's output at most this often a "
+        "second: with more jobs than that at one read per output_pace_ms, the beat they read "
+        "on stretches to a whole multiple of output_pace_ms (at 128 jobs and the defaults, "
+        "150 ms), and so does the delay before a stop by EOS is seen. 0: no bound.",
+    )
     lease_ttl_s: float = Field(
         default=30.0,
         gt=0,

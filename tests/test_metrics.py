@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from worker_fixtures import MAX_MODEL_LEN, WorkerProcess, patient_redis
 
+from hermes_worker.execution import OutputPace
 from hermes_worker.jobs import JobStatus
 from hermes_worker.settings import Settings
 from producers.client import HermesClient, JobAlreadyEnded
@@ -212,3 +213,35 @@ def test_a_busy_worker_reads_the_engine_in_fewer_larger_deltas(
     streamed = "".join(e.data["text"] for e in events if e.type == "content")
     assert streamed == (message.content or "")
     assert [e.type for e in events if e.terminal] == ["done"]
+
+
+def test_with_many_jobs_the_beat_stretches_so_reads_per_second_stay_bounded(
+    worker: WorkerProcess, client: HermesClient
+) -> None:
+    # Given the worker's defaults: a 50 ms beat, and at most 1000 reads a second in all
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    pace = OutputPace(
+        defaults["output_pace_ms"] / 1000,
+        defaults["output_pace_min_jobs"],
+        defaults["output_pace_max_reads_per_s"],
+    )
+    jobs = 64  # the session worker's concurrency: all generate at once
+    period = pace.period_s(jobs)
+    assert period == 2 * pace.interval_s  # 64 jobs on a 50 ms beat: 1280 reads a second
+    before = wait_for(worker, idle)
+    # When 64 jobs generate at once
+    handles = [client.submit(chat(max_tokens=256, ignore_eos=True, seed=i)) for i in range(jobs)]
+    results = [h.result(timeout=TIMEOUT) for h in handles]
+    after = wait_for(worker, idle)
+    reads = delta(before, after, "hermes_engine_output_reads_total")
+    # Then each read on the stretched beat, but for its first read, the beats before all 64
+    # were claimed (a burst is claimed over a few hundred ms at most: 10 short beats), and
+    # its last two stretched beats' worth of tokens, read at every step. On the 50 ms beat
+    # (the bound off) the same jobs would read up to twice as often mid-generation.
+    assert all(r.usage is not None and r.usage.completion_tokens == 256 for r in results)
+    bound = 0.0
+    for result in results:
+        generating_s = result.job.generation_s or 0.0
+        tokens_per_period = 256 / generating_s * period
+        bound += generating_s / period + 1 + 10 + (2 * tokens_per_period + 1)
+    assert reads <= bound, (reads, bound)

@@ -58,3 +58,35 @@ def test_the_last_pause_is_two_intervals_of_tokens_before_max_tokens() -> None:
 
 def test_a_pace_of_zero_never_pauses() -> None:
     assert OutputPace().pause_s(128, generating(100), max_tokens=512, now=NOW) == 0.0
+
+
+# 512 reads a second at one read per 1/16 s: up to 32 jobs read on every beat.
+BOUNDED = OutputPace(interval_s=0.0625, min_jobs=8, max_reads_per_s=512)
+
+
+@pytest.mark.parametrize(
+    ("running", "beats"), [(8, 1), (32, 1), (33, 2), (64, 2), (65, 3), (128, 4)]
+)
+def test_many_jobs_read_on_a_beat_stretched_to_bound_the_reads_per_second(
+    running: int, beats: int
+) -> None:
+    assert BOUNDED.period_s(running) == BOUNDED.interval_s * beats
+    assert running / BOUNDED.period_s(running) <= BOUNDED.max_reads_per_s
+
+
+def test_jobs_on_a_stretched_beat_still_read_together() -> None:
+    # Given 128 jobs (a beat of 4 intervals, 0.25 s) that last read at different times
+    # Then each reads next on the same multiple of the stretched beat
+    for offset in (0.0, 0.01, 0.1, 0.2):
+        pause = BOUNDED.pause_s(128, generating(100), max_tokens=512, now=NOW + offset)
+        assert NOW + offset + pause == pytest.approx(NOW + 0.25), offset
+
+
+def test_the_end_is_read_at_once_a_stretched_beat_earlier() -> None:
+    # 64 tokens a second, a 0.25 s beat: 16 tokens per beat, so the last 33 are read at once
+    assert BOUNDED.pause_s(128, generating(478), max_tokens=512, now=NOW) == 0.25
+    assert BOUNDED.pause_s(128, generating(479), max_tokens=512, now=NOW) == 0.0
+
+
+def test_a_read_bound_of_zero_keeps_the_beat_whatever_the_jobs() -> None:
+    assert PACE.period_s(10_000) == PACE.interval_s
