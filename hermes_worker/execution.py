@@ -50,6 +50,7 @@ from hermes_worker.jobs import (
 from hermes_worker.leases import Claimed, Ended, Leased, Leases
 from hermes_worker.parsing import ContentParser, ParserEvent, StreamingParser
 from hermes_worker.sampling import GenerationPlan
+from hermes_worker.settings import Settings
 from hermes_worker.store import Keys, decode_event, job_info_from_record
 from hermes_worker.stream import JobStream, StreamWriter
 
@@ -138,6 +139,15 @@ class OutputPace:
     interval_s: float = 0.0
     min_jobs: int = 1
     max_reads_per_s: float = 0.0  # 0: no bound
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OutputPace:
+        """The pace of a worker run with ``settings`` (its ``output_pace_*`` fields)."""
+        return cls(
+            settings.output_pace_ms / 1000,
+            settings.output_pace_min_jobs,
+            settings.output_pace_max_reads_per_s,
+        )
 
     def period_s(self, running: int) -> float:
         """The beat for ``running`` jobs: ``interval_s``, or the least whole multiple of it

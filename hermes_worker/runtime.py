@@ -129,11 +129,7 @@ class Runtime:
             model=settings.model or "unknown",
             max_generation_s=settings.max_generation_s,
             fault_injection=settings.fault_injection,
-            pace=OutputPace(
-                settings.output_pace_ms / 1000,
-                settings.output_pace_min_jobs,
-                settings.output_pace_max_reads_per_s,
-            ),
+            pace=OutputPace.from_settings(settings),
         )
         beat_s = settings.lease_ttl_s / 3
         vitals = Vitals(self.worker, self._ctx.model, settings.queue_name, interval_s=beat_s)

@@ -219,12 +219,7 @@ def test_with_many_jobs_the_beat_stretches_so_reads_per_second_stay_bounded(
     worker: WorkerProcess, client: HermesClient
 ) -> None:
     # Given the worker's defaults: a 50 ms beat, and at most 1000 reads a second in all
-    defaults = {name: field.default for name, field in Settings.model_fields.items()}
-    pace = OutputPace(
-        defaults["output_pace_ms"] / 1000,
-        defaults["output_pace_min_jobs"],
-        defaults["output_pace_max_reads_per_s"],
-    )
+    pace = OutputPace.from_settings(Settings.model_construct())  # the defaults, as the worker's
     jobs = 64  # the session worker's concurrency: all generate at once
     period = pace.period_s(jobs)
     assert period == 2 * pace.interval_s  # 64 jobs on a 50 ms beat: 1280 reads a second
