@@ -65,7 +65,9 @@ def engine_args(settings: Settings) -> AsyncEngineArgs:
     )
 
 
-def sampling_params(plan: GenerationPlan) -> SamplingParams:
+def sampling_params(plan: GenerationPlan, stream_interval: int = 1) -> SamplingParams:
+    """vLLM's sampling parameters for ``plan``. ``stream_interval`` > 1: vLLM hands over the
+    output once per that many tokens (the first and the last at once) instead of every step."""
     structured = None
     if plan.constraint is not None:
         if plan.constraint.kind == "json_object":
@@ -78,6 +80,7 @@ def sampling_params(plan: GenerationPlan) -> SamplingParams:
         skip_special_tokens=False,
         spaces_between_special_tokens=False,
         output_kind=RequestOutputKind.DELTA,
+        stream_interval=stream_interval,
         structured_outputs=structured,
         **plan.sampling,
     )
@@ -96,13 +99,21 @@ class Engine:
         return cls(AsyncLLM.from_engine_args(engine_args(settings)))
 
     async def generate(
-        self, request_id: str, token_ids: list[int], plan: GenerationPlan, priority: int
+        self,
+        request_id: str,
+        token_ids: list[int],
+        plan: GenerationPlan,
+        priority: int,
+        *,
+        stream_interval: int = 1,
     ) -> AsyncIterator[Delta]:
-        """Stream the output of one request; closing the iterator early aborts the request."""
+        """Stream the output of one request; closing the iterator early aborts the request.
+        ``stream_interval``: see :func:`sampling_params` (1, every step, is vLLM's default)."""
         prompt = TokensPrompt(prompt_token_ids=token_ids)
+        params = sampling_params(plan, stream_interval)
         try:
             async for out in self._llm.generate(
-                prompt, sampling_params(plan), request_id=request_id, priority=priority
+                prompt, params, request_id=request_id, priority=priority
             ):
                 completion = out.outputs[0]
                 yield Delta(

@@ -106,6 +106,7 @@ class Attempt:
     output_sent: bool = False  # an event with generated output has been emitted
     prompt_tokens: int = 0
     first_token_at: float | None = None
+    read_at: float | None = None  # monotonic time of its last read, from its first token on
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cached_tokens: int = 0
@@ -134,11 +135,20 @@ class OutputPace:
     ~15 us of Python whatever it holds, and at 128 jobs on a 50 ms beat the reads alone took
     ~3% of a core from a 2-core machine's engine. Every job sees the same number of jobs
     running, so they all stretch alike and stay on a common beat.
+
+    A paced job also asks vLLM to hand its output over once per about a beat's worth of
+    tokens (``stream_interval``) instead of every step: between two reads vLLM would build a
+    ``RequestOutput`` per step and merge it into the one waiting, work on the loop that
+    no read needs. Measured at 128 jobs on 2 cores (tiny checkpoint, A/B of 4 and 8 against
+    1): the worker's CPU per token fell by 15-25% and the engine's throughput rose by ~5%.
+    The first token and the last are still handed over at once; a read finds up to a beat's
+    worth of tokens less than with every step handed over (the rest comes with the next).
     """
 
     interval_s: float = 0.0
     min_jobs: int = 1
     max_reads_per_s: float = 0.0  # 0: no bound
+    max_stream_interval: int = 1  # 1: every step handed over
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OutputPace:
@@ -147,6 +157,7 @@ class OutputPace:
             settings.output_pace_ms / 1000,
             settings.output_pace_min_jobs,
             settings.output_pace_max_reads_per_s,
+            settings.output_pace_max_stream_interval,
         )
 
     def period_s(self, running: int) -> float:
@@ -156,6 +167,16 @@ class OutputPace:
             return self.interval_s
         beats = math.ceil(running / (self.max_reads_per_s * self.interval_s) - 1e-9)
         return self.interval_s * max(1, beats)
+
+    def stream_interval(self, running: int, job_tokens_per_s: float) -> int:
+        """The tokens vLLM gathers before it hands a job its output, for a job that starts
+        with ``running`` jobs generating (itself included), each getting about
+        ``job_tokens_per_s``: a beat's worth, rounded down, at most ``max_stream_interval``;
+        1 (every step) when the jobs are not paced."""
+        if not self.interval_s or running < self.min_jobs or self.max_stream_interval <= 1:
+            return 1
+        per_beat = job_tokens_per_s * self.period_s(running)
+        return max(1, min(self.max_stream_interval, int(per_beat)))
 
     def pause_s(self, running: int, attempt: Attempt, max_tokens: int, now: float) -> float:
         """How long the job waits before its next read (0: at once)."""
@@ -170,6 +191,31 @@ class OutputPace:
         if max_tokens - attempt.completion_tokens <= 2 * expected + 1:
             return 0.0
         return period - now % period
+
+
+class JobRate:
+    """How fast one generating job gets tokens: the tokens of the reads of the last window
+    or two, over the time since each job's read before (every job's reads pooled). A
+    job's first read, which waited for its prefill, does not count; idle time does not
+    either, so a burst after a quiet spell starts from the rate the last jobs had."""
+
+    def __init__(self, window_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self._start: float | None = None  # when the current window began
+        self._current = (0, 0.0)  # tokens, job-seconds
+        self._previous = (0, 0.0)
+
+    def add(self, tokens: int, seconds: float, now: float) -> None:
+        if self._start is None:
+            self._start = now
+        elif now - self._start >= self.window_s:
+            self._previous, self._current, self._start = self._current, (0, 0.0), now
+        self._current = (self._current[0] + tokens, self._current[1] + seconds)
+
+    def per_s(self) -> float:
+        """Tokens per second of a job (0 until a read after a first one)."""
+        seconds = self._previous[1] + self._current[1]
+        return (self._previous[0] + self._current[0]) / seconds if seconds > 0 else 0.0
 
 
 class JobContext:
@@ -195,6 +241,8 @@ class JobContext:
         self.fault_injection = fault_injection
         self.pace = pace
         self.output_reads = 0  # deltas read from the engine (metrics: tokens per read)
+        self.job_rate = JobRate()  # tokens per second of a job (a paced job's stream interval)
+        self.stream_interval = 1  # the last one a job started with (metrics)
         self.controls: dict[str, Control] = {}  # running generations by job id
         self.held: dict[str, str] = {}  # leases held by this worker: job id -> token
         # Called with every result this worker writes (metrics, vitals); must not raise or block.
@@ -369,8 +417,15 @@ async def _generate(
     _send(ctx, attempt, parser.feed(prepared.plan.forced_prefix))
     request_id = f"{prepared.job_id}:{attempt.number}"
     pace, max_tokens = ctx.pace, prepared.plan.max_tokens
+    running = len(ctx.controls)
+    interval = pace.stream_interval(running, ctx.job_rate.per_s())
+    ctx.stream_interval = interval
     async for delta in ctx.engine.generate(
-        request_id, prepared.token_ids, prepared.plan, prepared.job.priority
+        request_id,
+        prepared.token_ids,
+        prepared.plan,
+        prepared.job.priority,
+        stream_interval=interval,
     ):
         _account(ctx, attempt, delta, parser)
         if delta.finished:
@@ -383,6 +438,11 @@ async def _generate(
 
 def _account(ctx: JobContext, attempt: Attempt, delta: Delta, parser: OutputParser) -> None:
     ctx.output_reads += 1
+    now = time.monotonic()
+    if attempt.read_at is not None:  # from its first token on: how fast a job generates
+        ctx.job_rate.add(delta.num_tokens, now - attempt.read_at, now)
+    if attempt.read_at is not None or delta.num_tokens:
+        attempt.read_at = now
     if attempt.first_token_at is None and delta.num_tokens:
         attempt.first_token_at = time.time()  # into the record with the result (one write)
     was_reasoning = parser.in_reasoning

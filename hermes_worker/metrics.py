@@ -168,6 +168,12 @@ class _LiveCollector:
             "(HERMES_OUTPUT_PACE_MS) lets the engine's steps merge.",
             value=ctx.output_reads,
         )
+        yield GaugeMetricFamily(
+            "hermes_engine_stream_interval",
+            "Tokens the engine gathers before it hands a job its output, as set for the last "
+            "job started: about a beat's worth while output is paced, else 1 (every step).",
+            value=ctx.stream_interval,
+        )
         sent = getattr(ctx.writer, "commands_sent", None)
         if sent is not None:
             yield CounterMetricFamily(

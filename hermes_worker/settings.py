@@ -92,6 +92,14 @@ class Settings(BaseSettings):
         "on stretches to a whole multiple of output_pace_ms (at 128 jobs and the defaults, "
         "150 ms), and so does the delay before a stop by EOS is seen. 0: no bound.",
     )
+    output_pace_max_stream_interval: int = Field(
+        default=16,
+        ge=1,
+        description="A paced job asks vLLM for its output once per a beat's worth of its "
+        "tokens (at the engine's current rate), at most this many, instead of every step: "
+        "less work on the worker's loop per token. Its first token and its last come at "
+        "once. 1: every step.",
+    )
     lease_ttl_s: float = Field(
         default=30.0,
         gt=0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hermes_worker.execution import Attempt, OutputPace
+from hermes_worker.execution import Attempt, JobRate, OutputPace
 from hermes_worker.stream import JobStream
 
 # Powers of two, so that the arithmetic at the edges is exact.
@@ -90,3 +90,48 @@ def test_the_end_is_read_at_once_a_stretched_beat_earlier() -> None:
 
 def test_a_read_bound_of_zero_keeps_the_beat_whatever_the_jobs() -> None:
     assert PACE.period_s(10_000) == PACE.interval_s
+
+
+# Hands a job's output over once per up to 16 tokens; the beat and bound as BOUNDED's.
+GATHERING = OutputPace(interval_s=0.0625, min_jobs=8, max_reads_per_s=512, max_stream_interval=16)
+
+
+@pytest.mark.parametrize(
+    ("running", "job_tokens_per_s", "interval", "why"),
+    [
+        (8, 128.0, 8, "128 a second, a 1/16 s beat: 8 tokens per beat"),
+        (8, 125.0, 7, "7.8 tokens per beat: rounded down, never more than a beat holds"),
+        (128, 64.0, 16, "64 a second on the beat stretched to 1/4 s: 16"),
+        (128, 128.0, 16, "32 tokens per beat: at most max_stream_interval"),
+        (32, 8.0, 1, "half a token per beat: every step"),
+        (8, 0.0, 1, "no rate yet (a worker that just started): every step"),
+        (7, 128.0, 1, "fewer jobs than min_jobs: not paced, every step"),
+    ],
+)
+def test_a_paced_job_asks_the_engine_for_a_beat_of_tokens_at_a_time(
+    running: int, job_tokens_per_s: float, interval: int, why: str
+) -> None:
+    assert GATHERING.stream_interval(running, job_tokens_per_s) == interval, why
+
+
+def test_without_a_bound_or_a_pace_the_engine_hands_over_every_step() -> None:
+    assert BOUNDED.stream_interval(128, 64.0) == 1  # max_stream_interval 1
+    assert OutputPace(max_stream_interval=16).stream_interval(128, 64.0) == 1  # no pace
+
+
+def test_a_jobs_rate_pools_the_reads_of_the_last_window_or_two() -> None:
+    rate = JobRate(window_s=1.0)
+    assert rate.per_s() == 0.0  # nothing read yet
+    # Given two jobs' reads within a first window: 30 tokens in 0.5 job-seconds
+    rate.add(10, 0.25, 100.0)
+    rate.add(20, 0.25, 100.5)
+    assert rate.per_s() == 60.0
+    # When a window has passed, the next reads pool with the window before
+    rate.add(90, 0.5, 101.0)
+    assert rate.per_s() == 120.0 / 1.0
+    # And after one more, the oldest window drops out
+    rate.add(10, 0.5, 102.0)
+    assert rate.per_s() == 100.0 / 1.0
+    # Idle time counts for nothing: the rate stays what the last jobs had
+    rate.add(0, 0.0, 110.0)
+    assert rate.per_s() == 10 / 0.5
