@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from worker_fixtures import MAX_MODEL_LEN, WorkerProcess, patient_redis
+from worker_fixtures import MAX_MODEL_LEN, Samples, WorkerProcess, patient_redis, scrape
 
 from hermes_worker.execution import OutputPace
 from hermes_worker.jobs import JobStatus
@@ -22,7 +20,6 @@ from producers.client import HermesClient, JobAlreadyEnded
 
 pytestmark = pytest.mark.engine
 TIMEOUT = 120.0
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 HISTOGRAMS = (
     "hermes_queue_wait_seconds",
     "hermes_time_to_first_token_seconds",
@@ -34,18 +31,6 @@ HISTOGRAMS = (
 def client(worker: WorkerProcess) -> Iterator[HermesClient]:
     with HermesClient(worker.settings, redis=patient_redis(worker.settings.redis_url)) as c:
         yield c
-
-
-def scrape(worker: WorkerProcess) -> Samples:
-    """Every sample the worker exposes, by (name, labels)."""
-    url = f"http://127.0.0.1:{worker.settings.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

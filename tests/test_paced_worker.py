@@ -9,23 +9,12 @@ from 8 jobs) would make that depend on how fast this machine runs the engine."""
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from worker_fixtures import (
-    WorkerProcess,
-    clean_redis,
-    free_port,
-    patient_redis,
-    start_worker,
-    stop_worker,
-    unique_settings,
-    wait_ready,
-)
+from worker_fixtures import WorkerProcess, metered_worker, patient_redis, scrape
 
 from hermes_worker.jobs import JobStatus
 from producers.client import HermesClient, JobHandle, StreamEvent
@@ -39,33 +28,10 @@ BEAT_MS = 400
 def paced_worker(
     test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
-    settings = unique_settings().model_copy(update={"metrics_port": free_port()})
     log_path = tmp_path_factory.mktemp("paced") / "worker.log"
-    worker = start_worker(
-        settings,
-        test_model_dir,
-        log_path,
-        HERMES_METRICS_PORT=str(settings.metrics_port),
-        HERMES_OUTPUT_PACE_MS=str(BEAT_MS),
-        HERMES_OUTPUT_PACE_MIN_JOBS="2",
-    )
-    try:
-        wait_ready(worker)
+    pace = {"HERMES_OUTPUT_PACE_MS": str(BEAT_MS), "HERMES_OUTPUT_PACE_MIN_JOBS": "2"}
+    with metered_worker(test_model_dir, log_path, **pace) as worker:
         yield worker
-    finally:
-        stop_worker(worker)
-        clean_redis(settings)
-
-
-def gauge(worker: WorkerProcess, name: str) -> float:
-    url = f"http://127.0.0.1:{worker.settings.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return float(sample.value)
-    raise AssertionError(f"{name} not exposed")
 
 
 def chat(seed: int, **extra: Any) -> dict[str, Any]:
@@ -93,7 +59,7 @@ def test_a_paced_job_gets_its_output_in_gathered_pieces_and_all_of_it(
         events = {h.id: list(h.stream(timeout=TIMEOUT)) for h in second}
         results = [h.result(timeout=TIMEOUT) for h in first + second]
         # Then they asked the engine for their output a few tokens at a time
-        interval = gauge(paced_worker, "hermes_engine_stream_interval")
+        interval = scrape(paced_worker)[("hermes_engine_stream_interval", frozenset())]
     assert 2 <= interval <= settings.output_pace_max_stream_interval, interval
     # And every job's output is all there: its tokens, and its stream adds up to its result
     assert all(r.job.status is JobStatus.SUCCEEDED for r in results)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from hermes_worker.queue import delete_deployment_keys
 from hermes_worker.settings import Settings
@@ -140,19 +142,43 @@ def clean_redis(settings: Settings) -> None:
     client.close()
 
 
-@pytest.fixture(scope="session")
-def worker(
-    test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[WorkerProcess]:
-    """One running worker, shared by every test that needs the real pipeline; it serves
-    Prometheus metrics on ``settings.metrics_port``."""
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(worker: WorkerProcess) -> Samples:
+    """Every sample a worker started with metrics exposes, by (name, labels)."""
+    url = f"http://127.0.0.1:{worker.settings.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@contextlib.contextmanager
+def metered_worker(model: Path, log_path: Path, **extra: str) -> Iterator[WorkerProcess]:
+    """A ready worker with keys of its own, serving Prometheus metrics on
+    ``settings.metrics_port`` (``extra``: its own HERMES_* settings); stopped and its keys
+    removed afterwards."""
     settings = unique_settings().model_copy(update={"metrics_port": free_port()})
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     port = str(settings.metrics_port)
-    process = start_worker(settings, test_model_dir, log_path, HERMES_METRICS_PORT=port)
+    process = start_worker(settings, model, log_path, HERMES_METRICS_PORT=port, **extra)
     try:
         wait_ready(process)
         yield process
     finally:
         stop_worker(process)
         clean_redis(settings)
+
+
+@pytest.fixture(scope="session")
+def worker(
+    test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One running worker, shared by every test that needs the real pipeline; it serves
+    Prometheus metrics on ``settings.metrics_port``."""
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with metered_worker(test_model_dir, log_path) as process:
+        yield process
