@@ -449,7 +449,7 @@ def _account(ctx: JobContext, attempt: Attempt, delta: Delta, parser: OutputPars
     was_reasoning = parser.in_reasoning
     events = parser.feed(delta.text)
     # A delta that touches a think block counts as reasoning: exact to the delta, which is
-    # a handful of tokens at most.
+    # one token when the job is not paced, and about a beat's worth when it is.
     if was_reasoning or parser.in_reasoning:
         attempt.reasoning_tokens += delta.num_tokens
     attempt.completion_tokens += delta.num_tokens
