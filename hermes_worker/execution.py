@@ -169,19 +169,23 @@ class OutputPace:
         beats = math.ceil(running / (self.max_reads_per_s * self.interval_s) - 1e-9)
         return self.interval_s * max(1, beats)
 
+    def paced(self, running: int) -> bool:
+        """Whether jobs read on the beat while ``running`` jobs generate."""
+        return bool(self.interval_s) and running >= self.min_jobs
+
     def stream_interval(self, running: int, job_tokens_per_s: float) -> int:
         """The tokens vLLM gathers before it hands a job its output, for a job that starts
         with ``running`` jobs generating (itself included), each getting about
         ``job_tokens_per_s``: a beat's worth, rounded down, at most ``max_stream_interval``;
         1 (every step) when the jobs are not paced."""
-        if not self.interval_s or running < self.min_jobs or self.max_stream_interval <= 1:
+        if not self.paced(running) or self.max_stream_interval <= 1:
             return 1
         per_beat = job_tokens_per_s * self.period_s(running)
         return max(1, min(self.max_stream_interval, int(per_beat)))
 
     def pause_s(self, running: int, attempt: Attempt, max_tokens: int, now: float) -> float:
         """How long the job waits before its next read (0: at once)."""
-        if not self.interval_s or running < self.min_jobs or attempt.first_token_at is None:
+        if not self.paced(running) or attempt.first_token_at is None:
             return 0.0
         elapsed = now - attempt.first_token_at
         if elapsed <= 0:
@@ -442,7 +446,8 @@ def _account(ctx: JobContext, attempt: Attempt, delta: Delta, parser: OutputPars
     now = time.monotonic()
     if attempt.read_at is not None:  # from its first token on: how fast a job generates
         ctx.job_rate.add(delta.num_tokens, now - attempt.read_at, now)
-    if attempt.read_at is not None or delta.num_tokens:
+        attempt.read_at = now
+    elif delta.num_tokens:
         attempt.read_at = now
     if attempt.first_token_at is None and delta.num_tokens:
         attempt.first_token_at = time.time()  # into the record with the result (one write)

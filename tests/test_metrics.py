@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from worker_fixtures import MAX_MODEL_LEN, Samples, WorkerProcess, patient_redis, scrape
+from worker_fixtures import MAX_MODEL_LEN, Samples, WorkerProcess, patient_redis, scrape, value
 
 from hermes_worker.execution import OutputPace
 from hermes_worker.jobs import JobStatus
@@ -31,10 +31,6 @@ HISTOGRAMS = (
 def client(worker: WorkerProcess) -> Iterator[HermesClient]:
     with HermesClient(worker.settings, redis=patient_redis(worker.settings.redis_url)) as c:
         yield c
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
 
 
 def wait_for(

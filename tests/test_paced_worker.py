@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from worker_fixtures import WorkerProcess, metered_worker, patient_redis, scrape
+from worker_fixtures import WorkerProcess, metered_worker, patient_redis, scrape, value
 
 from hermes_worker.jobs import JobStatus
 from producers.client import HermesClient, JobHandle, StreamEvent
@@ -59,7 +59,7 @@ def test_a_paced_job_gets_its_output_in_gathered_pieces_and_all_of_it(
         events = {h.id: list(h.stream(timeout=TIMEOUT)) for h in second}
         results = [h.result(timeout=TIMEOUT) for h in first + second]
         # Then they asked the engine for their output a few tokens at a time
-        interval = scrape(paced_worker)[("hermes_engine_stream_interval", frozenset())]
+        interval = value(scrape(paced_worker), "hermes_engine_stream_interval")
     assert 2 <= interval <= settings.output_pace_max_stream_interval, interval
     # And every job's output is all there: its tokens, and its stream adds up to its result
     assert all(r.job.status is JobStatus.SUCCEEDED for r in results)

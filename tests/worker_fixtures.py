@@ -157,6 +157,11 @@ def scrape(worker: WorkerProcess) -> Samples:
     }
 
 
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample of a scrape, by name and labels."""
+    return samples[(name, frozenset(labels.items()))]
+
+
 @contextlib.contextmanager
 def metered_worker(model: Path, log_path: Path, **extra: str) -> Iterator[WorkerProcess]:
     """A ready worker with keys of its own, serving Prometheus metrics on
