@@ -1,10 +1,10 @@
 """Wire models shared by producers and the worker.
 
 A job body (:class:`ChatJob`) is an OpenAI chat-completions request plus the
-Hermes fields (``thinking``, ``keep_cots``, ``priority``, deadlines). It is
-untrusted input: :func:`parse_job` is the one entry point that turns a body into
-a job, and every way a body can be wrong ends as :class:`InvalidRequest` with a
-one-line message naming the offending fields by dotted path.
+Hermes fields (``thinking``, ``keep_cots``, ``json_whitespace``, ``priority``,
+deadlines). It is untrusted input: :func:`parse_job` is the one entry point that turns
+a body into a job, and every way a body can be wrong ends as :class:`InvalidRequest`
+with a one-line message naming the offending fields by dotted path.
 
 A job's result (:class:`JobResult`) is an OpenAI ``chat.completion`` object plus
 the job's own record (:class:`JobInfo`) and an optional :class:`ErrorInfo`.
@@ -456,6 +456,12 @@ class ChatJob(_Request):
 
     ``id`` is the client's idempotency key; ``model`` is accepted for OpenAI
     compatibility and is informational only (a worker serves one model).
+
+    ``json_whitespace`` shapes the grammar of constrained output (a forced tool call,
+    ``tool_choice`` "required", ``json_object``, ``json_schema``): "compact" (the default)
+    allows no free whitespace, only ``", "`` and ``": "`` between items, so a weak model
+    cannot spend its budget on blanks (vLLM's ``disable_any_whitespace``); "any" is vLLM's
+    default JSON grammar, any whitespace between tokens.
     """
 
     id: Annotated[str, Field(pattern=JOB_ID_PATTERN)] | None = None
@@ -480,6 +486,7 @@ class ChatJob(_Request):
 
     thinking: StrictBool = False
     keep_cots: StrictBool = False
+    json_whitespace: Literal["compact", "any"] = "compact"
     priority: StrictInt = Field(default=5, ge=0, le=9)
     timeout_s: StrictFloat | None = Field(default=None, gt=0)
     deadline: StrictFloat | None = Field(default=None, gt=0)

@@ -11,6 +11,10 @@ Where the OpenAI contract needs more than sampling:
   (``{"name": …, "arguments": …}`` with the arguments valid against the tool's schema);
   the parser is fed the opening tag first and the closing tag last, so the forced call is
   an ordinary Hermes call. One forced call per job (``required`` lets the model pick which).
+
+Every constraint carries the job's ``json_whitespace``: "compact" (the default) is a grammar
+with no free whitespace, so a weak model cannot spend its budget on blanks; "any" is vLLM's
+default JSON grammar.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ FORCED_CALL_SUFFIX = "\n</tool_call>"
 
 @dataclass(frozen=True)
 class Constraint:
-    """An output constraint: ``json_object`` (any JSON object) or ``json`` (a JSON Schema)."""
+    """An output constraint: ``json_object`` (any JSON object) or ``json`` (a JSON Schema).
+    ``whitespace`` "compact": no whitespace between JSON tokens but the fixed ``", "`` and
+    ``": "``; "any": whatever whitespace JSON allows."""
 
     kind: Literal["json_object", "json"]
     schema: dict[str, Any] | None = None
+    whitespace: Literal["compact", "any"] = "compact"
 
 
 @dataclass(frozen=True)
@@ -76,14 +83,20 @@ def forces_tool_call(job: ChatJob) -> bool:
     return bool(job.tools) and (choice == "required" or isinstance(choice, NamedToolChoice))
 
 
+def prompt_suffix(job: ChatJob) -> str:
+    """What follows the rendered prompt: a forced call's opening tag, or nothing."""
+    return FORCED_CALL_PREFIX if forces_tool_call(job) else ""
+
+
 def _constraint(job: ChatJob) -> Constraint | None:
+    whitespace = job.json_whitespace
     if forces_tool_call(job):
-        return Constraint("json", _call_schema(job))
+        return Constraint("json", _call_schema(job), whitespace)
     fmt = job.response_format
     if isinstance(fmt, JsonObjectFormat):
-        return Constraint("json_object")
+        return Constraint("json_object", whitespace=whitespace)
     if isinstance(fmt, JsonSchemaFormat):
-        return Constraint("json", dict(fmt.json_schema.schema_))
+        return Constraint("json", dict(fmt.json_schema.schema_), whitespace)
     return None
 
 

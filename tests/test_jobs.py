@@ -133,6 +133,7 @@ def full_body() -> Body:
         ignore_eos=True,
         thinking=True,
         keep_cots=True,
+        json_whitespace="any",
         priority=0,
         timeout_s=30.5,
         deadline=1_900_000_000.0,
@@ -167,6 +168,7 @@ def test_given_minimal_body_when_parsed_then_hermes_card_defaults_apply() -> Non
     assert job.max_tokens is None and job.min_tokens == 0
     assert (job.presence_penalty, job.frequency_penalty, job.repetition_penalty) == (0, 0, 1)
     assert job.thinking is False and job.keep_cots is False and job.ignore_eos is False
+    assert job.json_whitespace == "compact"
     assert job.priority == 5
     assert job.id is None and job.tools is None and job.stop is None and job.seed is None
     assert job.effective_tool_choice == "none"
@@ -215,6 +217,7 @@ def test_given_full_body_when_parsed_then_every_field_of_every_role_is_kept() ->
     assert job.stop == ("</answer>", "###")
     assert (job.presence_penalty, job.frequency_penalty, job.repetition_penalty) == (0.5, -0.5, 1.1)
     assert job.ignore_eos and job.thinking and job.keep_cots
+    assert job.json_whitespace == "any"
     assert (job.priority, job.timeout_s, job.deadline) == (0, 30.5, 1_900_000_000.0)
     assert job.metadata == {"tenant": "acme", "trace": "abc123"}
     assert (job.id, job.model, job.user) == ("job-42:retry.1", "Hermes-4-70B", "user-7")
@@ -422,6 +425,8 @@ BAD_BODIES = [
     pytest.param(_set("priority", 10), "priority", id="priority 10"),
     pytest.param(_set("priority", 2.5), "priority", id="priority not an integer"),
     pytest.param(_set("thinking", "yes"), "thinking", id="thinking not a boolean"),
+    pytest.param(_set("json_whitespace", "none"), "json_whitespace", id="json_whitespace unknown"),
+    pytest.param(_set("json_whitespace", True), "json_whitespace", id="json_whitespace a boolean"),
     pytest.param(_set("timeout_s", 0), "timeout_s", id="zero timeout"),
     pytest.param(
         lambda body: body.update(max_tokens=4, min_tokens=5), "min_tokens", id="min over max"
@@ -534,6 +539,11 @@ def test_given_wrong_role_then_message_lists_allowed_roles() -> None:
 def test_given_temperature_3_then_message_reads_like_the_contract() -> None:
     message = _raises_invalid({"messages": [{"role": "user", "content": "Hi"}], "temperature": 3})
     assert message == "temperature: Input should be less than or equal to 2"
+
+
+def test_given_unknown_json_whitespace_then_message_lists_the_choices() -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "json_whitespace": "pretty"}
+    assert _raises_invalid(body) == "json_whitespace: Input should be 'compact' or 'any'"
 
 
 def test_given_image_part_then_message_says_only_text_is_supported() -> None:

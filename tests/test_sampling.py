@@ -118,3 +118,35 @@ def test_forced_call_wins_over_response_format() -> None:
         job(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}), 1, 10
     )
     assert plan.forced_prefix and plan.constraint is not None and plan.constraint.kind == "json"
+
+
+CONSTRAINED = {
+    "forced call": {"tools": [TOOL], "tool_choice": "required"},
+    "json_object": {"response_format": {"type": "json_object"}},
+    "json_schema": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": "object"}},
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("extra", CONSTRAINED.values(), ids=CONSTRAINED.keys())
+def test_constrained_output_is_compact_unless_the_job_says_otherwise(extra: Any) -> None:
+    # Given a job whose output is constrained, without json_whitespace
+    plan = plan_generation(job(**extra), 1, 10)
+    # Then its constraint allows no free whitespace
+    assert plan.constraint is not None and plan.constraint.whitespace == "compact"
+
+
+@pytest.mark.parametrize("extra", CONSTRAINED.values(), ids=CONSTRAINED.keys())
+def test_json_whitespace_any_reaches_the_constraint(extra: Any) -> None:
+    # Given the same job asking for vLLM's default grammar
+    plan = plan_generation(job(json_whitespace="any", **extra), 1, 10)
+    # Then its constraint says so
+    assert plan.constraint is not None and plan.constraint.whitespace == "any"
+
+
+def test_json_whitespace_alone_constrains_nothing() -> None:
+    assert plan_generation(job(json_whitespace="any"), 1, 10).constraint is None
