@@ -29,6 +29,7 @@ from hermes_worker.demo import demo_command
 from hermes_worker.errors import HermesError
 from hermes_worker.health import health
 from hermes_worker.settings import Settings
+from hermes_worker.testing.model import CHAT_TEMPLATES, ChatTemplateChoice
 
 if TYPE_CHECKING:
     from hermes_worker.jobs import JobResult
@@ -119,12 +120,26 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--max-position-embeddings", default=4096, show_default=True, help="Context length.")
 @click.option(
+    "--chat-template",
+    "chat_template",
+    type=click.Choice(CHAT_TEMPLATES),
+    default="fallback",
+    show_default=True,
+    help="The checkpoint's own template: the packaged Hermes 4 fallback; 'official-like', a "
+    "test template that behaves as the official Hermes 4 one is documented to (it reads only "
+    "content of earlier assistant turns and cuts them at </think>); or none.",
+)
+@click.option(
     "--no-chat-template",
     is_flag=True,
-    help="Leave the template out, so loaders fall back to the packaged Hermes 4 one.",
+    help="Same as --chat-template none: loaders fall back to the packaged Hermes 4 template.",
 )
 def make_test_model(
-    directory: Path, seed: int, max_position_embeddings: int, no_chat_template: bool
+    directory: Path,
+    seed: int,
+    max_position_embeddings: int,
+    chat_template: ChatTemplateChoice,
+    no_chat_template: bool,
 ) -> None:
     """Build a tiny random-weight Hermes-4-shaped checkpoint in DIRECTORY (offline, seconds)."""
     from hermes_worker.testing.model import TinyModelSpec, build_test_model
@@ -132,7 +147,7 @@ def make_test_model(
     spec = TinyModelSpec(
         seed=seed,
         max_position_embeddings=max_position_embeddings,
-        with_chat_template=not no_chat_template,
+        chat_template="none" if no_chat_template else chat_template,
     )
     path = build_test_model(directory, spec)
     click.echo(str(path))
@@ -166,19 +181,30 @@ def prepare_model(name: str, cache_dir: Path | None) -> None:
     required=True,
     help="Checkpoint directory whose tokenizer and template to use [env: HERMES_MODEL].",
 )
-@click.option("--token-ids", is_flag=True, help="Print the prompt's token ids as a JSON line too.")
+@click.option(
+    "--token-ids",
+    is_flag=True,
+    help="Print a JSON line too: the template used, the token ids, and the special tokens "
+    "among them in order (the prompt's structure; message text never adds one).",
+)
 @click.option("--fallback-template", is_flag=True, help="Ignore the checkpoint's own template.")
 @_one_line_errors
 def render(job_file: str, model: str, token_ids: bool, fallback_template: bool) -> None:
-    """Print the exact prompt text a job renders to."""
+    """Print the exact prompt text a job renders to (a forced tool call's opening tag too)."""
+    from hermes_worker.sampling import prompt_suffix
     from hermes_worker.template import PromptRenderer
 
     job = _load_job(job_file, Settings().max_body_bytes)
     renderer = PromptRenderer.from_pretrained(model, force_fallback=fallback_template)
-    prompt = renderer.render(job)
+    prompt = renderer.render(job, prompt_suffix(job))
     click.echo(prompt.text, nl=not prompt.text.endswith("\n"))
     if token_ids:
-        click.echo(json.dumps({"template": prompt.template_source, "token_ids": prompt.token_ids}))
+        shown = {
+            "template": prompt.template_source,
+            "token_ids": prompt.token_ids,
+            "special_tokens": renderer.special_tokens(prompt.token_ids),
+        }
+        click.echo(json.dumps(shown))
 
 
 @main.command()

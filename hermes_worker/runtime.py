@@ -36,7 +36,7 @@ from hermes_worker.heartbeat import heartbeat, listen_for_cancels, watch_engine
 from hermes_worker.jobs import JOB_ID_PATTERN, JobStatus, parse_job
 from hermes_worker.leases import Leases
 from hermes_worker.metrics import WorkerMetrics, start_metrics
-from hermes_worker.sampling import FORCED_CALL_PREFIX, forces_tool_call, plan_generation
+from hermes_worker.sampling import plan_generation, prompt_suffix
 from hermes_worker.settings import Settings
 from hermes_worker.store import Keys, async_client
 from hermes_worker.stream import StreamWriter
@@ -66,7 +66,6 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics: WorkerMetrics | None = None
         self._renderer: PromptRenderer | None = None
-        self._encode_lock = threading.Lock()
         # Validation, rendering and tokenizing run on a fixed few threads, not in the Celery
         # thread of each job (128 by default): each thread that tokenized grew native memory
         # of its own (a soak grew ~0.8 MiB per 1000 jobs; flat with few threads). One thread
@@ -223,13 +222,9 @@ class Runtime:
         job = parse_job(body)
         renderer = self._renderer
         assert renderer is not None, "start() first"
-        text = renderer.render_text(job)
-        if forces_tool_call(job):
-            text += FORCED_CALL_PREFIX
-        with self._encode_lock:  # HF tokenizers are not safe to share across threads
-            ids = renderer.tokenizer.encode(text, add_special_tokens=False)
+        ids = renderer.render(job, prompt_suffix(job)).token_ids
         plan = plan_generation(job, len(ids), self.max_model_len)
-        return PreparedJob(job_id=job_id, job=job, token_ids=list(ids), plan=plan)
+        return PreparedJob(job_id=job_id, job=job, token_ids=ids, plan=plan)
 
 
 def _exit_engine_dead() -> None:

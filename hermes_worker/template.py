@@ -3,12 +3,20 @@
 The checkpoint's own chat template wins when it has one (the real Hermes 4 checkpoints
 do); otherwise the Hermes 4 fallback shipped in ``templates/hermes4.jinja`` is used.
 Either way the template runs in Jinja's immutable sandbox: message text is data handed
-to the template, so template syntax inside a message is printed, never executed.
+to the template, so template syntax inside a message is printed, never executed, and text
+that spells a special token is tokenized as text (``special_tokens.py``).
+
+Earlier assistant turns reach every template in the shape the model produced them: one
+``content`` holding the reasoning as a ``<think>`` block (kept only with ``keep_cots``),
+the answer, and the tool calls as ``<tool_call>`` blocks (:func:`assistant_history`). The
+official Hermes 4 template reads only ``content`` and, with ``thinking`` on and
+``keep_cots`` off, cuts each turn at its first ``</think>``; a turn without one fails it.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -22,6 +30,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from hermes_worker.errors import ModelLoadError, TemplateError
 from hermes_worker.jobs import ChatJob, content_text
+from hermes_worker.special_tokens import (
+    Shield,
+    compile_guard,
+    encode_pieces,
+    restore,
+    special_token_texts,
+)
 from hermes_worker.templates import fallback_template
 
 
@@ -31,7 +46,9 @@ class Tokenizer(Protocol):
     chat_template: Any
     bos_token: Any
 
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def encode(
+        self, text: str, add_special_tokens: bool = ..., split_special_tokens: bool = ...
+    ) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -93,14 +110,48 @@ def compile_template(source: str) -> jinja2.Template:
         raise TemplateError(message) from exc
 
 
+EMPTY_THINK = "<think> </think>"
+
+
+def assistant_history(
+    message: dict[str, Any], *, thinking: bool, keep_cots: bool
+) -> dict[str, Any]:
+    """An earlier assistant turn as one ``content``, the way the model wrote it.
+
+    Reasoning (``reasoning_content``, or a ``<think>`` block a client echoed in ``content``)
+    is kept only with ``keep_cots``. With ``thinking`` on and nothing kept, the turn opens
+    with an empty think block: the official template cuts each turn at its first ``</think>``
+    and fails on a turn that has none.
+    """
+    turn = {k: v for k, v in message.items() if k not in ("reasoning_content", "tool_calls")}
+    content: str = message.get("content") or ""
+    if not keep_cots and "</think>" in content:
+        content = content.rsplit("</think>", 1)[1].lstrip()
+    pieces = [content] if content else []
+    reasoning = message.get("reasoning_content")
+    if keep_cots and reasoning:
+        pieces.insert(0, f"<think>\n{reasoning}\n</think>")
+    for call in message.get("tool_calls") or ():
+        shown = {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+        pieces.append(f"<tool_call>\n{json.dumps(shown, ensure_ascii=False)}\n</tool_call>")
+    text = "\n".join(pieces)
+    if thinking and not keep_cots and "</think>" not in text:
+        text = f"{EMPTY_THINK}\n{text}" if text else EMPTY_THINK
+    turn["content"] = text
+    return turn
+
+
 def _template_messages(job: ChatJob) -> list[dict[str, Any]]:
-    """Messages in the shape HF chat templates expect: plain-string content, mapping arguments."""
+    """Messages in the shape HF chat templates expect: plain-string content, mapping
+    arguments, earlier assistant turns as the model wrote them."""
     out: list[dict[str, Any]] = []
     for message in job.messages:
         item = message.model_dump(mode="json", exclude_none=True)
         item["content"] = content_text(getattr(message, "content", None))
         for call in item.get("tool_calls") or []:
             call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        if item["role"] == "assistant":
+            item = assistant_history(item, thinking=job.thinking, keep_cots=job.keep_cots)
         out.append(item)
     return out
 
@@ -126,13 +177,17 @@ def _pick_template(chat_template: Any, has_tools: bool) -> str | None:
 
 
 class PromptRenderer:
-    """Renders jobs for one tokenizer; build once per worker, reuse for every job."""
+    """Renders jobs for one tokenizer; build once per worker, reuse for every job (from any
+    thread: tokenizing takes a lock of the renderer's own)."""
 
     def __init__(self, tokenizer: Tokenizer, *, force_fallback: bool = False) -> None:
         self.tokenizer = tokenizer
         own = None if force_fallback else getattr(tokenizer, "chat_template", None)
         self._own_template = own
         self._fallback = fallback_template()
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        self._guard = compile_guard(special_token_texts((t.content, t.special) for t in added))
+        self._encode_lock = threading.Lock()  # HF tokenizers are not safe to share across threads
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, force_fallback: bool = False) -> PromptRenderer:
@@ -152,24 +207,40 @@ class PromptRenderer:
     def render_text(self, job: ChatJob) -> str:
         """The prompt text, ending with the assistant header the model continues from."""
         source, _ = self.template_for(job)
-        return self._render(source, job)
+        return restore(self._render(source, job, Shield(self._guard)))
 
-    def render(self, job: ChatJob) -> RenderedPrompt:
-        """Prompt text and token ids; ids are what the engine gets, so BOS is never added twice."""
+    def render(self, job: ChatJob, suffix: str = "") -> RenderedPrompt:
+        """Prompt text and token ids; ids are what the engine gets, so BOS is never added twice.
+        ``suffix``: text of our own after the template's (a forced call's opening tag)."""
         source, origin = self.template_for(job)
-        text = self._render(source, job)
+        pieces = self._render(source, job, Shield(self._guard))
+        if suffix:
+            pieces.append((suffix, False))
+        with self._encode_lock:
+            ids = encode_pieces(pieces, self._encode)
+        return RenderedPrompt(text=restore(pieces), token_ids=ids, template_source=origin)
+
+    def special_tokens(self, token_ids: list[int]) -> list[str]:
+        """The special tokens among ``token_ids``, in order: the prompt's structure."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {})
+        return [added[i].content for i in token_ids if i in added and added[i].special]
+
+    def _encode(self, text: str, as_plain_text: bool) -> list[int]:
         # The template writes <|begin_of_text|> itself; letting the tokenizer add special
         # tokens too would put BOS in twice (the OpenAI server makes the same choice).
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        return RenderedPrompt(text=text, token_ids=ids, template_source=origin)
+        if as_plain_text:
+            return list(
+                self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+            )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _render(self, source: str, job: ChatJob) -> str:
+    def _render(self, source: str, job: ChatJob, shield: Shield) -> list[tuple[str, bool]]:
         template = compile_template(source)
         bos = self.tokenizer.bos_token
         try:
-            return template.render(
-                messages=_template_messages(job),
-                tools=_template_tools(job),
+            text = template.render(
+                messages=shield.protect(_template_messages(job)),
+                tools=shield.protect(_template_tools(job)),
                 add_generation_prompt=True,
                 thinking=job.thinking,
                 keep_cots=job.keep_cots,
@@ -178,3 +249,4 @@ class PromptRenderer:
             )
         except jinja2.TemplateError as exc:
             raise TemplateError(f"chat template failed: {exc}") from exc
+        return shield.pieces(text)

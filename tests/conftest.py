@@ -28,8 +28,16 @@ def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def bare_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same checkpoint without a chat template: loaders must use the packaged fallback."""
-    spec = TinyModelSpec(with_chat_template=False)
+    spec = TinyModelSpec(chat_template="none")
     return build_test_model(tmp_path_factory.mktemp("tiny-model-bare"), spec)
+
+
+@pytest.fixture(scope="session")
+def official_like_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint carrying a template that behaves as the official Hermes 4 one is
+    documented to (reads only content of earlier assistant turns, cuts them at </think>)."""
+    spec = TinyModelSpec(chat_template="official-like")
+    return build_test_model(tmp_path_factory.mktemp("tiny-model-official-like"), spec)
 
 
 @pytest.fixture(scope="session")

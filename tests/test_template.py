@@ -34,8 +34,14 @@ WEATHER_TOOL = {
 }
 
 
+STANDARD_PROMPT = "You are Hermes, created by Nous Research."
+
+
 def header(role: str) -> str:
-    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+    # As in the official Hermes 4 template: one newline after the assistant header, two after
+    # the others (the Llama-3 default is two for every role).
+    newlines = "\n" if role == "assistant" else "\n\n"
+    return f"<|start_header_id|>{role}<|end_header_id|>{newlines}"
 
 
 def turn(role: str, text: str) -> str:
@@ -69,9 +75,29 @@ def test_plain_chat_renders_llama3_headers_and_generation_prompt(renderer: Promp
     )
 
 
-def test_no_system_turn_when_there_is_nothing_to_say(renderer: PromptRenderer) -> None:
+def test_without_a_system_message_the_standard_prompt_is_the_system_turn(
+    renderer: PromptRenderer,
+) -> None:
+    # Given no system message and thinking off, then the system turn is the official
+    # template's standard prompt
     text = render(renderer, messages=[{"role": "user", "content": "Hi"}])
-    assert text == "<|begin_of_text|>" + turn("user", "Hi") + header("assistant")
+    assert text == (
+        "<|begin_of_text|>"
+        + turn("system", STANDARD_PROMPT)
+        + turn("user", "Hi")
+        + header("assistant")
+    )
+
+
+def test_the_assistant_header_is_followed_by_one_newline(renderer: PromptRenderer) -> None:
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
+    text = render(renderer, messages=messages)
+    assert "<|start_header_id|>assistant<|end_header_id|>\nHello<|eot_id|>" in text
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n")
 
 
 def test_token_ids_hold_exactly_one_bos(renderer: PromptRenderer) -> None:
@@ -147,7 +173,12 @@ def test_tool_choice_none_shows_no_tools(renderer: PromptRenderer) -> None:
         messages=[{"role": "user", "content": "Hi"}],
     )
     assert "<tools>" not in text
-    assert text == "<|begin_of_text|>" + turn("user", "Hi") + header("assistant")
+    assert text == (
+        "<|begin_of_text|>"
+        + turn("system", STANDARD_PROMPT)
+        + turn("user", "Hi")
+        + header("assistant")
+    )
 
 
 def tool_loop_messages(**assistant_extra: Any) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal, get_args
 
 from hermes_worker.templates import fallback_template
 
@@ -31,6 +32,10 @@ TAG_TOKENS = (
     "</tool_response>",
 )
 HERMES_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+# The checkpoint's own template: the packaged fallback, a test template that behaves as the
+# official Hermes 4 one is documented to (hermes4_official_like.jinja), or none.
+ChatTemplateChoice = Literal["fallback", "official-like", "none"]
+CHAT_TEMPLATES: tuple[str, ...] = get_args(ChatTemplateChoice)
 
 
 @dataclass(frozen=True)
@@ -45,17 +50,33 @@ class TinyModelSpec:
     intermediate_size: int = 512
     max_position_embeddings: int = 4096
     seed: int = 0
-    with_chat_template: bool = True
+    chat_template: ChatTemplateChoice = "fallback"
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
 
-def _training_text() -> str:
+def official_like_template() -> str:
+    """The test template that behaves as the official Hermes 4 one is documented to."""
+    return (resources.files("hermes_worker.testing") / "hermes4_official_like.jinja").read_text(
+        "utf-8"
+    )
+
+
+def _own_template(spec: TinyModelSpec) -> str | None:
+    if spec.chat_template == "none":
+        return None
+    if spec.chat_template == "official-like":
+        return official_like_template()
+    return fallback_template()
+
+
+def _training_text(spec: TinyModelSpec) -> str:
     corpus = (resources.files("hermes_worker") / "testing" / "corpus.txt").read_text("utf-8")
-    # The template's fixed prose is in the corpus too, so prompts tokenize into few tokens.
-    return corpus + "\n" + fallback_template()
+    # The templates' fixed prose is in the corpus too, so prompts tokenize into few tokens.
+    extra = [official_like_template()] if spec.chat_template == "official-like" else []
+    return "\n".join([corpus, fallback_template(), *extra])
 
 
 def build_tokenizer(spec: TinyModelSpec):  # type: ignore[no-untyped-def]  # transformers is untyped
@@ -72,7 +93,7 @@ def build_tokenizer(spec: TinyModelSpec):  # type: ignore[no-untyped-def]  # tra
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator(_training_text().splitlines(keepends=True), trainer)
+    core.train_from_iterator(_training_text(spec).splitlines(keepends=True), trainer)
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CONTROL_TOKENS])
     core.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
     bos_id = core.token_to_id(BOS)
@@ -88,8 +109,7 @@ def build_tokenizer(spec: TinyModelSpec):  # type: ignore[no-untyped-def]  # tra
         pad_token=END_OF_TEXT,
         model_max_length=spec.max_position_embeddings,
     )
-    if spec.with_chat_template:
-        tokenizer.chat_template = fallback_template()
+    tokenizer.chat_template = _own_template(spec)
     return tokenizer
 
 
