@@ -1,7 +1,7 @@
 """Leases: effectively-once execution on top of Celery's at-least-once delivery.
 
 Redis re-delivers an unacknowledged job once it is older than the visibility timeout, even
-while the first worker is still generating (DESIGN.md). So an attempt runs only under a
+while the first worker is still generating (docs/reliability.md). So an attempt runs only under a
 lease: ``SET {job}:lease <token> NX PX ttl``, renewed by the runtime's heartbeat.
 
 * A copy that finds the job ended skips it (and is acknowledged).

@@ -14,7 +14,7 @@ A call that does not hold a well-formed ``{"name", "arguments"}`` object goes ba
 the content, tags and all, and a line goes into ``problems``; it never sinks the other
 calls. We do not use vLLM's hermes tool parser because it drops everything after the
 first call, fails every call when one is malformed, and reports calls inside
-``<think>`` (see DESIGN.md, "Own the parser").
+``<think>`` (see docs/architecture.md, "Output parsing").
 
 Calls are numbered from 1 in order of appearance, good or not, so a problem such as
 ``tool call 2: invalid JSON (Expecting ',' delimiter at char 13)`` points at one call
