@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict
-from functools import wraps
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from hermes_worker.cli_errors import one_line_errors
 from hermes_worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -26,27 +25,10 @@ if TYPE_CHECKING:
 
     from hermes_worker.vitals import WorkerVitals
 
-F = TypeVar("F", bound=Callable[..., Any])
 # JobStatus's values and vitals.WINDOWS, spelled out so that the command line need not
 # import the wire models (a test checks that they agree).
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
 WINDOWS = ("1m", "5m", "15m")
-
-
-def _redis_errors(func: F) -> F:
-    """One ``Error: redis_error: …`` line, not a traceback, when Redis cannot be reached."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from redis.exceptions import RedisError
-
-        try:
-            return func(*args, **kwargs)
-        except RedisError as exc:
-            message = " ".join(f"{type(exc).__name__}: {exc}".split())
-            raise click.ClickException(f"redis_error: {message}") from exc
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _settings(queue: str | None = None) -> Settings:
@@ -153,7 +135,7 @@ queue_option = click.option(
 @click.command()
 @queue_option
 @json_option
-@_redis_errors
+@one_line_errors
 def stats(queue: str | None, as_json: bool) -> None:
     """Queue depth per priority, running jobs, live workers, jobs finished / failed lately."""
     from hermes_worker import fleet
@@ -183,7 +165,7 @@ def stats(queue: str | None, as_json: bool) -> None:
 
 @click.command()
 @json_option
-@_redis_errors
+@one_line_errors
 def workers(as_json: bool) -> None:
     """Live workers (a heartbeat within three intervals): model, load, uptime, recent jobs."""
     from hermes_worker import fleet
@@ -207,7 +189,7 @@ def workers(as_json: bool) -> None:
 )
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
 @json_option
-@_redis_errors
+@one_line_errors
 def jobs(status: str, limit: int, as_json: bool) -> None:
     """Jobs by status, newest first (a SCAN over the job records: slow on a huge database)."""
     from hermes_worker import fleet
@@ -241,7 +223,7 @@ def jobs(status: str, limit: int, as_json: bool) -> None:
 @queue_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_option
-@_redis_errors
+@one_line_errors
 def purge(queue: str | None, yes: bool, as_json: bool) -> None:
     """Remove every waiting job from the queue and cancel it (running jobs are untouched)."""
     from hermes_worker import fleet

