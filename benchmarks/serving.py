@@ -32,7 +32,6 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from hermes_worker.jobs import parse_job
 from hermes_worker.kv_cache import parse_size, size_kv_cache
 from hermes_worker.queue import delete_deployment_keys
 from hermes_worker.sampling import plan_generation
+from hermes_worker.services import free_port
 from hermes_worker.settings import Settings
 from hermes_worker.template import PromptRenderer
 
@@ -452,12 +452,6 @@ def _is_tracker(proc: psutil.Process) -> bool:
 
 
 # --- vllm-serve: vLLM's OpenAI server over loopback HTTP ----------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve_command(settings: Settings, port: int, chat_template: Path | None) -> list[str]:

@@ -272,7 +272,7 @@ def run_demo(console: Console, options: DemoOptions, workdir: Path) -> None:
     settings = Settings()
     tag = uuid.uuid4().hex[:8]
     with redis_for(settings.redis_url, workdir / "redis") as (redis_url, server):
-        where = f"started redis-server (pid {server.process.pid})" if server else "answering"
+        where = f"started redis-server (pid {server.pid})" if server else "answering"
         console.print(f"redis: {redis_url} ({where})")
         with console.status("preparing the model (the first time: about a minute)"):
             model = resolve_model(options.model)

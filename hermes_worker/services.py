@@ -47,32 +47,54 @@ def free_port() -> int:
 
 @dataclass
 class LocalRedis:
-    """A ``redis-server`` this process started: no persistence, loopback only."""
+    """A ``redis-server`` this process started on a loopback port of its own; without
+    ``append_only`` nothing persists. :meth:`stop` then :meth:`run` restarts it in place."""
 
-    process: subprocess.Popen[bytes]
-    url: str
+    directory: Path
+    port: int
+    append_only: bool = False
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
 
     @classmethod
-    def start(cls, directory: Path, timeout: float = 10.0) -> LocalRedis:
+    def start(cls, directory: Path, *, append_only: bool = False) -> LocalRedis:
+        """A server on a free port, answering; ServiceError when it cannot be started."""
+        server = cls(directory, free_port(), append_only)
+        server.run()
+        return server
+
+    def run(self, timeout: float = 10.0) -> None:
+        """Start the server (again), with the same port, directory and persistence."""
         exe = shutil.which("redis-server")
         if exe is None:
             raise ServiceError("no Redis answers and redis-server is not installed (scripts/setup)")
-        port = free_port()
-        directory.mkdir(parents=True, exist_ok=True)
-        args = [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly"]
-        args += ["no", "--dir", str(directory), "--logfile", str(directory / "redis.log")]
-        process = subprocess.Popen(args, start_new_session=True, stdin=subprocess.DEVNULL)
-        server = cls(process, f"redis://127.0.0.1:{port}/0")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
+        args += ["--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")]
+        # Every write on disk before its reply, so a restart loses nothing acknowledged.
+        aof = ["yes", "--appendfsync", "always"] if self.append_only else ["no"]
+        args += ["--appendonly", *aof]
+        self.process = subprocess.Popen(args, start_new_session=True, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        while not redis_answers(server.url, timeout=0.5):
-            if process.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                raise ServiceError(f"redis-server on port {port} did not come up ({directory})")
-            time.sleep(0.1)
-        return server
+        while not redis_answers(self.url, timeout=0.5):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ServiceError(
+                    f"redis-server on port {self.port} did not come up ({self.directory})"
+                )
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
-        _terminate(self.process, timeout)
+        if self.process is not None:
+            _terminate(self.process, timeout)
+            self.process = None
 
 
 @dataclass

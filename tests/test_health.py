@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from hermes_worker.cli import main
 from hermes_worker.health import default_worker_name
+from hermes_worker.services import free_port
 from hermes_worker.settings import Settings
 
 
@@ -49,9 +50,7 @@ def test_a_stale_or_missing_heartbeat_is_unhealthy(
 
 
 def test_an_unreachable_redis_is_unhealthy(hermes_settings: Settings) -> None:
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens on it
     gone = hermes_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
     code, output = run_health(gone, "--worker", "w1", "--timeout", "1")
     assert code == 1 and "redis_error" in output

@@ -5,8 +5,6 @@ free port, so restarting it touches nothing else on the machine."""
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from worker_fixtures import start_worker, stop_worker, wait_ready
 
 from hermes_worker.jobs import JobStatus
 from hermes_worker.queue import UNACKED_MUTEX_EXPIRE_S
+from hermes_worker.services import LocalRedis
 from hermes_worker.settings import Settings
 from hermes_worker.store import Keys, decode_event
 from producers.client import HermesClient
@@ -26,56 +25,15 @@ from producers.client import HermesClient
 pytestmark = pytest.mark.engine
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe, "redis-server is installed by scripts/setup"
-        self.process = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis.from_url(self.url).ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
+def private_redis(tmp_path: Path) -> Iterator[LocalRedis]:
+    server = LocalRedis.start(tmp_path, append_only=True)
     yield server
     server.stop()
 
 
 def test_a_redis_restart_mid_job_is_survived(
-    private_redis: RedisServer, test_model_dir: Path, tmp_path: Path
+    private_redis: LocalRedis, test_model_dir: Path, tmp_path: Path
 ) -> None:
     settings = Settings(redis_url=private_redis.url, key_prefix="rf:", queue_name="rf")
     worker = start_worker(settings, test_model_dir, tmp_path / "worker.log")
@@ -94,7 +52,7 @@ def test_a_redis_restart_mid_job_is_survived(
             # When Redis restarts under it
             private_redis.stop()
             time.sleep(2)
-            private_redis.start()
+            private_redis.run()
             # Then the job still ends, once, and the worker serves the next job
             result = handle.result(timeout=180)
             assert result.job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED)
@@ -125,7 +83,7 @@ with app.connection_for_write() as connection:
 
 
 def test_a_worker_killed_mid_sweep_blocks_redelivery_for_seconds_not_minutes(
-    private_redis: RedisServer,
+    private_redis: LocalRedis,
 ) -> None:
     # Given a worker process killed while its visibility sweep held kombu's mutex
     holder = subprocess.Popen(

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pytest
 import redis
-from test_redis_faults import free_port
 from worker_fixtures import WorkerProcess, start_worker, stop_worker, wait_ready
 
 from hermes_worker.jobs import JobResult, JobStatus
 from hermes_worker.queue import broker_ssl, make_celery
+from hermes_worker.services import free_port
 from hermes_worker.settings import Settings
 from hermes_worker.store import Keys
 from producers.client import AsyncHermesClient, HermesClient
