@@ -1,6 +1,6 @@
 """The inference engine: one vLLM ``AsyncLLM`` per worker. The only module that imports vLLM.
 
-Facts this module is built around (see DESIGN.md):
+Facts this module is built around (see docs/architecture.md, "The engine"):
 
 * ``AsyncLLM`` binds its output handler to the event loop it first runs on, so it is built
   and used on one persistent loop (the runtime's loop thread), never across ``asyncio.run``.
@@ -16,8 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import structlog
@@ -29,22 +28,12 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams, che
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+from hermes_worker.engine_api import Delta
 from hermes_worker.errors import EngineError, InvalidRequest
 from hermes_worker.sampling import Constraint, GenerationPlan
 from hermes_worker.settings import Settings
 
 log = structlog.stdlib.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New output of one request since the last delta."""
-
-    text: str
-    num_tokens: int
-    finished: bool
-    finish_reason: str | None  # vLLM's: "stop", "length", "abort", or None while running
-    num_cached_tokens: int
 
 
 def engine_args(settings: Settings) -> AsyncEngineArgs:
@@ -136,7 +125,8 @@ def json_grammar(schema: str, compact: bool) -> str:
 
 
 class Engine:
-    """A started ``AsyncLLM``; create it with :meth:`start` on the loop that will use it."""
+    """A started ``AsyncLLM`` (an :class:`~hermes_worker.engine_api.EngineLike`); create it
+    with :meth:`start` on the loop that will use it."""
 
     def __init__(self, llm: Any) -> None:
         self._llm = llm
@@ -155,9 +145,11 @@ class Engine:
         priority: int,
         *,
         stream_interval: int = 1,
+        metadata: Mapping[str, str] | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream the output of one request; closing the iterator early aborts the request.
-        ``stream_interval``: see :func:`sampling_params` (1, every step, is vLLM's default)."""
+        ``stream_interval``: see :func:`sampling_params` (1, every step, is vLLM's default).
+        ``metadata``: the job's (:class:`~hermes_worker.engine_api.EngineLike`); vLLM needs none."""
         prompt = TokensPrompt(prompt_token_ids=token_ids)
         params = sampling_params(plan, stream_interval)
         try:

@@ -24,7 +24,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from hermes_worker.engine import Delta, Engine
+from hermes_worker.engine_api import Delta, EngineLike
 from hermes_worker.errors import (
     EngineError,
     HermesError,
@@ -228,7 +228,7 @@ class JobContext:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineLike,
         redis: Redis,
         writer: StreamWriter,
         leases: Leases,
@@ -431,6 +431,7 @@ async def _generate(
         prepared.plan,
         prepared.job.priority,
         stream_interval=interval,
+        metadata=prepared.job.metadata,
     ):
         _account(ctx, attempt, delta, parser)
         if delta.finished:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import structlog
 from redis.exceptions import RedisError
 
-from hermes_worker.engine import Engine
+from hermes_worker.engine_api import EngineLike
 from hermes_worker.execution import JobContext
 from hermes_worker.vitals import INDEX_PRUNE_S, Vitals, engine_load, vitals_key, workers_index
 
@@ -100,7 +100,7 @@ async def listen_for_cancels(ctx: JobContext, vitals: Vitals) -> None:
             await asyncio.sleep(1.0)
 
 
-async def watch_engine(engine: Engine, on_death: Callable[[], None]) -> None:
+async def watch_engine(engine: EngineLike, on_death: Callable[[], None]) -> None:
     """Call ``on_death`` as soon as the engine dies: jobs would only fail here, while a
     restarted worker (or another one) can run them."""
     while not engine.dead:

@@ -259,8 +259,9 @@ def size_kv_cache(settings: Settings) -> Settings:
     ``kv_cache_memory`` is checked against the memory available, and with neither it nor a
     ``gpu_memory_utilization`` set the amount is computed (:func:`kv_cache_need`), checked
     and logged. On a GPU, and on CPU with a fraction, they are left as they are: vLLM's
-    default is then 0.92 of the device. ConfigurationError (one line) when it cannot fit."""
-    if not vllm_is_cpu_build():
+    default is then 0.92 of the device. The scripted engine has no KV cache: left as they are.
+    ConfigurationError (one line) when it cannot fit."""
+    if settings.engine != "vllm" or not vllm_is_cpu_build():
         return settings
     if settings.kv_cache_memory is not None:
         check_amount(settings.kv_cache_memory, available_memory())

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import structlog
 from redis.exceptions import RedisError
 
-from hermes_worker.engine import Engine
+from hermes_worker.engine_api import start_engine
 from hermes_worker.errors import EngineError, HermesError, InvalidRequest, StoreUnavailable
 from hermes_worker.execution import (
     JobContext,
@@ -107,7 +107,7 @@ class Runtime:
 
     async def _startup(self) -> None:
         settings = self.settings
-        engine = Engine.start(settings)
+        engine = start_engine(settings)
         redis = async_client(settings.redis_url)
         writer = StreamWriter(
             redis,

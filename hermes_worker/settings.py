@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -137,6 +139,18 @@ class Settings(BaseSettings):
     )
 
     # --- engine (vLLM AsyncLLM) ------------------------------------------------------------
+    engine: Literal["vllm", "scripted"] = Field(
+        default="vllm",
+        description="vllm: the real engine. scripted: a stand-in without a model that writes "
+        "a script's text at scripted_tokens_per_s (hermes_worker/testing/scripted_engine.py), "
+        "for tests and simulated fleets; it still reads the tokenizer of --model, and the "
+        "context is max_model_len (default 4096).",
+    )
+    scripted_tokens_per_s: float = Field(
+        default=100.0,
+        ge=0,
+        description="The scripted engine's tokens per second for each job (0: no pause).",
+    )
     tensor_parallel_size: int = Field(default=1, gt=0)
     pipeline_parallel_size: int = Field(default=1, gt=0)
     quantization: str | None = Field(

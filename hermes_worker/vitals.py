@@ -19,15 +19,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.typing import EncodableT, FieldT
 
+from hermes_worker.engine_api import EngineLike
 from hermes_worker.jobs import JobResult, JobStatus
 from hermes_worker.store import as_text
-
-if TYPE_CHECKING:
-    from hermes_worker.engine import Engine
 
 WINDOWS = {"1m": 60, "5m": 300, "15m": 900}
 INDEX_PRUNE_S = 3600  # names without a heartbeat for this long leave the workers index
@@ -51,17 +49,19 @@ class EngineLoad:
     waiting: int
 
 
-def engine_load(engine: Engine) -> EngineLoad:
+def engine_load(engine: EngineLike) -> EngineLoad:
     """Running and waiting requests, counted in the frontend's request table.
 
     vLLM's own scheduler counts reach the frontend only with stat logging on, which costs
     work on every engine step; its output processor already tracks every request and
     whether it is still in prefill (no token yet: queued in the scheduler or prefilling),
     so that is read instead (vLLM 0.32 internals; a preempted request counts as running).
-    If those internals change, every unfinished request counts as running.
+    If those internals change, or the engine is not vLLM's, every unfinished request counts
+    as running.
     """
+    llm: Any = getattr(engine, "_llm", None)  # vLLM's AsyncLLM (hermes_worker.engine.Engine)
     try:
-        states = list(engine._llm.output_processor.request_states.values())
+        states = list(llm.output_processor.request_states.values())
     except (AttributeError, RuntimeError):
         return EngineLoad(running=engine.num_unfinished(), waiting=0)
     waiting = sum(1 for state in states if getattr(state, "is_prefilling", False))

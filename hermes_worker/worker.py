@@ -137,12 +137,26 @@ _ENGINE_FLAGS: list[tuple[str, Any, str]] = [
     ("--queue-name", str, "Celery queue [HERMES_QUEUE_NAME]."),
     ("--redis-url", str, "Broker and job store [HERMES_REDIS_URL]."),
     ("--metrics-port", int, "Serve Prometheus /metrics on this port [HERMES_METRICS_PORT]."),
+    (
+        "--engine",
+        click.Choice(["vllm", "scripted"]),
+        "vllm, or scripted: text on a script, no model run (tests, simulated fleets); it "
+        "still reads --model's tokenizer [HERMES_ENGINE].",
+    ),
+    (
+        "--tokens-per-s",
+        float,
+        "The scripted engine's tokens per second per job [HERMES_SCRIPTED_TOKENS_PER_S].",
+    ),
 ]
+# Flags whose setting has another name.
+_FLAG_SETTINGS = {"--tokens-per-s": "scripted_tokens_per_s"}
 
 
 def _engine_options(func: Any) -> Any:
     for flag, kind, text in reversed(_ENGINE_FLAGS):
-        func = click.option(flag, type=kind, default=None, help=text)(func)
+        names = (flag, _FLAG_SETTINGS[flag]) if flag in _FLAG_SETTINGS else (flag,)
+        func = click.option(*names, type=kind, default=None, help=text)(func)
     return func
 
 

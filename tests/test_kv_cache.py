@@ -233,6 +233,17 @@ def test_on_vllm_cpu_what_cannot_fit_fails_before_the_engine(test_model_dir: Pat
         size_kv_cache(Settings(model=model, max_model_len=2048, max_num_seqs=1_000_000))
 
 
+@cpu_build_only
+def test_the_scripted_engine_gets_no_kv_cache(test_model_dir: Path) -> None:
+    # Given a scripted worker whose vLLM cache could never fit, and one asking for 1 TiB
+    model = str(test_model_dir)
+    huge = Settings(model=model, engine="scripted", max_model_len=2048, max_num_seqs=1_000_000)
+    amount = Settings(model=model, engine="scripted", kv_cache_memory="1TiB")
+    # When it sizes its KV cache, Then nothing is computed or checked: it has none
+    assert size_kv_cache(huge) == huge
+    assert size_kv_cache(amount) == amount
+
+
 # --- what this machine has ---------------------------------------------------------------
 
 PROC_MEMINFO = """MemTotal:       24683568 kB

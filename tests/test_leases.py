@@ -11,7 +11,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from hermes_worker.engine import Engine
+from hermes_worker.engine_api import EngineLike
 from hermes_worker.execution import CLAIM_TRIES, Attempt, JobContext
 from hermes_worker.leases import Claimed, Leased, Leases
 from hermes_worker.settings import Settings
@@ -99,7 +99,7 @@ def claim_through_context(settings: Settings, lost: int) -> tuple[Any, int]:
             leases = LostReplies(r, keys, TTL_S, lost=lost)
             writer = StreamWriter(r, keys, flush_s=0.01, ttl_s=60)
             ctx = JobContext(
-                cast(Engine, None),  # a claim never touches the engine
+                cast(EngineLike, None),  # a claim never touches the engine
                 r,
                 writer,
                 leases,

@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,15 @@ WORKER_NICENESS = 5
 # 2-core VM an idle redis-server was measured taking 5.9 s to answer a PING while two engines
 # ran (a monitor process at niceness -5 saw no stall of its own at that moment).
 PATIENT_S = 60.0
+# Whether the running test is marked ``engine`` (set before its fixtures): only such a test
+# may start a worker on the real engine, so that ``-m "not engine"`` (scripts/test --fast)
+# never waits for one.
+engine_allowed = True
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global engine_allowed
+    engine_allowed = item.get_closest_marker("engine") is not None
 
 
 @dataclass
@@ -71,7 +80,13 @@ def worker_env(settings: Settings, model: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_worker(settings: Settings, model: Path, log_path: Path, **extra: str) -> WorkerProcess:
+def start_worker(
+    settings: Settings, model: Path, log_path: Path, cli_args: Sequence[str] = (), **extra: str
+) -> WorkerProcess:
+    """``hermes-worker run [cli_args]`` with ``extra`` HERMES_* settings in its environment."""
+    scripted = extra.get("HERMES_ENGINE") == "scripted" or "scripted" in cli_args
+    if not (scripted or engine_allowed):
+        raise RuntimeError("a test that starts a vLLM worker must be marked engine")
     exe = shutil.which("hermes-worker", path=str(Path(sys.executable).parent))
     assert exe, "hermes-worker console script"
     log = log_path.open("wb")
@@ -80,7 +95,7 @@ def start_worker(settings: Settings, model: Path, log_path: Path, **extra: str) 
         # compute pinned to one core, its engine core spinning on the other) was seen to
         # starve the test process for seconds, longer than the jobs the tests act on last.
         # `nice` execs the worker: the process, its pid and its group stay the worker's.
-        ["nice", "-n", str(WORKER_NICENESS), exe, "run", "--loglevel", "INFO"],
+        ["nice", "-n", str(WORKER_NICENESS), exe, "run", "--loglevel", "INFO", *cli_args],
         env=worker_env(settings, model, **extra),
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,74 @@
+"""What the job lifecycle needs of an inference engine, in a module that imports none.
+
+:mod:`hermes_worker.engine` (vLLM) and :mod:`hermes_worker.testing.scripted_engine` both
+provide :class:`EngineLike`. Execution, heartbeat and runtime use only this module, so
+importing the lifecycle does not load vLLM (seconds); :func:`start_engine` imports the
+engine the settings name, when the worker starts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from hermes_worker.sampling import GenerationPlan
+from hermes_worker.settings import Settings
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output of one request since the last delta."""
+
+    text: str
+    num_tokens: int
+    finished: bool
+    finish_reason: str | None  # vLLM's: "stop", "length", "abort", or None while running
+    num_cached_tokens: int
+
+
+class EngineLike(Protocol):
+    """An inference engine as the runtime uses it: built and used on the runtime's loop."""
+
+    max_model_len: int  # the most tokens a request holds, prompt and output together
+
+    def generate(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        plan: GenerationPlan,
+        priority: int,
+        *,
+        stream_interval: int = 1,
+        metadata: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[Delta]:
+        """Stream the output of one request; closing the iterator early aborts it.
+        :class:`~hermes_worker.errors.EngineError` when the engine fails (retryable),
+        :class:`~hermes_worker.errors.InvalidRequest` when the request is at fault.
+        ``metadata``: the job's; an engine may take directions there (the scripted one does)."""
+        ...
+
+    @property
+    def dead(self) -> bool:
+        """True once the engine has died; the worker must exit so it is restarted."""
+        ...
+
+    def num_unfinished(self) -> int:
+        """Requests the engine still holds."""
+        ...
+
+    def shutdown(self) -> None:
+        """Release the engine (its processes, its memory)."""
+        ...
+
+
+def start_engine(settings: Settings) -> EngineLike:
+    """Build the engine ``settings.engine`` names; call on the runtime loop. vLLM is
+    imported here, and only for the vllm kind."""
+    if settings.engine == "scripted":
+        from hermes_worker.testing.scripted_engine import ScriptedEngine
+
+        return ScriptedEngine.from_settings(settings)
+    from hermes_worker.engine import Engine
+
+    return Engine.start(settings)

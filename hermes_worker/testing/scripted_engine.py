@@ -1,0 +1,181 @@
+"""A stand-in for the vLLM engine that writes text on a script: no model, no vLLM.
+
+It is an :class:`~hermes_worker.engine_api.EngineLike`, so a job's whole lifecycle (claim,
+stream, parse, cancel, deadline, lease, retry, shutdown) runs on real Redis in milliseconds,
+in-process (tests/test_lifecycle.py) or in a worker process (``hermes-worker run --engine
+scripted --tokens-per-s N``), e.g. a fleet of workers simulated on one machine.
+
+Tokens: the text is cut into pieces (a tag such as ``<think>``, or a word with the whitespace
+before it), and each piece counts as one token. Like vLLM it honours ``max_tokens``
+(finish_reason ``length``), ``ignore_eos`` (the text repeats up to ``max_tokens``) and an
+abort (closing the iterator); the end of the text is ``stop``. It ignores the prompt,
+sampling, stop strings, structured-output constraints, priorities and ``stream_interval``: at
+a set rate each delta holds the tokens due since the last read, as vLLM merges the steps a
+job has not read; without a rate each delta holds one token.
+
+A job picks its own :class:`Script` with the metadata key ``hermes_script``: a JSON object of
+Script fields, over the engine's default script, e.g. ``{"text": "Hi", "fail_after": 2}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import AsyncIterator, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hermes_worker.engine_api import Delta
+from hermes_worker.errors import EngineError, InvalidRequest
+from hermes_worker.sampling import GenerationPlan
+from hermes_worker.settings import Settings
+
+SCRIPT_KEY = "hermes_script"
+DEFAULT_MAX_MODEL_LEN = 4096
+# A tag, a word with the whitespace before it, trailing whitespace, or a lone "<".
+_PIECE = re.compile(r"</?\w+>|\s*[^\s<]+|\s+|<")
+_STALL_POLL_S = 0.01
+
+
+class Script(BaseModel):
+    """What the engine writes for a request, how fast, and how it goes wrong. Faults fire
+    once that many tokens have been written (0: before the first)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str = "Hello! This is the scripted engine speaking."
+    tokens_per_s: float = Field(default=0.0, ge=0)  # 0: no pause between tokens
+    fail_after: int | None = Field(default=None, ge=0)  # EngineError (retryable)
+    stall_after: int | None = Field(default=None, ge=0)  # nothing more until aborted
+    die_after: int | None = Field(default=None, ge=0)  # the engine dies, as a dead core
+    attempts: int | None = Field(default=None, ge=1)  # faults hit only these first attempts
+
+    def over(self, raw: str) -> Script:
+        """This script with the fields of the JSON object ``raw`` (a job's own) replaced."""
+        try:
+            own = Script.model_validate_json(raw)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = "".join(f".{part}" for part in error["loc"])
+            raise InvalidRequest(f"metadata.{SCRIPT_KEY}{where}: {error['msg']}") from exc
+        return self.model_copy(update=own.model_dump(exclude_unset=True))
+
+    def for_attempt(self, attempt: int) -> Script:
+        """This script as attempt ``attempt`` runs it: without faults past ``attempts``."""
+        if self.attempts is None or attempt <= self.attempts:
+            return self
+        return self.model_copy(update={"fail_after": None, "stall_after": None, "die_after": None})
+
+
+class ScriptedEngine:
+    """Runs every request on its :class:`Script` (the engine's default, or the job's)."""
+
+    def __init__(
+        self, script: Script | None = None, *, max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    ) -> None:
+        self.script = script or Script()
+        self.max_model_len = max_model_len
+        self._running: set[str] = set()
+        self._dead = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ScriptedEngine:
+        """The engine of a worker run with ``--engine scripted``."""
+        script = Script(tokens_per_s=settings.scripted_tokens_per_s)
+        return cls(script, max_model_len=settings.max_model_len or DEFAULT_MAX_MODEL_LEN)
+
+    async def generate(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        plan: GenerationPlan,
+        priority: int,
+        *,
+        stream_interval: int = 1,
+        metadata: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[Delta]:
+        """Write the script's text (see the module's docstring for what is honoured)."""
+        raw = (metadata or {}).get(SCRIPT_KEY)
+        script = (self.script if raw is None else self.script.over(raw)).for_attempt(
+            _attempt(request_id)
+        )
+        pieces, reason = _pieces(script.text, plan)
+        loop = asyncio.get_running_loop()
+        start, sent, done = loop.time(), 0, False
+        self._running.add(request_id)
+        try:
+            while not done:
+                await self._fault(script, sent)
+                due = _tokens_due(script.tokens_per_s, loop.time() - start, sent)
+                if due == sent and pieces:  # the next token is not due yet
+                    await asyncio.sleep((sent + 1) / script.tokens_per_s - (loop.time() - start))
+                    continue
+                end = min(due, _next_fault(script, sent, len(pieces)))
+                text, count, sent = "".join(pieces[sent:end]), end - sent, end
+                done = sent == len(pieces)
+                yield Delta(text, count, done, reason if done else None, 0)
+        finally:
+            self._running.discard(request_id)
+
+    async def _fault(self, script: Script, sent: int) -> None:
+        """Fail, die or stall here if the script says so at ``sent`` tokens."""
+        if self._dead:
+            raise EngineError("the scripted engine is dead")
+        if script.die_after == sent:
+            self._dead = True
+            raise EngineError(f"the scripted engine died after {sent} tokens")
+        if script.fail_after == sent:
+            raise EngineError(f"scripted failure after {sent} tokens")
+        if script.stall_after == sent:
+            while not self._dead:  # until aborted (cancelled), or another request kills us
+                await asyncio.sleep(_STALL_POLL_S)
+            raise EngineError("the scripted engine is dead")
+
+    @property
+    def dead(self) -> bool:
+        """True once a script made the engine die; every request fails from then on."""
+        return self._dead
+
+    def num_unfinished(self) -> int:
+        """Requests generating or stalled right now."""
+        return len(self._running)
+
+    def shutdown(self) -> None:
+        """Nothing to release: no processes, no memory of its own."""
+
+
+def _attempt(request_id: str) -> int:
+    """The attempt a request id (``{job_id}:{attempt}``, see execution) names; 1 if none."""
+    tail = request_id.rpartition(":")[2]
+    return int(tail) if tail.isdigit() else 1
+
+
+def split_tokens(text: str) -> list[str]:
+    """``text`` cut into the pieces the engine counts as tokens; joined, they are ``text``."""
+    pieces: list[str] = _PIECE.findall(text)
+    return pieces
+
+
+def _pieces(text: str, plan: GenerationPlan) -> tuple[list[str], str]:
+    """The tokens a request writes and its finish reason."""
+    pieces = split_tokens(text)
+    repeat = bool(plan.sampling.get("ignore_eos")) and bool(pieces)
+    if repeat:
+        pieces *= math.ceil(plan.max_tokens / len(pieces))
+    if repeat or len(pieces) > plan.max_tokens:
+        return pieces[: plan.max_tokens], "length"
+    return pieces, "stop"
+
+
+def _tokens_due(tokens_per_s: float, elapsed_s: float, sent: int) -> int:
+    """How many tokens are written by ``elapsed_s``: one more per step without a rate."""
+    if tokens_per_s <= 0:
+        return sent + 1
+    return max(sent, math.floor(elapsed_s * tokens_per_s + 1e-9))  # 1e-9: float rounding
+
+
+def _next_fault(script: Script, sent: int, last: int) -> int:
+    """Where the next delta ends: at the next fault's token count, at ``last`` at most."""
+    marks = (script.fail_after, script.stall_after, script.die_after)
+    return min([last, *(mark for mark in marks if mark is not None and mark > sent)])

@@ -1,0 +1,499 @@
+"""A job's whole lifecycle on real Redis with the scripted engine, in milliseconds.
+
+In-process tests run the worker's own :class:`Runtime` (validation, rendering, claim,
+generation, parsing, stream and terminal writes, heartbeat, cancel listener) on
+``--engine scripted``; the test plays the Celery task: it hands the queued message's body to
+``Runtime.run_job`` in a thread, as the task does. What Celery itself decides (a retry, the
+dead letters) and a dead engine's exit run in real ``hermes-worker run --engine scripted``
+processes at the end, which start in seconds (no vLLM).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from test_client import queued_messages, task_args
+from worker_fixtures import (
+    WorkerProcess,
+    clean_redis,
+    patient_redis,
+    start_worker,
+    stop_worker,
+    unique_settings,
+    wait_ready,
+)
+
+from hermes_worker import runtime as runtime_module
+from hermes_worker.errors import EngineError
+from hermes_worker.jobs import JobStatus
+from hermes_worker.runtime import EXIT_ENGINE_DEAD, Runtime
+from hermes_worker.settings import Settings
+from hermes_worker.store import Keys, StreamEvent, decode_event
+from hermes_worker.testing.scripted_engine import SCRIPT_KEY, split_tokens
+from producers.client import HermesClient
+
+REASONING = "The user wants the weather in Paris."
+CONTENT = "Let me look that up."
+CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+TEXT = f"<think>{REASONING}</think>{CONTENT}<tool_call>{json.dumps(CALL)}</tool_call>"
+STORY = "Once upon a time a queue met an engine, and they streamed happily ever after."
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+TERMINAL = ("done", "error", "cancelled")
+
+
+def job(script: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """A chat job whose metadata carries its script for the scripted engine."""
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    if script is not None:
+        body["metadata"] = {SCRIPT_KEY: json.dumps(script)}
+    return {**body, **fields}
+
+
+# --- the in-process worker -------------------------------------------------------------------
+
+
+class Harness:
+    """Runtimes on the test's own keys and queue, and the Celery task's part, played here."""
+
+    def __init__(self, settings: Settings, model: Path, redis_client: redis.Redis) -> None:
+        self.settings = settings.model_copy(
+            update={
+                "engine": "scripted",
+                "model": str(model),
+                "scripted_tokens_per_s": 0.0,  # no pause: a job takes milliseconds unless it stalls
+                "lease_ttl_s": 0.9,  # a heartbeat every 0.3 s
+                "stream_flush_ms": 5.0,
+                "stream_min_tokens": 0,
+                "max_retries": 1,
+            }
+        )
+        self.redis = redis_client
+        self.keys = Keys(self.settings.key_prefix)
+        self.client = HermesClient(self.settings)
+        self.runtimes: list[Runtime] = []
+        self.tasks = ThreadPoolExecutor(4, thread_name_prefix="celery-task")
+
+    def start(self) -> Runtime:
+        """A started runtime (a worker without its Celery consumer), named w1, w2, ..."""
+        name = f"w{len(self.runtimes) + 1}"
+        runtime = Runtime(self.settings.model_copy(update={"worker_name": name}))
+        runtime.start(timeout=30)
+        self.runtimes.append(runtime)
+        return runtime
+
+    def deliver(self, runtime: Runtime, job_id: str) -> Future[JobStatus | None]:
+        """Run the job's queued message on ``runtime``, as the Celery task does."""
+        messages = queued_messages(self.redis, self.settings.queue_name)
+        [body] = [task_args(m)[0] for _, m in messages if m["headers"]["id"] == job_id]
+        return self.tasks.submit(runtime.run_job, body, job_id)
+
+    def events(self, job_id: str) -> list[StreamEvent]:
+        return [decode_event(i, f) for i, f in self.redis.xrange(self.keys.events(job_id))]
+
+    def types(self, job_id: str) -> list[str]:
+        return [event.type for event in self.events(job_id)]
+
+    def record(self, job_id: str) -> dict[str, str]:
+        raw: Any = self.redis.hgetall(self.keys.job(job_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def wait_for_output(self, job_id: str) -> None:
+        wait_until(lambda: {"content", "reasoning"} & set(self.types(job_id)))
+
+    def close(self) -> None:
+        for runtime in self.runtimes:
+            runtime.stop(timeout=10)
+        self.tasks.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+@pytest.fixture
+def harness(
+    hermes_settings: Settings, test_model_dir: Path, redis_client: redis.Redis
+) -> Iterator[Harness]:
+    harness = Harness(hermes_settings, test_model_dir, redis_client)
+    yield harness
+    harness.close()
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def output_of(events: list[StreamEvent], kind: str) -> str:
+    """The text a reader joins from the stream: the last attempt's ``kind`` events."""
+    last = max((i for i, e in enumerate(events) if e.type == "restarted"), default=-1)
+    return "".join(e.data["text"] for e in events[last + 1 :] if e.type == kind)
+
+
+def assert_one_ending(harness: Harness, job_id: str, terminal: str) -> None:
+    """One terminal event, the last, and the stream numbered without a gap."""
+    events = harness.events(job_id)
+    assert [e.type for e in events if e.type in TERMINAL] == [terminal]
+    assert events[-1].type == terminal
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+def test_the_job_lifecycle_and_the_scripted_engine_import_no_vllm() -> None:
+    # Given a fresh interpreter, When it imports the worker with the scripted engine
+    modules = ["hermes_worker.worker", "hermes_worker.testing.scripted_engine"]
+    probe = f"import sys, {', '.join(modules)}; print('vllm' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    # Then vLLM was not loaded: only hermes_worker.engine imports it, when a worker starts it
+    assert out.stdout.strip() == "False", out.stderr
+
+
+# --- success ---------------------------------------------------------------------------------
+
+
+def test_reasoning_content_and_a_tool_call_stream_as_the_result_says(harness: Harness) -> None:
+    # Given a worker, and a job whose script thinks, talks and calls a tool
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": TEXT}, tools=TOOLS))
+    # When it is delivered
+    status = harness.deliver(runtime, handle.id).result(timeout=5)
+    # Then it succeeded with the three parts parsed
+    result = handle.result(timeout=1)
+    assert status is JobStatus.SUCCEEDED
+    message = result.choices[0].message
+    assert (message.reasoning_content, message.content) == (REASONING, CONTENT)
+    assert message.tool_calls is not None and len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        CALL["name"],
+        CALL["arguments"],
+    )
+    assert result.choices[0].finish_reason == "tool_calls"
+    # And every scripted token was counted, those of the think block as reasoning
+    assert result.usage is not None
+    assert result.usage.completion_tokens == len(split_tokens(TEXT))
+    reasoning = result.usage.completion_tokens_details
+    assert reasoning is not None
+    assert reasoning.reasoning_tokens == len(split_tokens(f"<think>{REASONING}</think>"))
+    # And the stream, joined, is the result
+    events = harness.events(handle.id)
+    assert output_of(events, "reasoning") == REASONING
+    assert output_of(events, "content") == CONTENT
+    [streamed_call] = [e.data for e in events if e.type == "tool_call"]
+    assert streamed_call == {**call.model_dump(mode="json"), "index": 0}
+    assert events[0].type == "started"
+    assert_one_ending(harness, handle.id, "done")
+
+
+@pytest.mark.parametrize(("ignore_eos", "max_tokens"), [(False, 4), (True, 40)])
+def test_max_tokens_cuts_the_output_with_finish_reason_length(
+    harness: Harness, ignore_eos: bool, max_tokens: int
+) -> None:
+    # Given a job asking for fewer tokens than its script has (or, ignoring EOS, more)
+    runtime = harness.start()
+    body = job({"text": STORY}, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    handle = harness.client.submit(body)
+    # When it runs, Then it got exactly max_tokens tokens, cut by length
+    assert harness.deliver(runtime, handle.id).result(timeout=5) is JobStatus.SUCCEEDED
+    result = handle.result(timeout=1)
+    assert result.usage is not None and result.usage.completion_tokens == max_tokens
+    assert result.choices[0].finish_reason == "length"
+    expected = "".join((split_tokens(STORY) * 4)[:max_tokens]).strip()
+    assert result.choices[0].message.content == expected
+
+
+# --- cancel ----------------------------------------------------------------------------------
+
+
+def test_a_running_job_cancelled_by_its_producer_stops_with_its_partial_output(
+    harness: Harness,
+) -> None:
+    # Given a job generating (its script stalls after three tokens)
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": STORY, "stall_after": 3}))
+    task = harness.deliver(runtime, handle.id)
+    harness.wait_for_output(handle.id)
+    # When its producer cancels it
+    assert handle.cancel() == "cancelling"
+    # Then the attempt ends cancelled, keeping what was written
+    assert task.result(timeout=5) is JobStatus.CANCELLED
+    result = handle.result(timeout=1)
+    assert result.error is not None and result.error.type == "cancelled"
+    assert result.choices[0].finish_reason == "cancelled"
+    assert result.choices[0].message.content == "".join(split_tokens(STORY)[:3])
+    assert_one_ending(harness, handle.id, "cancelled")
+    # And the engine holds the request no more (the vitals of a heartbeat after the end)
+    vitals_key = f"{harness.keys.prefix}worker:w1"
+    finished_at = result.job.finished_at or 0
+    wait_until(lambda: float(harness.redis.hget(vitals_key, "heartbeat_at") or 0) > finished_at)
+    assert harness.redis.hget(vitals_key, "engine_unfinished") == b"0"
+
+
+def test_a_job_cancelled_while_queued_never_starts_when_delivered(harness: Harness) -> None:
+    # Given a queued job that its producer cancelled
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": STORY}))
+    assert handle.cancel() == "cancelled"
+    # When its message still reaches a worker, Then it is skipped: no attempt, no start
+    assert harness.deliver(runtime, handle.id).result(timeout=5) is JobStatus.CANCELLED
+    assert harness.types(handle.id) == ["cancelled"]
+    assert handle.result(timeout=1).job.attempts == 0
+
+
+# --- deadlines -------------------------------------------------------------------------------
+
+
+def test_a_deadline_reached_while_generating_fails_the_job_as_timed_out(
+    harness: Harness,
+) -> None:
+    # Given a job with 0.3 s to live whose script stalls after two tokens
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": STORY, "stall_after": 2}, timeout_s=0.3))
+    # When it runs, Then its deadline stops it, with its partial output
+    assert harness.deliver(runtime, handle.id).result(timeout=5) is JobStatus.FAILED
+    result = handle.result(timeout=1)
+    assert result.error is not None and result.error.type == "timeout"
+    assert result.choices[0].finish_reason == "timeout"
+    assert result.usage is not None and result.usage.completion_tokens == 2
+    assert result.job.finished_at is not None and result.job.queued_at is not None
+    assert 0.3 <= result.job.finished_at - result.job.queued_at < 0.3 + 0.5
+    assert_one_ending(harness, handle.id, "error")
+
+
+def test_a_deadline_passed_while_queued_expires_the_job_unstarted(harness: Harness) -> None:
+    # Given a job whose 50 ms passed while it waited in the queue
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": STORY}, timeout_s=0.05))
+    time.sleep(0.1)
+    # When it is delivered, Then it expires without ever starting
+    assert harness.deliver(runtime, handle.id).result(timeout=5) is JobStatus.EXPIRED
+    assert harness.types(handle.id) == ["error"]
+    result = handle.result(timeout=1)
+    assert result.error is not None and result.error.type == "expired"
+    assert result.choices == ()
+
+
+# --- lease lost, shutdown --------------------------------------------------------------------
+
+
+def test_an_attempt_whose_lease_another_holder_took_stops_writing(harness: Harness) -> None:
+    # Given a job generating under w1's lease
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": STORY, "stall_after": 2}))
+    task = harness.deliver(runtime, handle.id)
+    harness.wait_for_output(handle.id)
+    # When another worker holds its lease now (w1's expired and was taken)
+    harness.redis.set(harness.keys.lease(handle.id), "w9:other")
+    # Then w1's attempt stops at its next heartbeat, handing the job back
+    assert task.result(timeout=5) is None
+    # And it wrote nothing more: no ending, no record change, the other's lease kept
+    written = harness.events(handle.id)
+    assert not {e.type for e in written} & set(TERMINAL)
+    assert harness.record(handle.id)["status"] == "running"
+    assert "result" not in harness.record(handle.id)
+    time.sleep(0.4)  # a heartbeat later
+    assert harness.events(handle.id) == written
+    assert harness.redis.get(harness.keys.lease(handle.id)) == b"w9:other"
+
+
+def test_shutdown_hands_a_running_job_back_and_another_worker_finishes_it(
+    harness: Harness,
+) -> None:
+    # Given a job stalled on w1 (its script stalls on the first attempt only)
+    w1 = harness.start()
+    handle = harness.client.submit(job({"text": STORY, "stall_after": 2, "attempts": 1}))
+    task = harness.deliver(w1, handle.id)
+    harness.wait_for_output(handle.id)
+    # When w1 shuts down with a 0.1 s grace period
+    w1.begin_shutdown(grace_s=0.1)
+    # Then the job goes back to the queue, unended and without a lease
+    assert task.result(timeout=5) is None
+    assert harness.record(handle.id)["status"] == "queued"
+    assert harness.redis.exists(harness.keys.lease(handle.id)) == 0
+    assert not set(harness.types(handle.id)) & set(TERMINAL)
+    # And when w2 gets it, it runs as attempt 2 and the stream tells one story
+    w2 = harness.start()
+    assert harness.deliver(w2, handle.id).result(timeout=5) is JobStatus.SUCCEEDED
+    result = handle.result(timeout=1)
+    assert (result.job.attempts, result.job.worker) == (2, "w2")
+    assert result.choices[0].message.content == STORY
+    assert harness.types(handle.id).count("restarted") == 1
+    assert output_of(harness.events(handle.id), "content") == STORY
+    assert_one_ending(harness, handle.id, "done")
+
+
+# --- engine errors: retry, dead letter, death ------------------------------------------------
+
+
+def test_an_engine_error_goes_up_to_be_retried_and_the_retry_succeeds(harness: Harness) -> None:
+    # Given a job whose first attempt fails in the engine after two tokens
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": STORY, "fail_after": 2, "attempts": 1}))
+    # When it is delivered, Then the task gets a retryable error and the job did not end
+    with pytest.raises(EngineError, match="after 2 tokens") as failed:
+        harness.deliver(runtime, handle.id).result(timeout=5)
+    assert failed.value.retryable
+    assert not set(harness.types(handle.id)) & set(TERMINAL)
+    assert harness.redis.exists(harness.keys.lease(handle.id)) == 0
+    # And when Celery delivers it again, attempt 2 succeeds with the whole text
+    assert harness.deliver(runtime, handle.id).result(timeout=5) is JobStatus.SUCCEEDED
+    result = handle.result(timeout=1)
+    assert result.job.attempts == 2
+    assert result.choices[0].message.content == STORY
+    assert output_of(harness.events(handle.id), "content") == STORY
+    assert harness.types(handle.id).count("restarted") == 1
+    assert_one_ending(harness, handle.id, "done")
+
+
+def test_a_job_failing_every_attempt_is_dead_lettered_once_out_of_retries(
+    harness: Harness,
+) -> None:
+    # Given a job whose every attempt fails in the engine (max_retries 1: two attempts)
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": STORY, "fail_after": 1}))
+    errors = []
+    for _ in range(1 + harness.settings.max_retries):
+        with pytest.raises(EngineError) as failed:
+            harness.deliver(runtime, handle.id).result(timeout=5)
+        errors.append(failed.value)
+    # When the task, out of retries, dead-letters it (worker.py decides when; the Celery
+    # level is tested in a worker process below)
+    runtime.dead_letter(handle.id, errors[-1])
+    # Then it failed for good once, with every attempt counted, and is listed
+    result = handle.result(timeout=1)
+    assert result.job.status is JobStatus.FAILED
+    assert result.error is not None and result.error.type == "engine_error"
+    assert result.job.attempts == 2
+    assert [letter.id for letter in harness.client.dead_letters()] == [handle.id]
+    assert_one_ending(harness, handle.id, "error")
+
+
+def test_a_dead_engine_fails_every_running_job_and_exits_the_worker(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker whose exit on a dead engine is recorded instead of taken
+    exited = threading.Event()
+    monkeypatch.setattr(runtime_module, "_exit_engine_dead", exited.set)
+    runtime = harness.start()
+    # And a job stalled on it
+    stalled = harness.client.submit(job({"text": STORY, "stall_after": 1}))
+    waiting = harness.deliver(runtime, stalled.id)
+    harness.wait_for_output(stalled.id)
+    # When another job's script kills the engine
+    killer = harness.client.submit(job({"text": STORY, "die_after": 2}))
+    with pytest.raises(EngineError, match="died"):
+        harness.deliver(runtime, killer.id).result(timeout=5)
+    # Then the stalled job fails too, the worker exits, and neither job ended: both are left
+    # unacknowledged, without a lease, for a live worker
+    with pytest.raises(EngineError, match="dead"):
+        waiting.result(timeout=5)
+    assert exited.wait(1)
+    for handle in (stalled, killer):
+        assert not set(harness.types(handle.id)) & set(TERMINAL)
+        assert harness.redis.exists(harness.keys.lease(handle.id)) == 0
+
+
+def test_a_bad_script_fails_the_job_as_an_invalid_request(harness: Harness) -> None:
+    # Given a job whose script names a field the engine does not know
+    runtime = harness.start()
+    handle = harness.client.submit(job({"txet": STORY}))
+    # When it runs, Then it fails for good, naming the field, without a retry
+    assert harness.deliver(runtime, handle.id).result(timeout=5) is JobStatus.FAILED
+    result = handle.result(timeout=1)
+    assert result.error is not None and result.error.type == "invalid_request_error"
+    assert "metadata.hermes_script.txet" in result.error.message
+
+
+# --- real worker processes on the scripted engine ----------------------------------------------
+
+SCRIPTED = ("--engine", "scripted", "--tokens-per-s", "200")
+
+
+@pytest.fixture(scope="module")
+def scripted_worker(
+    test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """``hermes-worker run --engine scripted --tokens-per-s 200``, one retry per job."""
+    settings = unique_settings()
+    log_path = tmp_path_factory.mktemp("scripted-worker") / "worker.log"
+    process = start_worker(
+        settings, test_model_dir, log_path, cli_args=SCRIPTED, HERMES_MAX_RETRIES="1"
+    )
+    try:
+        wait_ready(process, timeout=60)
+        yield process
+    finally:
+        stop_worker(process)
+        clean_redis(settings)
+
+
+def client_of(worker: WorkerProcess) -> HermesClient:
+    return HermesClient(worker.settings, redis=patient_redis(worker.settings.redis_url))
+
+
+def test_a_scripted_worker_process_serves_jobs_at_its_set_rate(
+    scripted_worker: WorkerProcess,
+) -> None:
+    # Given a worker run with --engine scripted --tokens-per-s 200
+    with client_of(scripted_worker) as client:
+        # When a producer submits a job of 100 tokens
+        handle = client.submit(job({"text": STORY}, max_tokens=100, ignore_eos=True))
+        result = handle.result(timeout=30)
+        streamed = list(handle.stream(timeout=5))
+    # Then it gets them all, at about the set rate (100 tokens at 200/s: 0.5 s), streamed
+    assert result.job.status is JobStatus.SUCCEEDED
+    assert result.usage is not None and result.usage.completion_tokens == 100
+    assert result.job.generation_s is not None and 0.45 <= result.job.generation_s < 5
+    content = result.choices[0].message.content
+    assert "".join(e.data["text"] for e in streamed if e.type == "content") == content
+    assert "kv cache" not in scripted_worker.log()  # no KV cache sized for this engine
+
+
+def test_celery_retries_a_failed_attempt_and_dead_letters_a_job_out_of_retries(
+    scripted_worker: WorkerProcess,
+) -> None:
+    with client_of(scripted_worker) as client:
+        # Given a job failing once and a job failing every attempt (HERMES_MAX_RETRIES=1)
+        once = client.submit(job({"text": STORY, "fail_after": 3, "attempts": 1}))
+        always = client.submit(job({"text": STORY, "fail_after": 3}))
+        # When the worker has run them
+        retried, lost = once.result(timeout=30), always.result(timeout=30)
+        letters = [letter.id for letter in client.dead_letters()]
+    # Then the first succeeded on its retry; the second failed after two, dead-lettered
+    assert (retried.job.status, retried.job.attempts) == (JobStatus.SUCCEEDED, 2)
+    assert retried.choices[0].message.content == STORY
+    assert (lost.job.status, lost.job.attempts) == (JobStatus.FAILED, 2)
+    assert lost.error is not None and lost.error.type == "engine_error"
+    assert letters == [always.id]
+
+
+def test_a_scripted_worker_whose_engine_dies_exits_for_a_restart(
+    scripted_worker: WorkerProcess,
+) -> None:
+    # Given the scripted worker (last in this module: the one it ends is not started again)
+    with client_of(scripted_worker) as client:
+        # When a job's script kills its engine
+        handle = client.submit(job({"text": STORY, "die_after": 1}))
+        # Then the worker exits with the engine-dead status, the job not ended
+        code = scripted_worker.process.wait(30)
+        assert code == EXIT_ENGINE_DEAD, scripted_worker.log()[-3000:]
+        assert client.job(handle.id).poll() is None
+    assert "the engine died" in scripted_worker.log()
