@@ -139,7 +139,7 @@ def test_demo_leaves_nothing_behind(demo_run: DemoRun) -> None:
         client.close()
 
 
-def test_own_redis_started_and_stopped_on_failure(smollm2_cache: Path) -> None:
+def test_own_redis_started_and_stopped_on_failure(tmp_path: Path) -> None:
     # Given no Redis at the configured URL, and a model directory that does not exist
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
@@ -147,7 +147,7 @@ def test_own_redis_started_and_stopped_on_failure(smollm2_cache: Path) -> None:
     # When the demo runs
     proc = subprocess.run(
         demo_command("--model", "/nonexistent/checkpoint"),
-        env=demo_env(smollm2_cache, url),
+        env=demo_env(tmp_path, url),  # an empty model cache: the model is never looked for
         capture_output=True,
         text=True,
         timeout=120,
