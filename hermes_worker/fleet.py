@@ -32,8 +32,8 @@ from redis import Redis
 from hermes_worker.errors import JobAlreadyEnded, JobNotFound
 from hermes_worker.jobs import JOB_ID_PATTERN, JobInfo, JobStatus
 from hermes_worker.settings import Settings
-from hermes_worker.store import as_text, job_info_from_record
-from hermes_worker.vitals import WINDOWS, WorkerVitals, vitals_key, workers_index
+from hermes_worker.store import Keys, as_text, job_info_from_record
+from hermes_worker.vitals import WINDOWS, WorkerVitals
 from producers.client import HermesClient
 from producers.control import queue_lists
 
@@ -54,11 +54,11 @@ def queue_depth(r: Redis, settings: Settings) -> list[int]:
 
 def live_workers(r: Redis, prefix: str) -> list[WorkerVitals]:
     """Workers whose vitals hash is alive (a dead worker's has expired), by name."""
-    members = r.zrange(workers_index(prefix), 0, -1)
+    members = r.zrange(Keys(prefix).workers, 0, -1)
     names = [as_text(name) for name in members if isinstance(name, bytes | str)]
     with r.pipeline(transaction=False) as pipe:
         for name in names:
-            pipe.hgetall(vitals_key(prefix, name))
+            pipe.hgetall(Keys(prefix).worker(name))
         hashes = pipe.execute()
     found = [WorkerVitals.from_hash(n, h) for n, h in zip(names, hashes, strict=True) if h]
     return sorted(found, key=lambda w: w.name)

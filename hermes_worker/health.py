@@ -16,26 +16,16 @@ the default name checked here is ``<this host>:1``.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from typing import Any
 
 import click
 
 from hermes_worker.settings import Settings
-from hermes_worker.store import as_text
+from hermes_worker.store import Keys, as_text
+from hermes_worker.vitals import worker_name
 
 EXIT_UNHEALTHY = 1
-
-
-def default_worker_name(settings: Settings) -> str:
-    """The name of the worker sharing this container: the configured one, else PID 1's."""
-    return settings.worker_name or f"{socket.gethostname()}:1"
-
-
-def vitals_key(settings: Settings, worker: str) -> str:
-    """The worker's vitals hash, as ``heartbeat.worker_key`` names it."""
-    return f"{settings.key_prefix}worker:{worker}"
 
 
 def check(vitals: dict[str, str], now: float, max_age_s: float) -> str | None:
@@ -58,7 +48,7 @@ def read_vitals(settings: Settings, worker: str, timeout_s: float) -> dict[str, 
         settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
     )
     try:
-        raw: dict[Any, Any] = client.hgetall(vitals_key(settings, worker))
+        raw: dict[Any, Any] = client.hgetall(Keys(settings.key_prefix).worker(worker))
     finally:
         client.close()
     return {as_text(k): as_text(v) for k, v in raw.items()}
@@ -85,7 +75,7 @@ def health(worker: str | None, max_age: float | None, timeout: float) -> None:
     from redis.exceptions import RedisError
 
     settings = Settings()
-    name = worker or default_worker_name(settings)
+    name = worker or worker_name(settings, pid=1)  # the worker sharing this container
     limit = max_age if max_age is not None else settings.lease_ttl_s
     try:
         vitals = read_vitals(settings, name, timeout)

@@ -23,13 +23,9 @@ from redis.exceptions import RedisError
 
 from hermes_worker.engine_api import EngineLike
 from hermes_worker.execution import JobContext
-from hermes_worker.vitals import INDEX_PRUNE_S, Vitals, engine_load, vitals_key, workers_index
+from hermes_worker.vitals import INDEX_PRUNE_S, Vitals, engine_load
 
 log = structlog.stdlib.get_logger(__name__)
-
-
-def worker_key(ctx: JobContext) -> str:
-    return vitals_key(ctx.keys.prefix, ctx.worker)
 
 
 async def publish_vitals(ctx: JobContext, vitals: Vitals, ttl_s: float) -> None:
@@ -40,10 +36,10 @@ async def publish_vitals(ctx: JobContext, vitals: Vitals, ttl_s: float) -> None:
         unfinished=ctx.engine.num_unfinished(),
         load=engine_load(ctx.engine),
     )
-    index = workers_index(ctx.keys.prefix)
+    index = ctx.keys.workers
     pipe = ctx.redis.pipeline(transaction=False)
-    pipe.hset(worker_key(ctx), mapping=fields)
-    pipe.expire(worker_key(ctx), max(1, math.ceil(ttl_s)))
+    pipe.hset(ctx.keys.worker(ctx.worker), mapping=fields)
+    pipe.expire(ctx.keys.worker(ctx.worker), max(1, math.ceil(ttl_s)))
     pipe.zadd(index, {ctx.worker: now})
     pipe.zremrangebyscore(index, "-inf", now - INDEX_PRUNE_S)
     pipe.expire(index, INDEX_PRUNE_S)
@@ -53,8 +49,8 @@ async def publish_vitals(ctx: JobContext, vitals: Vitals, ttl_s: float) -> None:
 async def withdraw_vitals(ctx: JobContext) -> None:
     """A clean stop: leave the live workers at once, not after the hash expires."""
     pipe = ctx.redis.pipeline(transaction=False)
-    pipe.delete(worker_key(ctx))
-    pipe.zrem(workers_index(ctx.keys.prefix), ctx.worker)
+    pipe.delete(ctx.keys.worker(ctx.worker))
+    pipe.zrem(ctx.keys.workers, ctx.worker)
     await pipe.execute()
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import socket
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,15 +40,11 @@ from hermes_worker.settings import Settings
 from hermes_worker.store import Keys, async_client
 from hermes_worker.stream import StreamWriter
 from hermes_worker.template import PromptRenderer
-from hermes_worker.vitals import Vitals
+from hermes_worker.vitals import Vitals, worker_name
 
 log = structlog.stdlib.get_logger(__name__)
 T = TypeVar("T")
 EXIT_ENGINE_DEAD = 70  # EX_SOFTWARE: a supervisor restarts the worker
-
-
-def worker_name(settings: Settings) -> str:
-    return settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Runtime:

@@ -77,6 +77,15 @@ class Keys:
         """A list of job ids that ran out of retries (newest first)."""
         return f"{self.prefix}dlq"
 
+    def worker(self, name: str) -> str:
+        """A worker's vitals hash, written by its heartbeat (``vitals.py``)."""
+        return f"{self.prefix}worker:{name}"
+
+    @property
+    def workers(self) -> str:
+        """The sorted set of worker names, scored by last heartbeat (unix seconds)."""
+        return f"{self.prefix}workers"
+
 
 @dataclass(frozen=True)
 class StreamEvent:

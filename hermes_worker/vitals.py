@@ -15,6 +15,8 @@ The job counts are kept in the worker's memory, from the results it writes
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -25,20 +27,17 @@ from redis.typing import EncodableT, FieldT
 
 from hermes_worker.engine_api import EngineLike
 from hermes_worker.jobs import JobResult, JobStatus
+from hermes_worker.settings import Settings
 from hermes_worker.store import as_text
 
 WINDOWS = {"1m": 60, "5m": 300, "15m": 900}
 INDEX_PRUNE_S = 3600  # names without a heartbeat for this long leave the workers index
 
 
-def vitals_key(prefix: str, name: str) -> str:
-    """The vitals hash of one worker."""
-    return f"{prefix}worker:{name}"
-
-
-def workers_index(prefix: str) -> str:
-    """The sorted set of worker names, scored by last heartbeat (unix seconds)."""
-    return f"{prefix}workers"
+def worker_name(settings: Settings, pid: int | None = None) -> str:
+    """A worker's name: the configured one, else ``host:pid`` (this process's by default;
+    a health check beside a worker that is its container's PID 1 asks for ``pid=1``)."""
+    return settings.worker_name or f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 @dataclass(frozen=True)

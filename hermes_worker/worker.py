@@ -23,8 +23,9 @@ from hermes_worker.errors import ConfigurationError, ModelLoadError, RetryableEr
 from hermes_worker.kv_cache import size_kv_cache
 from hermes_worker.logs import configure_logging, job_context
 from hermes_worker.queue import TASK_NAME, make_celery
-from hermes_worker.runtime import Runtime, job_id_for, worker_name
+from hermes_worker.runtime import Runtime, job_id_for
 from hermes_worker.settings import Settings
+from hermes_worker.vitals import worker_name
 
 log = structlog.stdlib.get_logger(__name__)
 

@@ -252,7 +252,7 @@ def test_stats_shows_the_live_worker_with_its_model(
     assert time.time() - found["heartbeat_at"] < 3 * settings.lease_ttl_s / 3
     # And its vitals key expires, so a dead worker disappears on its own
     with redis.Redis.from_url(settings.redis_url) as r:
-        ttl = r.ttl(vitals.vitals_key(settings.key_prefix, found["name"]))
+        ttl = r.ttl(Keys(settings.key_prefix).worker(found["name"]))
     assert 0 < ttl <= settings.lease_ttl_s  # three heartbeats of a third of the lease TTL
     # And workers says the same
     [same] = run_json(settings, "workers")

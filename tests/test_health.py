@@ -14,9 +14,9 @@ import redis
 from click.testing import CliRunner
 
 from hermes_worker.cli import main
-from hermes_worker.health import default_worker_name
 from hermes_worker.services import free_port
 from hermes_worker.settings import Settings
+from hermes_worker.vitals import worker_name
 
 
 def run_health(settings: Settings, *args: str) -> tuple[int, str]:
@@ -57,5 +57,5 @@ def test_an_unreachable_redis_is_unhealthy(hermes_settings: Settings) -> None:
 
 
 def test_the_default_name_is_the_containers_pid_1() -> None:
-    assert default_worker_name(Settings(worker_name="w9")) == "w9"
-    assert default_worker_name(Settings(worker_name=None)) == f"{socket.gethostname()}:1"
+    assert worker_name(Settings(worker_name="w9"), pid=1) == "w9"
+    assert worker_name(Settings(worker_name=None), pid=1) == f"{socket.gethostname()}:1"

@@ -241,7 +241,7 @@ def test_a_running_job_cancelled_by_its_producer_stops_with_its_partial_output(
     assert result.choices[0].message.content == "".join(split_tokens(STORY)[:3])
     assert_one_ending(harness, handle.id, "cancelled")
     # And the engine holds the request no more (the vitals of a heartbeat after the end)
-    vitals_key = f"{harness.keys.prefix}worker:w1"
+    vitals_key = harness.keys.worker("w1")
     finished_at = result.job.finished_at or 0
     wait_until(lambda: float(harness.redis.hget(vitals_key, "heartbeat_at") or 0) > finished_at)
     assert harness.redis.hget(vitals_key, "engine_unfinished") == b"0"

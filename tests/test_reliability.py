@@ -111,7 +111,7 @@ def test_cancel_of_a_running_job_aborts_it_within_a_second(
         "cancelled"
     ]
     # And the engine holds no request any more (the worker's vitals, written after the cancel)
-    vitals_key = f"{settings.key_prefix}worker:{result.job.worker}"
+    vitals_key = Keys(settings.key_prefix).worker(result.job.worker)
     server = patient_redis(settings.redis_url)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
