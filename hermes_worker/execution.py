@@ -118,32 +118,15 @@ class Attempt:
 class OutputPace:
     """How often a generating job reads the engine's output while the worker is busy.
 
-    Every read wakes the job's task, runs the parser and queues text for the stream writer:
-    Python work per read, on the CPU the engine needs too. vLLM merges the steps a job has
-    not read yet into one delta (``RequestOutputKind.DELTA``), so a job that reads once per
-    ``interval_s`` gets the same tokens in fewer, larger deltas. Streamed text is coalesced
-    for ``HERMES_STREAM_FLUSH_MS`` before it is written anyway.
-
-    Reads fall on a common beat (multiples of ``interval_s`` on the wall clock), so the
-    paced jobs' text reaches the stream writer together and goes out in the same pipelines.
-    Measured without the beat (each job pausing a full interval from its own last read):
-    the jobs drifted apart, the writer flushed in many small pipelines, and the consumers'
-    XREADs and Redis CPU per token doubled.
-
-    With many jobs, the beat stretches to a whole multiple of ``interval_s`` so that the
-    jobs together read at most ``max_reads_per_s`` times a second: each read costs the loop
-    ~15 us of Python whatever it holds, and at 128 jobs on a 50 ms beat the reads alone took
-    ~3% of a core from a 2-core machine's engine. Every job sees the same number of jobs
-    running, so they all stretch alike and stay on a common beat.
-
-    A paced job also asks vLLM to hand its output over once per about a beat's worth of
-    tokens (``stream_interval``) instead of every step: between two reads vLLM would build a
-    ``RequestOutput`` per step and merge it into the one waiting, work on the loop that
-    no read needs. Measured at 128 jobs on 2 cores (tiny checkpoint; A/B against an interval
-    of 1, one round each, twice): the worker's CPU per token fell by 12-16% and the
-    throughput rose by 3-5%.
-    The first token and the last are still handed over at once; a read finds up to a beat's
-    worth of tokens less than with every step handed over (the rest comes with the next).
+    Every read costs Python on the loop (wake the task, parse, queue text), on the CPU the
+    engine needs too; vLLM merges the steps a job has not read into one delta, so reading
+    once per ``interval_s`` gets the same tokens in fewer, larger deltas. Reads fall on a
+    common beat, so the jobs' text reaches the stream writer together and goes out in the
+    same pipelines. With many jobs the beat stretches to a whole multiple of
+    ``interval_s`` (at most ``max_reads_per_s`` reads a second in all), alike for every
+    job. A paced job also asks vLLM for its output once per about a beat's worth of tokens
+    (``stream_interval``); its first token and its last still come at once. Why, and what
+    each step measured: docs/architecture.md, "Output pacing".
     """
 
     interval_s: float = 0.0

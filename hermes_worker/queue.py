@@ -135,9 +135,8 @@ def job_message(
     """The list and the payload that :func:`send_job` would push for this job, built here
     so that a producer can push it itself, in the Lua call that records the job (one round
     trip; see ``producers.client.SUBMIT_LUA``), rather than through Celery's blocking
-    publish in a thread. With 32 submits in flight on 2 cores
-    (``benchmarks/submit.py``), the whole submit (validation, record, message) takes 0.76 ms
-    of producer CPU and 24 ms p50, where Celery's ``send_task`` alone takes 1.68 ms and 50 ms.
+    publish in a thread: about half the CPU and latency of ``send_task`` alone (figures:
+    docs/benchmarks.md, "Measurements behind design choices").
 
     Celery builds the task message (protocol 2: headers, properties, args); what kombu's
     Redis transport adds on the way (body encoding, delivery info and tag, priority) is

@@ -62,9 +62,9 @@ class Runtime:
         self._metrics: WorkerMetrics | None = None
         self._renderer: PromptRenderer | None = None
         # Validation, rendering and tokenizing run on a fixed few threads, not in the Celery
-        # thread of each job (128 by default): each thread that tokenized grew native memory
-        # of its own (a soak grew ~0.8 MiB per 1000 jobs; flat with few threads). One thread
-        # alone was too slow to start a burst of jobs while the loop held the GIL.
+        # thread of each job (128 by default): each thread that tokenizes keeps native caches
+        # of its own, so memory grew with the threads. One thread alone was too slow to start
+        # a burst of jobs while the loop held the GIL (docs/benchmarks.md).
         self._preparer = ThreadPoolExecutor(
             settings.prepare_threads, thread_name_prefix="hermes-prepare"
         )

@@ -16,13 +16,14 @@ consumer reconnects.
 
 Third, the consumer takes a burst of messages in one round trip instead of one each. Stock
 kombu pops one message per ``BRPOP`` and records it in the unacked hash in a second round
-trip; on a busy 2-core box the 32 jobs of a burst were claimed over ~100 ms, one every few
-milliseconds (every round trip waiting for a CPU for redis-server). Here, once ``BRPOP``
+trip; on a busy box a burst is claimed one message every few milliseconds (every round
+trip waiting for a CPU for redis-server). Here, once ``BRPOP``
 has delivered a message, one Lua call (:data:`TAKE_MORE_LUA`) pops as many more as the
 prefetch limit and ``delivery_batch`` allow and records each in the unacked hash in the same
 atomic step, so a worker killed between the pop and the delivery leaves them to the
 visibility sweep (stock kombu loses the one message it has popped and not yet recorded).
-The same burst is then claimed over ~23 ms (``benchmarks/burst.py``).
+A burst is then claimed about four times faster (figures: docs/benchmarks.md, "Measurements
+behind design choices").
 
 Fourth, a full worker (as many jobs as its prefetch limit, the usual state under load) takes
 its next job as soon as one ends. With no room, kombu sends no BRPOP (or parks the reply of
@@ -72,10 +73,9 @@ CONNECTION_GONE = (AttributeError, RedisError)
 # (as our producers write it: ``hermes_worker.queue.job_message``), so Redis does not decode
 # the body, a job's whole conversation in base64. Anchored at the start and stopping at the
 # first quote or backslash, the match cannot fall inside a string; anything else (Celery's
-# own send_task, an escaped routing key) is decoded whole. Decoding
-# cost Redis 17 us per message of 2.6 KB and 0.84 ms per message of 200 KB, on top of the
-# pop and the record (5 us and 0.32 ms); a burst takes up to 64. Python compares the tag
-# with the one kombu will ack and forgets a record made under another.
+# own send_task, an escaped routing key) is decoded whole; decoding cost Redis more than the
+# pop and the record together (docs/benchmarks.md). Python compares the tag with the one
+# kombu will ack and forgets a record made under another.
 TAKE_MORE_LUA = """
 local head = '^{"properties": {"delivery_tag": "([^"\\\\]+)", "delivery_info": '
     .. '{"exchange": "", "routing_key": "([^"\\\\]*)"'

@@ -101,11 +101,9 @@ def run_worker(settings: Settings, loglevel: str = "INFO", log_format: str | Non
 def _freeze_startup_heap(**_: Any) -> None:
     """Connected to Celery's ``worker_ready`` (engine, tokenizer and consumer all built):
     move every object alive now out of the garbage collector's reach, as vLLM's own server
-    does after its start. The worker holds ~660k such objects (vLLM, torch, transformers,
-    Celery): a full collection walked them all, 0.41 s on this 2-core machine with every
-    thread stopped (0.45 s measured in a worker), where it takes microseconds once they
-    are frozen. Full collections come as long-lived objects pile up, so without this a
-    busy worker stops every job's stream for that long now and then."""
+    does after its start. A full collection would otherwise walk vLLM's, torch's and
+    Celery's objects with every thread stopped, stalling every job's stream for a good part
+    of a second (figures: docs/benchmarks.md, "Measurements behind design choices")."""
     gc.collect()
     gc.freeze()
     log.info("startup heap frozen: %d objects out of the collector's reach", gc.get_freeze_count())
