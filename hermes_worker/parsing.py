@@ -397,9 +397,14 @@ def _reject_constant(token: str) -> Any:
 
 
 def _load_json(text: str) -> tuple[Any, str | None]:
-    """``(value, None)``, or ``(None, reason)`` when ``text`` is not valid JSON."""
+    """``(value, None)``, or ``(None, reason)`` when ``text`` is not valid JSON.
+
+    Raw control characters (a newline, a tab) inside strings are let through: models write
+    them, and so does xgrammar's grammar for a ``maxLength`` string (0.2.8). The arguments
+    are written out again with ``json.dumps``, which escapes them, so clients get valid JSON.
+    """
     try:
-        return json.loads(text, parse_constant=_reject_constant), None
+        return json.loads(text, parse_constant=_reject_constant, strict=False), None
     except json.JSONDecodeError as exc:
         # Some messages already end in "at" ("Unterminated string starting at").
         where = "char" if exc.msg.endswith(" at") else "at char"

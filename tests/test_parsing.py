@@ -253,6 +253,16 @@ def test_malformed_call_is_emitted_as_content_when_closed() -> None:
     )
 
 
+def test_raw_control_characters_in_argument_strings_come_out_escaped() -> None:
+    # Given a call whose string holds a raw tab and newline (models write them; so does
+    # xgrammar's grammar for a maxLength string), which strict JSON refuses
+    raw = '<tool_call>{"name": "f", "arguments": {"city": "Pa\tris\n"}}</tool_call>'
+    # When it is parsed, then it is a call, and its arguments are valid JSON again
+    [call] = parse_completion(raw).tool_calls
+    assert call.arguments == '{"city": "Pa\\tris\\n"}'
+    assert json.loads(call.arguments) == {"city": "Pa\tris\n"}
+
+
 def test_reasoning_separator_waits_for_the_next_non_empty_block() -> None:
     parser = StreamingParser()
     assert parser.feed("<think> one </think>") == [reasoning("one")]
