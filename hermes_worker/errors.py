@@ -116,7 +116,7 @@ class JobAlreadyEnded(HermesError):
     type = "already_ended"
 
     def __init__(self, job_id: str, status: str) -> None:
-        from hermes_worker.jobs import JobStatus  # the wire models import this module
+        from hermes_worker.contract.jobs import JobStatus  # the wire models import this module
 
         super().__init__(f"job {job_id!r} already ended ({status})")
         self.status = JobStatus(status)

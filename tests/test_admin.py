@@ -18,12 +18,13 @@ from test_cli_jobs import cli, one_error_line
 from test_client import Worker, queued_messages, running_job
 from worker_fixtures import WorkerProcess
 
-from hermes_worker import admin, fleet, vitals
-from hermes_worker.jobs import ErrorInfo, JobStatus
-from hermes_worker.queue import send_job
+from hermes_worker.cli import admin, fleet
+from hermes_worker.contract.jobs import ErrorInfo, JobStatus
+from hermes_worker.contract.queue import send_job
+from hermes_worker.contract.store import Keys
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys
-from hermes_worker.vitals import RecentResults
+from hermes_worker.worker import vitals
+from hermes_worker.worker.vitals import RecentResults
 from producers.client import HermesClient
 
 TIMEOUT = 120.0

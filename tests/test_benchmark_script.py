@@ -18,8 +18,8 @@ from types import ModuleType
 import psutil
 import pytest
 
-from hermes_worker.jobs import parse_job
-from hermes_worker.kv_cache import vllm_is_cpu_build
+from hermes_worker.contract.jobs import parse_job
+from hermes_worker.inference.kv_cache import vllm_is_cpu_build
 from hermes_worker.settings import Settings
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -476,7 +476,7 @@ def test_vllm_serve_requests_sample_like_the_job() -> None:
 
 def test_the_cli_command_runs_the_script() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "hermes_worker.cli", "bench", "--help"],
+        [sys.executable, "-m", "hermes_worker.cli.commands", "bench", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -1,7 +1,7 @@
 """Cancel, backpressure and dead letters, from the producer's side, on a real Redis.
 
 No worker runs: each test plays the worker's side by writing job records, stream entries,
-leases and the dead-letter list in the layout of ``hermes_worker.store``, and takes
+leases and the dead-letter list in the layout of ``hermes_worker.contract.store``, and takes
 messages off the queue lists itself."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import redis
 from test_cli_jobs import cli, one_error_line
 from test_client import HI, Worker, queued_messages, running_job, task_args
 
-from hermes_worker.jobs import ErrorInfo, JobResult, JobStatus
+from hermes_worker.contract.jobs import ErrorInfo, JobResult, JobStatus
+from hermes_worker.contract.store import ALIVE_TTL_S, Keys
 from hermes_worker.settings import Settings
-from hermes_worker.store import ALIVE_TTL_S, Keys
 from producers.client import (
     AsyncHermesClient,
     HermesClient,

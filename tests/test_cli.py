@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hermes_worker.kv_cache import vllm_is_cpu_build
+from hermes_worker.inference.kv_cache import vllm_is_cpu_build
 
 EXAMPLE_JOB = Path(__file__).parent.parent / "producers" / "examples" / "weather_job.json"
 

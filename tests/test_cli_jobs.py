@@ -16,9 +16,9 @@ import pytest
 import redis
 from test_client import Worker, queued_messages, running_job
 
-from hermes_worker.jobs import ErrorInfo, JobStatus
+from hermes_worker.contract.jobs import ErrorInfo, JobStatus
+from hermes_worker.contract.store import Keys
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys
 
 EXAMPLE_JOB = Path(__file__).parent.parent / "producers" / "examples" / "weather_job.json"
 

@@ -1,5 +1,5 @@
 """The producer client on a real Redis. No worker runs: each test plays the worker's side by
-writing job records and stream entries in the layout of ``hermes_worker.store``."""
+writing job records and stream entries in the layout of ``hermes_worker.contract.store``."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from hermes_worker.errors import InvalidRequest
-from hermes_worker.jobs import (
+from hermes_worker.contract.jobs import (
     Choice,
     ErrorInfo,
     FinishReason,
@@ -31,9 +30,10 @@ from hermes_worker.jobs import (
     Usage,
     parse_job,
 )
-from hermes_worker.queue import TASK_NAME, delete_deployment_keys, send_job
+from hermes_worker.contract.queue import TASK_NAME, delete_deployment_keys, send_job
+from hermes_worker.contract.store import ALIVE_TTL_S, EventType, Keys, encode_event
+from hermes_worker.errors import InvalidRequest
 from hermes_worker.settings import Settings
-from hermes_worker.store import ALIVE_TTL_S, EventType, Keys, encode_event
 from producers.client import (
     BLOCK_CHUNK_S,
     READ_COUNT,

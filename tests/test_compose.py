@@ -22,7 +22,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from hermes_worker.cli import main
+from hermes_worker.cli.commands import main
 from hermes_worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,7 +257,7 @@ def test_the_dockerfile_entrypoint_is_a_real_cli_command() -> None:
     (entrypoint,) = [line for line in final if line.startswith("ENTRYPOINT ")]
     program, command = json.loads(entrypoint.removeprefix("ENTRYPOINT "))
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[program] == "hermes_worker.cli:main"
+    assert scripts[program] == "hermes_worker.cli.commands:main"
     assert command in main.commands
     assert any('".[gpu]"' in line for line in final if line.startswith("RUN "))
     (health,) = [line for line in final if line.startswith("HEALTHCHECK ")]

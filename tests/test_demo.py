@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from hermes_worker.demo import DemoOptions, chat_job, tool_job, worker_env
-from hermes_worker.jobs import parse_job
-from hermes_worker.kv_cache import kv_cache_need, model_config
-from hermes_worker.services import free_port, redis_answers
+from hermes_worker.cli.demo import DemoOptions, chat_job, tool_job, worker_env
+from hermes_worker.cli.services import free_port, redis_answers
+from hermes_worker.contract.jobs import parse_job
+from hermes_worker.inference.kv_cache import kv_cache_need, model_config
 from hermes_worker.settings import Settings
 
 DEMO_REDIS_URL = "redis://127.0.0.1:6379/14"

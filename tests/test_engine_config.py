@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs
 
-from hermes_worker.engine import engine_args, sampling_params
-from hermes_worker.jobs import parse_job
-from hermes_worker.sampling import plan_generation
+from hermes_worker.contract.jobs import parse_job
+from hermes_worker.inference.engine import engine_args, sampling_params
+from hermes_worker.inference.sampling import plan_generation
 from hermes_worker.settings import Settings
 
 

@@ -13,10 +13,10 @@ import time
 import redis
 from click.testing import CliRunner
 
-from hermes_worker.cli import main
-from hermes_worker.services import free_port
+from hermes_worker.cli.commands import main
+from hermes_worker.cli.services import free_port
 from hermes_worker.settings import Settings
-from hermes_worker.vitals import worker_name
+from hermes_worker.worker.vitals import worker_name
 
 
 def run_health(settings: Settings, *args: str) -> tuple[int, str]:

@@ -12,8 +12,13 @@ from typing import Any
 import jinja2
 import pytest
 
-from hermes_worker.jobs import parse_job
-from hermes_worker.template import EMPTY_THINK, PromptRenderer, assistant_history, compile_template
+from hermes_worker.contract.jobs import parse_job
+from hermes_worker.inference.template import (
+    EMPTY_THINK,
+    PromptRenderer,
+    assistant_history,
+    compile_template,
+)
 from hermes_worker.testing.model import official_like_template
 
 ASSISTANT = "<|start_header_id|>assistant<|end_header_id|>\n"

@@ -16,10 +16,10 @@ import pytest
 import redis
 from worker_fixtures import WorkerProcess
 
-from hermes_worker.jobs import JobStatus
-from hermes_worker.queue import make_celery, send_job
+from hermes_worker.contract.jobs import JobStatus
+from hermes_worker.contract.queue import make_celery, send_job
+from hermes_worker.contract.store import Keys
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys
 from producers.client import HermesClient
 
 pytestmark = pytest.mark.engine

@@ -10,7 +10,7 @@ import redis
 from conftest import TEST_REDIS_URL as REDIS_URL
 from redis.asyncio import Redis as AsyncRedis
 
-from hermes_worker.store import Keys, encode_event
+from hermes_worker.contract.store import Keys, encode_event
 from producers.hub import StreamHub, entries_by_stream
 
 

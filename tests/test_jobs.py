@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from hermes_worker.errors import InvalidRequest
-from hermes_worker.jobs import (
+from hermes_worker.contract.jobs import (
     MAX_MESSAGES,
     AssistantMessage,
     ChatJob,
@@ -37,6 +36,7 @@ from hermes_worker.jobs import (
     format_validation_error,
     parse_job,
 )
+from hermes_worker.errors import InvalidRequest
 
 Body = dict[str, Any]
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from hermes_worker.errors import ConfigurationError, ModelLoadError
-from hermes_worker.kv_cache import (
+from hermes_worker.inference.kv_cache import (
     GIB,
     MIB,
     available_memory,

@@ -11,12 +11,12 @@ import redis
 import redis.asyncio
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from hermes_worker.engine_api import EngineLike
-from hermes_worker.execution import CLAIM_TRIES, Attempt, JobContext
-from hermes_worker.leases import Claimed, Leased, Leases
+from hermes_worker.contract.store import Keys
+from hermes_worker.inference.engine_api import EngineLike
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys
-from hermes_worker.stream import StreamWriter
+from hermes_worker.worker.execution import CLAIM_TRIES, Attempt, JobContext
+from hermes_worker.worker.leases import Claimed, Leased, Leases
+from hermes_worker.worker.stream import StreamWriter
 
 TTL_S = 30.0
 

@@ -33,13 +33,13 @@ from worker_fixtures import (
     wait_ready,
 )
 
-from hermes_worker import runtime as runtime_module
+from hermes_worker.contract.jobs import JobStatus
+from hermes_worker.contract.store import Keys, StreamEvent, decode_event
 from hermes_worker.errors import EngineError
-from hermes_worker.jobs import JobStatus
-from hermes_worker.runtime import EXIT_ENGINE_DEAD, Runtime
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys, StreamEvent, decode_event
 from hermes_worker.testing.scripted_engine import SCRIPT_KEY, split_tokens
+from hermes_worker.worker import runtime as runtime_module
+from hermes_worker.worker.runtime import EXIT_ENGINE_DEAD, Runtime
 from producers.client import HermesClient
 
 REASONING = "The user wants the weather in Paris."
@@ -157,12 +157,13 @@ def assert_one_ending(harness: Harness, job_id: str, terminal: str) -> None:
 
 def test_the_job_lifecycle_and_the_scripted_engine_import_no_vllm() -> None:
     # Given a fresh interpreter, When it imports the worker with the scripted engine
-    modules = ["hermes_worker.worker", "hermes_worker.testing.scripted_engine"]
+    modules = ["hermes_worker.worker.main", "hermes_worker.testing.scripted_engine"]
     probe = f"import sys, {', '.join(modules)}; print('vllm' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
-    # Then vLLM was not loaded: only hermes_worker.engine imports it, when a worker starts it
+    # Then vLLM was not loaded: only hermes_worker.inference.engine imports it, when a worker
+    # starts it
     assert out.stdout.strip() == "False", out.stderr
 
 

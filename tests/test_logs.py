@@ -19,7 +19,7 @@ from producers.client import HermesClient
 
 SCRIPT = """
 import asyncio, logging, structlog
-from hermes_worker.logs import configure_logging, job_context
+from hermes_worker.worker.logs import configure_logging, job_context
 configure_logging("INFO", {fmt!r}, worker="w1")
 logging.getLogger("vllm.engine").info("engine says %s", "hi")
 logging.getLogger("celery.worker").debug("too quiet to show")
@@ -91,7 +91,7 @@ def test_vllm_child_processes_get_the_same_formatter() -> None:
     child = textwrap.dedent(
         """
         import json, logging.config, os
-        from hermes_worker.logs import configure_logging
+        from hermes_worker.worker.logs import configure_logging
         configure_logging("INFO", "json", worker="w9")
         path = os.environ["VLLM_LOGGING_CONFIG_PATH"]
         logging.getLogger().handlers = []  # a fresh process has none of the parent's

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from worker_fixtures import MAX_MODEL_LEN, Samples, WorkerProcess, patient_redis, scrape, value
 
+from hermes_worker.contract.jobs import JobStatus
 from hermes_worker.errors import JobAlreadyEnded
-from hermes_worker.execution import OutputPace
-from hermes_worker.jobs import JobStatus
 from hermes_worker.settings import Settings
+from hermes_worker.worker.execution import OutputPace
 from producers.client import HermesClient
 
 pytestmark = pytest.mark.engine

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from worker_fixtures import metered_worker, patient_redis
 
-from hermes_worker.jobs import JobResult, JobStatus, ResponseMessage, parse_job
-from hermes_worker.sampling import prompt_suffix
-from hermes_worker.template import PromptRenderer
+from hermes_worker.contract.jobs import JobResult, JobStatus, ResponseMessage, parse_job
+from hermes_worker.inference.sampling import prompt_suffix
+from hermes_worker.inference.template import PromptRenderer
 from producers.client import HermesClient
 
 pytestmark = pytest.mark.engine

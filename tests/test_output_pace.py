@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from hermes_worker.execution import Attempt, JobRate, OutputPace
-from hermes_worker.stream import JobStream
+from hermes_worker.worker.execution import Attempt, JobRate, OutputPace
+from hermes_worker.worker.stream import JobStream
 
 # Powers of two, so that the arithmetic at the edges is exact.
 PACE = OutputPace(interval_s=0.0625, min_jobs=8)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from worker_fixtures import WorkerProcess, metered_worker, patient_redis, scrape, value
 
-from hermes_worker.jobs import JobStatus
+from hermes_worker.contract.jobs import JobStatus
 from producers.client import HermesClient, JobHandle, StreamEvent
 
 pytestmark = pytest.mark.engine

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parser_cases import CASES, Case
 
-from hermes_worker.parsing import (
+from hermes_worker.inference.parsing import (
     ParsedCompletion,
     ParsedToolCall,
     ParserEvent,
@@ -407,7 +407,7 @@ def test_in_reasoning_follows_the_think_block() -> None:
 def test_content_parser_keeps_everything_as_content_for_any_chunking(
     text: str, cuts: list[int]
 ) -> None:
-    from hermes_worker.parsing import ContentParser
+    from hermes_worker.inference.parsing import ContentParser
 
     # Given a JSON-constrained output, which may hold tags inside its strings
     parser = ContentParser()

@@ -15,11 +15,11 @@ import pytest
 import redis
 from worker_fixtures import start_worker, stop_worker, wait_ready
 
-from hermes_worker.jobs import JobStatus
-from hermes_worker.queue import UNACKED_MUTEX_EXPIRE_S
-from hermes_worker.services import LocalRedis
+from hermes_worker.cli.services import LocalRedis
+from hermes_worker.contract.jobs import JobStatus
+from hermes_worker.contract.queue import UNACKED_MUTEX_EXPIRE_S
+from hermes_worker.contract.store import Keys, decode_event
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys, decode_event
 from producers.client import HermesClient
 
 pytestmark = pytest.mark.engine
@@ -69,7 +69,7 @@ def test_a_redis_restart_mid_job_is_survived(
 HOLD_THE_SWEEP_MUTEX = """
 import sys, time
 from kombu.transport.redis import Mutex
-from hermes_worker.queue import make_celery
+from hermes_worker.contract.queue import make_celery
 from hermes_worker.settings import Settings
 
 app = make_celery(Settings(redis_url=sys.argv[1]))

@@ -29,11 +29,11 @@ import pytest
 import redis
 from worker_fixtures import WorkerProcess, start_worker, stop_worker, wait_ready
 
-from hermes_worker.jobs import JobResult, JobStatus
-from hermes_worker.queue import broker_ssl, make_celery
-from hermes_worker.services import free_port
+from hermes_worker.cli.services import free_port
+from hermes_worker.contract.jobs import JobResult, JobStatus
+from hermes_worker.contract.queue import broker_ssl, make_celery
+from hermes_worker.contract.store import Keys
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys
 from producers.client import AsyncHermesClient, HermesClient
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,12 +25,12 @@ from worker_fixtures import (
     wait_ready,
 )
 
-from hermes_worker.jobs import JobResult, JobStatus
-from hermes_worker.queue import make_celery, send_job
-from hermes_worker.runtime import EXIT_ENGINE_DEAD
+from hermes_worker.contract.jobs import JobResult, JobStatus
+from hermes_worker.contract.queue import make_celery, send_job
+from hermes_worker.contract.store import Keys, StreamEvent, decode_event
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys, StreamEvent, decode_event
 from hermes_worker.testing.model import TinyModelSpec, build_test_model
+from hermes_worker.worker.runtime import EXIT_ENGINE_DEAD
 from producers.client import HermesClient
 
 pytestmark = pytest.mark.engine

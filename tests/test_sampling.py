@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from hermes_worker.contract.jobs import parse_job
 from hermes_worker.errors import ContextLengthExceeded
-from hermes_worker.jobs import parse_job
-from hermes_worker.sampling import FORCED_CALL_PREFIX, forces_tool_call, plan_generation
+from hermes_worker.inference.sampling import FORCED_CALL_PREFIX, forces_tool_call, plan_generation
 
 TOOL = {
     "type": "function",

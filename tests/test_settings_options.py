@@ -8,9 +8,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from hermes_worker.cli.options import env_var, given, settings_options
 from hermes_worker.settings import Settings
-from hermes_worker.settings_options import env_var, given, settings_options
-from hermes_worker.worker import run_command
+from hermes_worker.worker.main import run_command
 
 NAMES = ("max_num_seqs", "kv_cache_memory", "engine", "enable_prefix_caching", "quantization")
 

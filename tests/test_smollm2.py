@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hermes_worker import smollm2
-from hermes_worker.cli import main
+from hermes_worker.cli.commands import main
+from hermes_worker.contract.jobs import parse_job
 from hermes_worker.errors import ModelLoadError
-from hermes_worker.jobs import parse_job
-from hermes_worker.smollm2 import CHECKPOINT_NAME, default_cache_dir, prepare_smollm2
-from hermes_worker.template import PromptRenderer
+from hermes_worker.inference.template import PromptRenderer
+from hermes_worker.testing import smollm2
+from hermes_worker.testing.smollm2 import CHECKPOINT_NAME, default_cache_dir, prepare_smollm2
 
 
 def safetensors_header(path: Path) -> dict[str, dict[str, object]]:

@@ -10,8 +10,8 @@ import redis
 from conftest import TEST_REDIS_URL as REDIS_URL
 from redis.asyncio import Redis as AsyncRedis
 
-from hermes_worker.store import Keys, decode_event
-from hermes_worker.stream import JobStream, StreamWriter
+from hermes_worker.contract.store import Keys, decode_event
+from hermes_worker.worker.stream import JobStream, StreamWriter
 
 
 def read_events(keys: Keys, job_id: str) -> list[tuple[int, str, object]]:

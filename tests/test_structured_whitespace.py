@@ -17,10 +17,10 @@ import pytest
 import xgrammar
 from worker_fixtures import WorkerProcess, patient_redis
 
-from hermes_worker.engine import engine_args, sampling_params
+from hermes_worker.contract.jobs import JobResult, JobStatus, parse_job
 from hermes_worker.errors import InvalidRequest
-from hermes_worker.jobs import JobResult, JobStatus, parse_job
-from hermes_worker.sampling import plan_generation
+from hermes_worker.inference.engine import engine_args, sampling_params
+from hermes_worker.inference.sampling import plan_generation
 from hermes_worker.settings import Settings
 from producers.client import HermesClient
 

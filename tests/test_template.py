@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from hermes_worker.contract.jobs import parse_job
 from hermes_worker.errors import TemplateError
-from hermes_worker.jobs import parse_job
-from hermes_worker.template import PromptRenderer, compile_template
-from hermes_worker.templates import fallback_template
+from hermes_worker.inference.template import PromptRenderer, compile_template
+from hermes_worker.inference.templates import fallback_template
 
 THINKING_PROMPT = (
     "You are a deep thinking AI, you may use extremely long chains of thought to deeply consider "

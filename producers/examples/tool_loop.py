@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from hermes_worker.jobs import ResponseMessage, ResponseToolCall
+from hermes_worker.contract.jobs import ResponseMessage, ResponseToolCall
 from producers import HermesClient, JobResult
 
 MAX_ROUNDS = 4

@@ -3,8 +3,8 @@
 They look at Redis under the settings' prefix and queue (``HERMES_REDIS_URL``,
 ``HERMES_KEY_PREFIX``, ``HERMES_QUEUE_NAME``; ``--queue`` picks another queue) and print
 tables, or JSON with ``--json``. Where each answer comes from, and what it costs in Redis,
-is in :mod:`hermes_worker.fleet`. Imports are deferred, as in :mod:`hermes_worker.cli`, so
-``hermes-worker --help`` stays quick.
+is in :mod:`hermes_worker.cli.fleet`. Imports are deferred, as in
+:mod:`hermes_worker.cli.commands`, so ``hermes-worker --help`` stays quick.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from hermes_worker.cli_errors import one_line_errors
+from hermes_worker.cli.errors import one_line_errors
 from hermes_worker.settings import Settings
 
 if TYPE_CHECKING:
     from redis import Redis
     from rich.table import Table
 
-    from hermes_worker.vitals import WorkerVitals
+    from hermes_worker.worker.vitals import WorkerVitals
 
 # JobStatus's values and vitals.WINDOWS, spelled out so that the command line need not
 # import the wire models (a test checks that they agree).
@@ -138,7 +138,7 @@ queue_option = click.option(
 @one_line_errors
 def stats(queue: str | None, as_json: bool) -> None:
     """Queue depth per priority, running jobs, live workers, jobs finished / failed lately."""
-    from hermes_worker import fleet
+    from hermes_worker.cli import fleet
 
     settings = _settings(queue)
     with _redis(settings) as r:
@@ -168,7 +168,7 @@ def stats(queue: str | None, as_json: bool) -> None:
 @one_line_errors
 def workers(as_json: bool) -> None:
     """Live workers (a heartbeat within three intervals): model, load, uptime, recent jobs."""
-    from hermes_worker import fleet
+    from hermes_worker.cli import fleet
 
     settings = _settings()
     with _redis(settings) as r:
@@ -192,8 +192,8 @@ def workers(as_json: bool) -> None:
 @one_line_errors
 def jobs(status: str, limit: int, as_json: bool) -> None:
     """Jobs by status, newest first (a SCAN over the job records: slow on a huge database)."""
-    from hermes_worker import fleet
-    from hermes_worker.jobs import JobStatus
+    from hermes_worker.cli import fleet
+    from hermes_worker.contract.jobs import JobStatus
 
     settings = _settings()
     with _redis(settings) as r:
@@ -226,7 +226,7 @@ def jobs(status: str, limit: int, as_json: bool) -> None:
 @one_line_errors
 def purge(queue: str | None, yes: bool, as_json: bool) -> None:
     """Remove every waiting job from the queue and cancel it (running jobs are untouched)."""
-    from hermes_worker import fleet
+    from hermes_worker.cli import fleet
     from producers.client import HermesClient
 
     settings = _settings(queue)

@@ -1,6 +1,6 @@
 """What the job lifecycle needs of an inference engine, in a module that imports none.
 
-:mod:`hermes_worker.engine` (vLLM) and :mod:`hermes_worker.testing.scripted_engine` both
+:mod:`hermes_worker.inference.engine` (vLLM) and :mod:`hermes_worker.testing.scripted_engine` both
 provide :class:`EngineLike`. Execution, heartbeat and runtime use only this module, so
 importing the lifecycle does not load vLLM (seconds); :func:`start_engine` imports the
 engine the settings name, when the worker starts it.
@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from hermes_worker.sampling import GenerationPlan
+from hermes_worker.inference.sampling import GenerationPlan
 from hermes_worker.settings import Settings
 
 
@@ -69,6 +69,6 @@ def start_engine(settings: Settings) -> EngineLike:
         from hermes_worker.testing.scripted_engine import ScriptedEngine
 
         return ScriptedEngine.from_settings(settings)
-    from hermes_worker.engine import Engine
+    from hermes_worker.inference.engine import Engine
 
     return Engine.start(settings)

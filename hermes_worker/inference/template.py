@@ -28,16 +28,16 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from hermes_worker.contract.jobs import ChatJob, content_text
 from hermes_worker.errors import ModelLoadError, TemplateError
-from hermes_worker.jobs import ChatJob, content_text
-from hermes_worker.special_tokens import (
+from hermes_worker.inference.special_tokens import (
     Shield,
     compile_guard,
     encode_pieces,
     restore,
     special_token_texts,
 )
-from hermes_worker.templates import fallback_template
+from hermes_worker.inference.templates import fallback_template
 
 
 class Tokenizer(Protocol):

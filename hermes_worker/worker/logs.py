@@ -110,7 +110,7 @@ def _configure_vllm_children(fmt: Format, worker: str | None, level: str | int) 
     config = {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"hermes": {"()": "hermes_worker.logs.child_formatter"}},
+        "formatters": {"hermes": {"()": "hermes_worker.worker.logs.child_formatter"}},
         "handlers": {
             "hermes": {
                 "class": "logging.StreamHandler",

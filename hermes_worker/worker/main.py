@@ -19,14 +19,14 @@ from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_ready, worker_shutting_down
 from pydantic import ValidationError
 
+from hermes_worker.cli.options import given, settings_options
+from hermes_worker.contract.queue import TASK_NAME, make_celery
 from hermes_worker.errors import ConfigurationError, ModelLoadError, RetryableError
-from hermes_worker.kv_cache import size_kv_cache
-from hermes_worker.logs import configure_logging, job_context
-from hermes_worker.queue import TASK_NAME, make_celery
-from hermes_worker.runtime import Runtime, job_id_for
+from hermes_worker.inference.kv_cache import size_kv_cache
 from hermes_worker.settings import Settings
-from hermes_worker.settings_options import given, settings_options
-from hermes_worker.vitals import worker_name
+from hermes_worker.worker.logs import configure_logging, job_context
+from hermes_worker.worker.runtime import Runtime, job_id_for
+from hermes_worker.worker.vitals import worker_name
 
 log = structlog.stdlib.get_logger(__name__)
 

@@ -32,7 +32,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio import Redis as AsyncRedis
 
-from hermes_worker.jobs import JobInfo, JobResult, JobStatus
+from hermes_worker.contract.jobs import JobInfo, JobResult, JobStatus
 
 EventType = Literal[
     "started",

@@ -3,7 +3,7 @@
 * :func:`heartbeat` renews the lease of every running job (so no other worker takes it),
   stops any job whose lease was lost or that has a cancel request, and publishes the
   worker's own vitals under ``{prefix}worker:{name}`` (model, uptime, running jobs, engine
-  load, jobs finished / failed lately; layout in :mod:`hermes_worker.vitals`) for
+  load, jobs finished / failed lately; layout in :mod:`hermes_worker.worker.vitals`) for
   operators and tests. The hash expires after three missed beats; a clean stop deletes it.
 * :func:`listen_for_cancels` reacts to cancel requests at once (pub/sub); the heartbeat's
   check covers a message missed while Redis reconnected.
@@ -21,9 +21,9 @@ from collections.abc import Callable
 import structlog
 from redis.exceptions import RedisError
 
-from hermes_worker.engine_api import EngineLike
-from hermes_worker.execution import JobContext
-from hermes_worker.vitals import INDEX_PRUNE_S, Vitals, engine_load
+from hermes_worker.inference.engine_api import EngineLike
+from hermes_worker.worker.execution import JobContext
+from hermes_worker.worker.vitals import INDEX_PRUNE_S, Vitals, engine_load
 
 log = structlog.stdlib.get_logger(__name__)
 

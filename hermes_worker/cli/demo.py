@@ -32,13 +32,13 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from hermes_worker.cli.options import env_var, given, settings_options
+from hermes_worker.cli.services import WorkerProcess, redis_for, shielded
+from hermes_worker.contract.jobs import JobResult, JobStatus
+from hermes_worker.contract.queue import delete_deployment_keys
 from hermes_worker.errors import DemoFailed, HermesError, ModelLoadError, ServiceError
-from hermes_worker.jobs import JobResult, JobStatus
-from hermes_worker.kv_cache import kv_cache_need, model_config, vllm_is_cpu_build
-from hermes_worker.queue import delete_deployment_keys
-from hermes_worker.services import WorkerProcess, redis_for, shielded
+from hermes_worker.inference.kv_cache import kv_cache_need, model_config, vllm_is_cpu_build
 from hermes_worker.settings import Settings
-from hermes_worker.settings_options import env_var, given, settings_options
 
 WEATHER_TOOL: dict[str, Any] = {
     "type": "function",
@@ -84,7 +84,7 @@ class DemoOptions:
 def resolve_model(model: str | None) -> str:
     """A checkpoint the worker can load: the prepared SmolLM2 when ``model`` is None."""
     if model is None:
-        from hermes_worker.smollm2 import prepare_smollm2
+        from hermes_worker.testing.smollm2 import prepare_smollm2
 
         return str(prepare_smollm2())
     path = Path(model).expanduser()

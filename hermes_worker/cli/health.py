@@ -21,9 +21,9 @@ from typing import Any
 
 import click
 
+from hermes_worker.contract.store import Keys, as_text
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys, as_text
-from hermes_worker.vitals import worker_name
+from hermes_worker.worker.vitals import worker_name
 
 EXIT_UNHEALTHY = 1
 

@@ -107,7 +107,7 @@ class WorkerProcess:
     @classmethod
     def start(cls, env: Mapping[str, str], log_path: Path) -> WorkerProcess:
         exe = shutil.which("hermes-worker", path=str(Path(sys.executable).parent))
-        command = [exe] if exe else [sys.executable, "-m", "hermes_worker.cli"]
+        command = [exe] if exe else [sys.executable, "-m", "hermes_worker.cli.commands"]
         base = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
         with log_path.open("wb") as log:
             process = subprocess.Popen(

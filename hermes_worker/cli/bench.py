@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serving.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serving.py"
 
 
 @click.command(

@@ -70,12 +70,12 @@ CONNECTION_GONE = (AttributeError, RedisError)
 # under or ''] per item, flat.
 #
 # The tag and the delivery info are read off the start of the item when it begins with them
-# (as our producers write it: ``hermes_worker.queue.job_message``), so Redis does not decode
-# the body, a job's whole conversation in base64. Anchored at the start and stopping at the
-# first quote or backslash, the match cannot fall inside a string; anything else (Celery's
-# own send_task, an escaped routing key) is decoded whole; decoding cost Redis more than the
-# pop and the record together (docs/benchmarks.md). Python compares the tag with the one
-# kombu will ack and forgets a record made under another.
+# (as our producers write it: ``hermes_worker.contract.queue.job_message``), so Redis does
+# not decode the body, a job's whole conversation in base64. Anchored at the start and
+# stopping at the first quote or backslash, the match cannot fall inside a string; anything
+# else (Celery's own send_task, an escaped routing key) is decoded whole; decoding cost Redis
+# more than the pop and the record together (docs/benchmarks.md). Python compares the tag
+# with the one kombu will ack and forgets a record made under another.
 TAKE_MORE_LUA = """
 local head = '^{"properties": {"delivery_tag": "([^"\\\\]+)", "delivery_info": '
     .. '{"exchange": "", "routing_key": "([^"\\\\]*)"'

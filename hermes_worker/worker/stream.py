@@ -31,7 +31,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from hermes_worker.store import Keys, decode_event, encode_event
+from hermes_worker.contract.store import Keys, decode_event, encode_event
 
 log = structlog.stdlib.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """A worker's vitals: what it says about itself in Redis, for ``hermes-worker stats``.
 
-Layout (beside the job keys of :mod:`hermes_worker.store`, under the same prefix):
+Layout (beside the job keys of :mod:`hermes_worker.contract.store`, under the same prefix):
 
 * ``{prefix}worker:{name}`` — a hash written by the worker's heartbeat (every third of the
   lease TTL) that expires after three missed beats, so a dead worker disappears on its own;
@@ -25,10 +25,10 @@ from typing import Any
 
 from redis.typing import EncodableT, FieldT
 
-from hermes_worker.engine_api import EngineLike
-from hermes_worker.jobs import JobResult, JobStatus
+from hermes_worker.contract.jobs import JobResult, JobStatus
+from hermes_worker.contract.store import as_text
+from hermes_worker.inference.engine_api import EngineLike
 from hermes_worker.settings import Settings
-from hermes_worker.store import as_text
 
 WINDOWS = {"1m": 60, "5m": 300, "15m": 900}
 INDEX_PRUNE_S = 3600  # names without a heartbeat for this long leave the workers index
@@ -58,7 +58,9 @@ def engine_load(engine: EngineLike) -> EngineLoad:
     If those internals change, or the engine is not vLLM's, every unfinished request counts
     as running.
     """
-    llm: Any = getattr(engine, "_llm", None)  # vLLM's AsyncLLM (hermes_worker.engine.Engine)
+    llm: Any = getattr(
+        engine, "_llm", None
+    )  # vLLM's AsyncLLM (hermes_worker.inference.engine.Engine)
     try:
         states = list(llm.output_processor.request_states.values())
     except (AttributeError, RuntimeError):

@@ -22,7 +22,7 @@ from redis import Redis
 from redis.connection import parse_url
 
 from hermes_worker.settings import Settings
-from hermes_worker.transport import TRANSPORT
+from hermes_worker.worker.transport import TRANSPORT
 
 TASK_NAME = "hermes.chat"
 # The Redis transport emulates priorities with one list per step; ten steps give every
@@ -68,7 +68,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # takes milliseconds, and restoring one message twice is impossible anyway (each
             # restore is a WATCH transaction), so a dead holder now costs seconds.
             "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
-            # Ours (hermes_worker/transport.py): a burst is taken in one call, not one each.
+            # Ours (hermes_worker/worker/transport.py): a burst is taken in one call, not one each.
             "delivery_batch": settings.delivery_batch,
         },
         "worker_hijack_root_logger": False,
@@ -146,7 +146,7 @@ def job_message(
     )
     properties = {
         # First, in this order, and the properties first of all: the consumer reads them off
-        # the start of the message without decoding the body (hermes_worker.transport).
+        # the start of the message without decoding the body (hermes_worker.worker.transport).
         "delivery_tag": str(uuid.uuid4()),
         # The anonymous exchange: the routing key is the queue (no binding lookup).
         "delivery_info": {"exchange": "", "routing_key": queue},

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hermes_worker.contract.jobs import ChatJob, JsonObjectFormat, JsonSchemaFormat, NamedToolChoice
 from hermes_worker.errors import ContextLengthExceeded
-from hermes_worker.jobs import ChatJob, JsonObjectFormat, JsonSchemaFormat, NamedToolChoice
 
 FORCED_CALL_PREFIX = "<tool_call>\n"
 FORCED_CALL_SUFFIX = "\n</tool_call>"

@@ -21,9 +21,14 @@ from typing import Any, TypeVar
 import structlog
 from redis.exceptions import RedisError
 
-from hermes_worker.engine_api import start_engine
+from hermes_worker.contract.jobs import JOB_ID_PATTERN, JobStatus, parse_job
+from hermes_worker.contract.store import Keys, async_client
 from hermes_worker.errors import EngineError, HermesError, InvalidRequest, StoreUnavailable
-from hermes_worker.execution import (
+from hermes_worker.inference.engine_api import start_engine
+from hermes_worker.inference.sampling import plan_generation, prompt_suffix
+from hermes_worker.inference.template import PromptRenderer
+from hermes_worker.settings import Settings
+from hermes_worker.worker.execution import (
     JobContext,
     OutputPace,
     PreparedJob,
@@ -31,16 +36,11 @@ from hermes_worker.execution import (
     reject,
     run_attempt,
 )
-from hermes_worker.heartbeat import heartbeat, listen_for_cancels, watch_engine
-from hermes_worker.jobs import JOB_ID_PATTERN, JobStatus, parse_job
-from hermes_worker.leases import Leases
-from hermes_worker.metrics import WorkerMetrics, start_metrics
-from hermes_worker.sampling import plan_generation, prompt_suffix
-from hermes_worker.settings import Settings
-from hermes_worker.store import Keys, async_client
-from hermes_worker.stream import StreamWriter
-from hermes_worker.template import PromptRenderer
-from hermes_worker.vitals import Vitals, worker_name
+from hermes_worker.worker.heartbeat import heartbeat, listen_for_cancels, watch_engine
+from hermes_worker.worker.leases import Leases
+from hermes_worker.worker.metrics import WorkerMetrics, start_metrics
+from hermes_worker.worker.stream import StreamWriter
+from hermes_worker.worker.vitals import Vitals, worker_name
 
 log = structlog.stdlib.get_logger(__name__)
 T = TypeVar("T")

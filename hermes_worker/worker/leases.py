@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from hermes_worker.store import ALIVE_TTL_S, Keys, as_text
+from hermes_worker.contract.store import ALIVE_TTL_S, Keys, as_text
 
 TERMINAL = ("succeeded", "failed", "cancelled", "expired")
 

@@ -28,9 +28,9 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams, che
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-from hermes_worker.engine_api import Delta
 from hermes_worker.errors import EngineError, InvalidRequest
-from hermes_worker.sampling import Constraint, GenerationPlan
+from hermes_worker.inference.engine_api import Delta
+from hermes_worker.inference.sampling import Constraint, GenerationPlan
 from hermes_worker.settings import Settings
 
 log = structlog.stdlib.get_logger(__name__)
@@ -125,8 +125,8 @@ def json_grammar(schema: str, compact: bool) -> str:
 
 
 class Engine:
-    """A started ``AsyncLLM`` (an :class:`~hermes_worker.engine_api.EngineLike`); create it
-    with :meth:`start` on the loop that will use it."""
+    """A started ``AsyncLLM`` (an :class:`~hermes_worker.inference.engine_api.EngineLike`);
+    create it with :meth:`start` on the loop that will use it."""
 
     def __init__(self, llm: Any) -> None:
         self._llm = llm
@@ -149,7 +149,8 @@ class Engine:
     ) -> AsyncIterator[Delta]:
         """Stream the output of one request; closing the iterator early aborts the request.
         ``stream_interval``: see :func:`sampling_params` (1, every step, is vLLM's default).
-        ``metadata``: the job's (:class:`~hermes_worker.engine_api.EngineLike`); vLLM needs none."""
+        ``metadata``: the job's (:class:`~hermes_worker.inference.engine_api.EngineLike`);
+        vLLM needs none."""
         prompt = TokensPrompt(prompt_token_ids=token_ids)
         params = sampling_params(plan, stream_interval)
         try:

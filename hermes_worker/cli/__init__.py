@@ -1,0 +1,2 @@
+"""The ``hermes-worker`` command line: the commands, the admin tables, the demo, the
+benchmark launcher, and the local services the demo starts."""
