@@ -84,6 +84,7 @@ class StreamHub:
         # Kept up to date as followers come, go and advance, not rebuilt for every XREAD.
         self._cursors: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self._reading = False  # an XREAD is in flight with the streams followed then
 
     async def follow(self, key: str, cursor: str) -> Subscription:
@@ -106,6 +107,10 @@ class StreamHub:
         self._update_cursor(sub.key)
 
     async def aclose(self) -> None:
+        # The flag as well as the cancel: when a cancel lands just as the blocking read's
+        # timeout fires, Python 3.11's asyncio.timeout can turn it into a TimeoutError, which
+        # the loop takes for a starved link and retries; it then sees the flag and ends.
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -126,7 +131,7 @@ class StreamHub:
             await self._redis.xadd(self._wake_key, {"w": 1}, maxlen=1, approximate=False)
 
     async def _run(self) -> None:
-        while self._subs:
+        while self._subs and not self._closed:
             streams: dict[Any, Any] = {**self._cursors, self._wake_key: self._wake_cursor}
             self._reading = True
             try:
