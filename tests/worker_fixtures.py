@@ -8,7 +8,6 @@ import functools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from hermes_worker.cli.services import free_port
 from hermes_worker.contract.queue import delete_deployment_keys
 from hermes_worker.settings import Settings
 
@@ -139,13 +139,6 @@ def unique_settings() -> Settings:
         key_prefix=f"hermes-test-{tag}:",
         queue_name=f"hermes-test-{tag}",
     )
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @functools.cache

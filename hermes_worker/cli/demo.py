@@ -55,8 +55,6 @@ WEATHER_TOOL: dict[str, Any] = {
 DEFAULT_QUESTION = "Why is the sky blue? Answer in two sentences."
 WEATHER_QUESTION = "What's the weather in Paris right now?"
 JOB_TIMEOUT_S = 600.0
-KV_CACHE_MEMORY = "HERMES_KV_CACHE_MEMORY"
-GPU_MEMORY_UTILIZATION = "HERMES_GPU_MEMORY_UTILIZATION"
 EXIT_INTERRUPTED = 130
 
 
@@ -117,10 +115,11 @@ def worker_env(options: DemoOptions, model: str, redis_url: str, tag: str) -> di
             # them): float32 ran SmolLM2 2-3x faster here, and costs only ~0.5 GB.
             env["HERMES_DTYPE"] = "float32"
     env |= options.engine
-    if options.uses_smollm2 and not env.keys() & {KV_CACHE_MEMORY, GPU_MEMORY_UTILIZATION}:
+    amount, share = env_var("kv_cache_memory"), env_var("gpu_memory_utilization")
+    if options.uses_smollm2 and not env.keys() & {amount, share}:
         # What its sequences need, not a share of the machine: vLLM's 0.92 of a GPU would be
         # wasted on a 135M model, and a share of a CPU node failed on small machines.
-        env[KV_CACHE_MEMORY] = str(kv_cache_need(model_config(model), _as_settings(env)).amount)
+        env[amount] = str(kv_cache_need(model_config(model), _as_settings(env)).amount)
     return env
 
 

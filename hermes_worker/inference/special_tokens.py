@@ -43,15 +43,12 @@ class Shield:
     def protect(self, value: Any) -> Any:
         """``value`` (str, list, dict, nested) with every guarded spelling swapped out."""
         if isinstance(value, str):
-            return self._swap(value)
+            return self.pattern.sub(self._placeholder, value)
         if isinstance(value, list):
             return [self.protect(item) for item in value]
         if isinstance(value, dict):
             return {self.protect(k): self.protect(v) for k, v in value.items()}
         return value
-
-    def _swap(self, text: str) -> str:
-        return self.pattern.sub(self._placeholder, text)
 
     def _placeholder(self, match: re.Match[str]) -> str:
         self.literals.append(match.group(0))

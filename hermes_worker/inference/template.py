@@ -135,7 +135,7 @@ def assistant_history(
         shown = {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
         pieces.append(f"<tool_call>\n{json.dumps(shown, ensure_ascii=False)}\n</tool_call>")
     text = "\n".join(pieces)
-    if thinking and not keep_cots and "</think>" not in text:
+    if thinking and not keep_cots:  # nothing before holds a </think> of its own now
         text = f"{EMPTY_THINK}\n{text}" if text else EMPTY_THINK
     turn["content"] = text
     return turn
