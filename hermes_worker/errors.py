@@ -95,10 +95,31 @@ class InternalError(PermanentError):
     type = "internal_error"
 
 
+class PoisonMessage(PermanentError):
+    """A job whose deliveries kept ending their worker (``HERMES_MAX_DELIVERIES``)."""
+
+    type = "poison"
+
+
+class ForgedMessage(PermanentError):
+    """A delivered message whose body is not the one its job's record holds: it is dropped
+    and the real job is left as it is."""
+
+    type = "forged_message"
+
+
 class ConfigurationError(PermanentError):
     """Raised when the settings cannot work on this machine (a KV cache that cannot fit)."""
 
     type = "configuration_error"
+
+
+class UnsafeRedis(ConfigurationError):
+    """Raised at worker start under ``HERMES_REDIS_CHECK=refuse`` when the Redis would lose
+    jobs (an evicting ``maxmemory-policy``, no persistence, an ACL without what the worker
+    needs, a server too old); ``hermes-worker doctor`` reports the same checks."""
+
+    type = "unsafe_redis"
 
 
 # --- producers, the CLI and local services -------------------------------------------------
@@ -108,6 +129,15 @@ class JobNotFound(HermesError):
     """Raised when a job id has no record: never submitted, or its keys have expired."""
 
     type = "not_found"
+
+
+class JobLost(JobNotFound):
+    """Raised to a producer waiting on a job whose record it had seen and which is gone:
+    Redis lost it (restarted without persistence, evicted the key) or it expired. The job
+    will not end where the producer can see it; submitting it again under the same id is
+    safe (one id, one execution). An id never seen with a record is still waited for."""
+
+    type = "job_lost"
 
 
 class JobAlreadyEnded(HermesError):

@@ -123,10 +123,18 @@ class Settings(BaseSettings):
     max_retries: int = Field(
         default=3, ge=0, description="Retries of a transient failure before the dead letters."
     )
+    max_deliveries: int = Field(
+        default=3,
+        ge=1,
+        description="Deliveries of a job that never came back (each one's worker died) before "
+        "the job fails as poison and goes to the dead letters. Counted before the body is "
+        "read; retries and hand-backs do not count.",
+    )
     fault_injection: bool = Field(
         default=False,
         description="Tests only: a job with metadata hermes_fault='transient:N' fails its "
-        "first N attempts with an engine error, to exercise retries and dead letters.",
+        "first N attempts with an engine error, to exercise retries and dead letters; "
+        "hermes_fault='exit_in_validation' ends the worker process as it validates the job.",
     )
     max_queue_depth: int | None = Field(
         default=10000, gt=0, description="submit fails with queue_full beyond this many waiting."
@@ -136,6 +144,53 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="Serve Prometheus metrics on this port (0: any free port); off when unset.",
+    )
+    # Redis that would lose jobs (hermes_worker/cli/doctor.py: hermes-worker doctor runs the
+    # same checks).
+    redis_check: Literal["warn", "refuse", "off"] = Field(
+        default="warn",
+        description="At start, check that Redis keeps jobs (maxmemory-policy noeviction, "
+        "persistence, the worker's ACL, version, clock): warn logs what would lose jobs, "
+        "refuse exits before loading the model, off skips the check.",
+    )
+
+    # --- gateway (hermes-worker gateway: the OpenAI-compatible HTTP front door, docs/gateway.md;
+    # it sends jobs to queue_name under key_prefix unless gateway_routes says otherwise) ------
+    gateway_host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
+    gateway_port: int = Field(default=8000, ge=0, le=65535, description="Port of the gateway.")
+    gateway_routes: str | None = Field(
+        default=None,
+        description='Model name -> deployment, as JSON ({"name": "queue"} or {"name": '
+        '{"queue": ..., "key_prefix": ...}}) or name=queue[@key_prefix],... With routes, a '
+        "request's model must be one of them (404 model_not_found otherwise); unset: every "
+        "request goes to queue_name under key_prefix and model is informational.",
+    )
+    gateway_shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM the gateway takes no new connection and lets open requests "
+        "and streams finish for this long, then closes them.",
+    )
+    gateway_disconnect_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="A client that leaves before its job ends has the job cancelled: at once "
+        "if the gateway made its id, after this long (and only if no retry waits on it by "
+        "then) if the client chose it (Idempotency-Key or id). Background jobs never are.",
+    )
+    gateway_keepalive_s: float = Field(
+        default=15.0, gt=0, description="An SSE comment after this long without an event."
+    )
+    gateway_retry_after_s: int = Field(
+        default=2, ge=0, description="Retry-After of a 429 queue_full answer, in seconds."
+    )
+    gateway_workers_cache_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="How long the gateway reuses its read of the live workers (their vitals).",
+    )
+    gateway_body_timeout_s: float = Field(
+        default=30.0, gt=0, description="A request body not in within this long is a 408."
     )
 
     # --- engine (vLLM AsyncLLM) ------------------------------------------------------------

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -40,8 +39,11 @@ from uuid import uuid4
 from celery import Celery
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import AuthenticationError, AuthorizationError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from hermes_worker.contract import scripts
 from hermes_worker.contract.jobs import ChatJob, ErrorInfo, JobInfo, JobResult, JobStatus, parse_job
 from hermes_worker.contract.queue import job_message, make_celery
 from hermes_worker.contract.store import (
@@ -51,6 +53,8 @@ from hermes_worker.contract.store import (
     StreamEvent,
     as_text,
     async_client,
+    body_digest,
+    body_json,
     decode_event,
     job_info_from_record,
     result_from_record,
@@ -59,14 +63,13 @@ from hermes_worker.contract.store import (
 from hermes_worker.errors import (
     InvalidRequest,
     JobAlreadyEnded,
+    JobLost,
     JobNotFound,
     NotInDeadLetters,
     QueueFull,
 )
 from hermes_worker.settings import Settings
 from producers.control import (
-    CANCEL_LUA,
-    REQUEUE_LUA,
     DeadLetter,
     DepthGate,
     cancel_args,
@@ -77,7 +80,7 @@ from producers.control import (
     script_reply,
     unique_ids,
 )
-from producers.hub import StreamHub, entry_order
+from producers.hub import StreamHub, Subscription, entry_order
 
 __all__ = [
     "AsyncHermesClient",
@@ -86,6 +89,7 @@ __all__ = [
     "HermesClient",
     "JobAlreadyEnded",
     "JobHandle",
+    "JobLost",
     "JobNotFound",
     "JobSource",
     "NotInDeadLetters",
@@ -99,22 +103,6 @@ JobSource = ChatJob | Mapping[str, Any] | str | bytes
 # dead connection; see block_chunk_s().
 BLOCK_CHUNK_S = 2.0
 READ_COUNT = 256  # stream entries per XREAD
-
-# Queue a new job's Celery message (KEYS[2], ARGV[4]: see job_message) and record the job; a
-# known id is neither queued nor recorded again. The message goes first: a script that fails
-# half way keeps what it wrote, and a message without a record is a job from a plain Celery
-# client (it runs), where a record without a message would be a job that never runs.
-SUBMIT_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
-end
-redis.call('LPUSH', KEYS[2], ARGV[4])
-redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', '0',
-           'queued_at', ARGV[1], 'body', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-
 
 # --- pure helpers shared by both clients -------------------------------------------------
 
@@ -133,6 +121,32 @@ def _not_found(job_id: str) -> JobNotFound:
     return JobNotFound(f"no job {job_id!r} (never submitted, or expired)")
 
 
+def _lost(job_id: str) -> JobLost:
+    return JobLost(
+        f"job {job_id!r} is lost: its record vanished from Redis (restarted without "
+        "persistence, evicted, or expired), and it will not end where it can be seen; submit "
+        "it again with the same id (one id, one execution)"
+    )
+
+
+@dataclass
+class RecordWatch:
+    """What a waiting handle knows of its job's record. An id never seen with a record is
+    waited for (a job sent by a plain Celery client has none until a worker takes it); a
+    record seen once and then gone will not come back: Redis lost it, and the wait ends
+    with :class:`JobLost` instead of lasting until the caller's timeout, or for ever."""
+
+    job_id: str
+    seen: bool = False
+
+    def saw(self, present: bool) -> None:
+        """A read of the record while waiting found it (``present``) or not."""
+        if present:
+            self.seen = True
+        elif self.seen:
+            raise _lost(self.job_id)
+
+
 @dataclass(frozen=True)
 class Submission:
     """A validated job, ready to be recorded and queued."""
@@ -143,9 +157,10 @@ class Submission:
     priority: int
 
     def submit_call(self, keys: Keys, app: Celery, queue: str) -> tuple[list[str], list[str]]:
-        """KEYS and ARGV of :data:`SUBMIT_LUA`."""
+        """KEYS and ARGV of :data:`scripts.SUBMIT`."""
         queue_key, message = job_message(app, self.body, self.job_id, self.priority, queue)
-        args = [repr(time.time()), self.body_json, str(ALIVE_TTL_S), message]
+        digest = body_digest(self.body_json)
+        args = [repr(time.time()), self.body_json, str(ALIVE_TTL_S), message, digest]
         return [keys.job(self.job_id), queue_key], args
 
 
@@ -162,9 +177,9 @@ def prepare_submission(job: JobSource, max_body_bytes: int) -> Submission:
     parsed = parse_job(job.to_wire() if isinstance(job, ChatJob) else job)
     job_id = parsed.id or uuid4().hex
     body = {**parsed.to_wire(), "id": job_id}
-    body_json = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-    _check_size(len(body_json.encode()), max_body_bytes)
-    return Submission(job_id, body, body_json, parsed.priority)
+    stored = body_json(body)
+    _check_size(len(stored.encode()), max_body_bytes)
+    return Submission(job_id, body, stored, parsed.priority)
 
 
 def check_depth(replies: list[Any], limit: int, queue: str) -> int:
@@ -186,7 +201,7 @@ def is_after(entry_id: str, cursor: str) -> bool:
 
 
 def cancel_outcome(job_id: str, reply: Any) -> str:
-    """``cancelled`` or ``cancelling`` from :data:`CANCEL_LUA`'s reply; else raise."""
+    """``cancelled`` or ``cancelling`` from :data:`scripts.CANCEL`'s reply; else raise."""
     outcome, status = script_reply(reply)
     if outcome == "not_found":
         raise _not_found(job_id)
@@ -196,13 +211,20 @@ def cancel_outcome(job_id: str, reply: Any) -> str:
 
 
 def requeue_done(job_id: str, reply: Any) -> bool:
-    """Whether :data:`REQUEUE_LUA` requeued the job (False: its body changed since it was
+    """Whether :data:`scripts.REQUEUE` requeued the job (False: its body changed since it was
     read; read it again); raise what the reply says is wrong."""
-    outcome, _ = script_reply(reply)
+    outcome, detail = script_reply(reply)
     if outcome == "not_in_dlq":
         raise NotInDeadLetters(f"job {job_id!r} is not in the dead letters")
     if outcome == "not_found":
         raise _not_found(job_id)
+    if outcome == "not_failed":
+        raise NotInDeadLetters(
+            f"job {job_id!r} is {detail}, not a failed dead letter: its id was stale and has "
+            "left the dead letters"
+        )
+    if outcome == "leased":
+        raise NotInDeadLetters(f"job {job_id!r} is held by a worker; it was not requeued")
     return outcome == "requeued"
 
 
@@ -215,14 +237,40 @@ def block_chunk_s(client: Redis | AsyncRedis) -> float:
     return BLOCK_CHUNK_S
 
 
+# A Redis out of reach while a producer waits (restarting, loading its data, failing over)
+# is waited out for this long at most, whatever the caller's timeout; then the wait raises
+# the ConnectionError, so that a Redis gone for good never holds a producer for ever.
+RECONNECT_S = 30.0
+RECONNECT_PAUSE_S = 0.2  # between two tries to reach it
+
+
 class Deadline:
-    """Splits an optional overall timeout into XREAD BLOCK waits of at most ``chunk_s``."""
+    """Splits an optional overall timeout into XREAD BLOCK waits of at most ``chunk_s``, and
+    keeps track of a Redis out of reach during the wait (:meth:`redis_away`)."""
 
     def __init__(self, timeout: float | None, what: str, chunk_s: float = BLOCK_CHUNK_S) -> None:
         self._timeout = timeout
         self._end = None if timeout is None else time.monotonic() + timeout
         self._what = what
         self._chunk_ms = max(1, int(chunk_s * 1000))
+        self._away_since: float | None = None
+
+    def redis_away(self, error: RedisConnectionError) -> float:
+        """A read made while waiting could not reach Redis: the pause before making it
+        again. Raises ``error`` once Redis has been away for RECONNECT_S, TimeoutError once
+        the caller's time is spent."""
+        if isinstance(error, AuthenticationError | AuthorizationError):
+            raise error  # reached, and refused: waiting will not change that
+        now = time.monotonic()
+        if self._away_since is None:
+            self._away_since = now
+        elif now - self._away_since > RECONNECT_S:
+            raise error
+        return min(RECONNECT_PAUSE_S, self.block_ms() / 1000)
+
+    def redis_back(self) -> None:
+        """A read made while waiting reached Redis."""
+        self._away_since = None
 
     def block_ms(self) -> int:
         """Milliseconds to block next (never 0, which means forever); TimeoutError when spent."""
@@ -245,25 +293,39 @@ def read_while_waiting(deadline: Deadline, read: Callable[[], T]) -> T:
     A read that times out says nothing about the job: redis-server was starved of CPU for
     longer than the socket timeout (seen on a 2-core box running an engine), or the link is
     slow. So it counts as "not known yet", as an XREAD that times out does, and the wait
-    goes on. Only reads made while waiting come here: a submit, a cancel and a plain
-    status() raise at once, since their caller waits for nothing.
+    goes on. A Redis out of reach (a restart) is waited out the same way for up to
+    RECONNECT_S (see :meth:`Deadline.redis_away`); what the job's record then says (it may
+    be gone: JobLost) is for the caller. Only reads made while waiting come here: a submit,
+    a cancel and a plain status() raise at once, since their caller waits for nothing.
     """
     while True:
         try:
-            return read()
+            value = read()
         except RedisTimeoutError:
             # TimeoutError once the caller's time is spent; else a short pause, so that a
             # client whose timeouts come at once (a double, a zero socket timeout) cannot spin.
             time.sleep(min(RETRY_PAUSE_S, deadline.block_ms() / 1000))
+            continue
+        except RedisConnectionError as exc:
+            time.sleep(deadline.redis_away(exc))
+            continue
+        deadline.redis_back()
+        return value
 
 
 async def read_while_waiting_async(deadline: Deadline, read: Callable[[], Awaitable[T]]) -> T:
     """The asyncio twin of :func:`read_while_waiting`."""
     while True:
         try:
-            return await read()
+            value = await read()
         except RedisTimeoutError:
             await asyncio.sleep(min(RETRY_PAUSE_S, deadline.block_ms() / 1000))
+            continue
+        except RedisConnectionError as exc:
+            await asyncio.sleep(deadline.redis_away(exc))
+            continue
+        deadline.redis_back()
+        return value
 
 
 def events_from_xread(reply: Any) -> list[StreamEvent]:
@@ -360,9 +422,9 @@ class HermesClient:
         self.redis = redis if redis is not None else sync_client(self.settings.redis_url)
         # Built here, not on first use, so threads sharing the client share one app.
         self.celery = celery if celery is not None else make_celery(self.settings)
-        self._submit = self.redis.register_script(SUBMIT_LUA)
-        self._cancel = self.redis.register_script(CANCEL_LUA)
-        self._requeue = self.redis.register_script(REQUEUE_LUA)
+        self._submit = self.redis.register_script(scripts.SUBMIT)
+        self._cancel = self.redis.register_script(scripts.CANCEL)
+        self._requeue = self.redis.register_script(scripts.REQUEUE)
         self._queue_lists = queue_lists(self.settings)
         self._gate = DepthGate(self.settings.max_queue_depth)
 
@@ -456,6 +518,8 @@ class JobHandle:
         self._redis = client.redis
         self._keys = client.keys
         self._chunk_s = block_chunk_s(client.redis)
+        # A handle from submit (or requeue) has seen its record: it was just written.
+        self._watch = RecordWatch(job_id, seen=created)
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r}, created={self.created})"
@@ -473,12 +537,14 @@ class JobHandle:
         Pass the ``id`` of the last event seen to resume right after it. Raises
         ``TimeoutError`` if ``timeout`` seconds pass first. An id without a record is
         waited for (a job from a plain Celery client gets one when a worker takes it), so
-        give a timeout, or check :meth:`status` first, when the id may be wrong.
+        give a timeout, or check :meth:`status` first, when the id may be wrong. A job
+        whose record was seen (by this handle, or by the submit that made it) and is gone
+        raises :class:`JobLost`: Redis lost it.
         """
         deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
         cursor = after
         while True:
-            events = self._read(cursor, deadline.block_ms())
+            events = self._read(cursor, deadline)
             if not events and self._ended_meanwhile(deadline):
                 # It may have ended just after the read: what it wrote last, read now.
                 events = read_while_waiting(deadline, functools.partial(self._xread, cursor))
@@ -517,13 +583,16 @@ class JobHandle:
     def result(self, timeout: float | None = None) -> JobResult:
         """Wait until the job has ended and return its result; ``TimeoutError`` on timeout.
 
-        Like :meth:`stream`, an id without a record yet is waited for.
+        Like :meth:`stream`, an id without a record yet is waited for, and a record seen
+        and then gone raises :class:`JobLost`.
         """
         deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
         key = self._keys.job(self.id)
 
         def record() -> Any:
-            return self._redis.hgetall(key)
+            found = self._redis.hgetall(key)
+            self._watch.saw(bool(found))
+            return found
 
         result = finished_result(self.id, read_while_waiting(deadline, record))
         if result is not None:  # the usual case after reading the stream: one command
@@ -534,7 +603,7 @@ class JobHandle:
             result = finished_result(self.id, read_while_waiting(deadline, record))
             if result is not None:
                 return result
-            events = self._read(cursor, deadline.block_ms())
+            events = self._read(cursor, deadline)
             if events:
                 cursor = events[-1].id
 
@@ -542,8 +611,11 @@ class JobHandle:
         return status_from(self._redis.hget(self._keys.job(self.id), "status"))
 
     def _ended_meanwhile(self, deadline: Deadline) -> bool:
-        """After a wait that brought no event: whether the record shows the job ended."""
-        return stream_is_over(read_while_waiting(deadline, self._status), after_terminal=False)
+        """After a wait that brought no event: whether the record shows the job ended
+        (:class:`JobLost` when it was seen and is gone)."""
+        status = read_while_waiting(deadline, self._status)
+        self._watch.saw(status is not None)
+        return stream_is_over(status, after_terminal=False)
 
     def _ends_at(self, event: StreamEvent, deadline: Deadline) -> bool:
         """Whether this terminal event is the job's last: the job is over and no later
@@ -574,13 +646,21 @@ class JobHandle:
         key = self._keys.events(self.id)
         return events_from_xread(self._redis.xread({key: cursor}, count=READ_COUNT, block=block_ms))
 
-    def _read(self, cursor: str, block_ms: int | None) -> list[StreamEvent]:
-        """A wait for events: one that times out (a starved or slow link) read nothing yet,
-        and the caller's own deadline decides when to give up."""
+    def _read(self, cursor: str, deadline: Deadline) -> list[StreamEvent]:
+        """A wait for events: one that times out (a starved or slow link) or cannot reach
+        Redis (a restart) read nothing yet, and the caller's own deadline decides when to
+        give up (see :meth:`Deadline.redis_away`)."""
         try:
-            return self._xread(cursor, block_ms)
+            events = self._xread(cursor, deadline.block_ms())
         except RedisTimeoutError:
             return []
+        except RedisConnectionError as exc:
+            time.sleep(deadline.redis_away(exc))
+            return []
+        deadline.redis_back()
+        if events:  # a worker wrote them under the job's record
+            self._watch.seen = True
+        return events
 
     def _last_event_id(self) -> str:
         last = self._redis.xrevrange(self._keys.events(self.id), count=1)
@@ -606,9 +686,9 @@ class AsyncHermesClient:
         self.redis = redis if redis is not None else async_client(self.settings.redis_url)
         # Built here, not on first use, so threads sharing the client share one app.
         self.celery = celery if celery is not None else make_celery(self.settings)
-        self._submit = self.redis.register_script(SUBMIT_LUA)
-        self._cancel = self.redis.register_script(CANCEL_LUA)
-        self._requeue = self.redis.register_script(REQUEUE_LUA)
+        self._submit = self.redis.register_script(scripts.SUBMIT)
+        self._cancel = self.redis.register_script(scripts.CANCEL)
+        self._requeue = self.redis.register_script(scripts.REQUEUE)
         self._queue_lists = queue_lists(self.settings)
         self._gate = DepthGate(self.settings.max_queue_depth)
         # Every stream this client reads goes through one XREAD loop.
@@ -702,6 +782,7 @@ class AsyncJobHandle:
         self._redis = client.redis
         self._keys = client.keys
         self._chunk_s = block_chunk_s(client.redis)
+        self._watch = RecordWatch(job_id, seen=created)  # see JobHandle
 
     def __repr__(self) -> str:
         return f"AsyncJobHandle(id={self.id!r}, created={self.created})"
@@ -720,10 +801,21 @@ class AsyncJobHandle:
         deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
         cursor = after
         hub = self._client.hub
-        sub = await hub.follow(self._keys.events(self.id), after)
+        key = self._keys.events(self.id)
+        sub = await self._follow(key, after, deadline)
         try:
             while True:
-                events = await sub.get(deadline.block_ms() / 1000)
+                try:
+                    events = await sub.get(deadline.block_ms() / 1000)
+                except RedisConnectionError as exc:
+                    # The hub's read failed (Redis restarting) and its loop ended: follow
+                    # again, which starts it again, once Redis may be back.
+                    await asyncio.sleep(deadline.redis_away(exc))
+                    hub.unfollow(sub)
+                    sub = await self._follow(key, cursor, deadline)
+                    continue
+                if events:
+                    self._watch.seen = True
                 if not events and await self._ended_meanwhile(deadline):
                     # It may have ended just now: what it wrote last, read now.
                     now = functools.partial(self._xread, cursor)
@@ -739,6 +831,14 @@ class AsyncJobHandle:
                         return
         finally:
             hub.unfollow(sub)
+
+    async def _follow(self, key: str, cursor: str, deadline: Deadline) -> Subscription:
+        """The hub's subscription to ``key``, waiting out a Redis out of reach."""
+        while True:
+            try:
+                return await self._client.hub.follow(key, cursor)
+            except RedisConnectionError as exc:
+                await asyncio.sleep(deadline.redis_away(exc))
 
     async def poll(self) -> JobResult | None:
         """The result if the job has ended, else None; never waits. JobNotFound without a record."""
@@ -760,12 +860,15 @@ class AsyncJobHandle:
         return cancel_outcome(self.id, await client._cancel(keys=keys, args=args))
 
     async def result(self, timeout: float | None = None) -> JobResult:
-        """Wait until the job has ended and return its result; ``TimeoutError`` on timeout."""
+        """Wait until the job has ended and return its result; ``TimeoutError`` on timeout,
+        :class:`JobLost` when its record was seen and is gone (see JobHandle)."""
         deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
         key = self._keys.job(self.id)
 
         async def record() -> Any:
-            return await self._redis.hgetall(key)
+            found = await self._redis.hgetall(key)
+            self._watch.saw(bool(found))
+            return found
 
         result = finished_result(self.id, await read_while_waiting_async(deadline, record))
         if result is not None:  # the usual case after reading the stream: one command
@@ -776,7 +879,7 @@ class AsyncJobHandle:
             result = finished_result(self.id, await read_while_waiting_async(deadline, record))
             if result is not None:
                 return result
-            events = await self._read(cursor, deadline.block_ms())
+            events = await self._read(cursor, deadline)
             if events:
                 cursor = events[-1].id
 
@@ -786,6 +889,7 @@ class AsyncJobHandle:
     async def _ended_meanwhile(self, deadline: Deadline) -> bool:
         """See :meth:`JobHandle._ended_meanwhile`."""
         status = await read_while_waiting_async(deadline, self._status)
+        self._watch.saw(status is not None)
         return stream_is_over(status, after_terminal=False)
 
     async def _ends_at(self, event: StreamEvent, deadline: Deadline) -> bool:
@@ -815,12 +919,19 @@ class AsyncJobHandle:
         reply = await self._redis.xread({key: cursor}, count=READ_COUNT, block=block_ms)
         return events_from_xread(reply)
 
-    async def _read(self, cursor: str, block_ms: int | None) -> list[StreamEvent]:
+    async def _read(self, cursor: str, deadline: Deadline) -> list[StreamEvent]:
         """See :meth:`JobHandle._read`."""
         try:
-            return await self._xread(cursor, block_ms)
+            events = await self._xread(cursor, deadline.block_ms())
         except RedisTimeoutError:
             return []
+        except RedisConnectionError as exc:
+            await asyncio.sleep(deadline.redis_away(exc))
+            return []
+        deadline.redis_back()
+        if events:
+            self._watch.seen = True
+        return events
 
     async def _last_event_id(self) -> str:
         last = await self._redis.xrevrange(self._keys.events(self.id), count=1)

@@ -10,7 +10,9 @@ blocking and the asyncio client share (the clients only add the Redis round trip
   ``<queue><sep><step>`` for the others.
 * Dead letters are job ids a worker gave up on; requeue takes one off the list, resets its
   record and queues its message in one script: two operators cannot both requeue it, and
-  a producer that dies half way cannot leave it neither dead nor queued.
+  a producer that dies half way cannot leave it neither dead nor queued. Only a job that is
+  still ``failed`` (and holds no lease) is put back; an id whose job has since run again
+  or expired is stale and leaves the list.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hermes_worker.contract.jobs import (
-    TERMINAL_STATUSES,
     ErrorInfo,
     JobResult,
     JobStatus,
@@ -42,63 +43,6 @@ if TYPE_CHECKING:
     from celery import Celery
 
 CANCEL_REASON = "cancelled before it started"
-
-_ENDED = "{" + ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_STATUSES)) + "}"
-
-# KEYS: job record, events stream. ARGV: now, result_ttl_s, the JobResult JSON for a
-# queued job, the job id, the cancel channel, the cancelled event's data JSON.
-# Returns {outcome, status before}: outcome is not_found, ended, cancelled or cancelling.
-CANCEL_LUA = f"""
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then
-  if redis.call('EXISTS', KEYS[1]) == 0 then return {{'not_found', ''}} end
-  status = 'queued'
-end
-for _, ended in ipairs({_ENDED}) do
-  if status == ended then return {{'ended', status}} end
-end
-redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[1])
-if status ~= 'queued' then
-  redis.call('PUBLISH', ARGV[5], ARGV[4])
-  return {{'cancelling', status}}
-end
-local seq = 1
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if last[1] then
-  local fields = last[1][2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'seq' then seq = tonumber(fields[i + 1]) + 1 end
-  end
-end
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'result', ARGV[3])
-redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'cancelled', 'data', ARGV[6])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return {{'cancelled', status}}
-"""
-
-# KEYS, ARGV: requeue_call(). KEYS: dead letters, the job's record, events and lease, the
-# queue list of its priority. ARGV: job id, the TTL of a live job's keys, the job's Celery message
-# (job_message) and the body it was built from. Returns {outcome, ''}: not_in_dlq, not_found,
-# changed (the stored body is not that one: read it again) or requeued. The message goes
-# first, as in a submit: a script that fails there has changed nothing, so the job is still
-# a dead letter and requeue can be run again; after it, nothing can be lost between the
-# dead letters and the queue.
-REQUEUE_LUA = """
-if not redis.call('LPOS', KEYS[1], ARGV[1]) then return {'not_in_dlq', ''} end
-local body = redis.call('HGET', KEYS[2], 'body')
-if not body then return {'not_found', ''} end
-if body ~= ARGV[4] then return {'changed', ''} end
-redis.call('LPUSH', KEYS[5], ARGV[3])
-redis.call('LREM', KEYS[1], 0, ARGV[1])
-redis.call('HSET', KEYS[2], 'status', 'queued', 'attempts', '0', 'requeued', '1')
-redis.call('HDEL', KEYS[2], 'result', 'finished_at', 'cancel_requested')
-redis.call('DEL', KEYS[4])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
-return {'requeued', ''}
-"""
-
 
 # --- backpressure ------------------------------------------------------------------------
 
@@ -171,7 +115,7 @@ def cancel_args(
     result_ttl_s: int,
     channel: str,
 ) -> list[str]:
-    """ARGV of :data:`CANCEL_LUA`; the event data is written as ``encode_event`` writes it."""
+    """ARGV of :data:`scripts.CANCEL`; the event data is written as ``encode_event`` writes it."""
     data = encode_event(0, "cancelled", {"reason": CANCEL_REASON})["data"]
     result = cancelled_result(job_id, record, now)
     return [repr(now), str(result_ttl_s), result, job_id, channel, data]
@@ -216,7 +160,7 @@ def unique_ids(raw_ids: Iterable[bytes | str]) -> list[str]:
 def requeue_call(
     keys: Keys, job_id: str, stored: bytes | str | None, app: Celery, queue: str
 ) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of :data:`REQUEUE_LUA` for a job whose record holds body ``stored``
+    """KEYS and ARGV of :data:`scripts.REQUEUE` for a job whose record holds body ``stored``
     (None: no record; the script then says which error it is)."""
     record_keys = [keys.dead_letters, *job_keys(keys, [job_id])]
     if stored is None:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hermes_worker.contract.store import StreamEvent, as_text, decode_event
@@ -95,7 +96,10 @@ class StreamHub:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="hermes-stream-hub")
         elif self._reading:
-            await self._wake()
+            # A full Redis refuses the XADD: the follower then joins the next read, within
+            # one blocking read's time, instead of failing.
+            with contextlib.suppress(RedisError):
+                await self._wake()
         return sub
 
     def unfollow(self, sub: Subscription) -> None:

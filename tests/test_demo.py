@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from worker_fixtures import WORKER_REDIS_URL
 
 from hermes_worker.cli.demo import DemoOptions, chat_job, tool_job, worker_env
 from hermes_worker.cli.services import free_port, redis_answers
@@ -24,7 +25,7 @@ from hermes_worker.contract.jobs import parse_job
 from hermes_worker.inference.kv_cache import kv_cache_need, model_config
 from hermes_worker.settings import Settings
 
-DEMO_REDIS_URL = "redis://127.0.0.1:6379/14"
+DEMO_REDIS_URL = WORKER_REDIS_URL  # the workers' database (14, or the xdist worker's own)
 
 
 def demo_command(*args: str) -> list[str]:
@@ -69,7 +70,7 @@ class DemoRun:
 
 @pytest.fixture(scope="module")
 def demo_run(smollm2_cache: Path) -> DemoRun:
-    """One full demo on the shared Redis (database 14), SmolLM2, short answers."""
+    """One full demo on the shared Redis (the workers' database), SmolLM2, short answers."""
     started = time.monotonic()
     proc = subprocess.run(
         demo_command("--max-tokens", "48"),

@@ -35,7 +35,7 @@ from worker_fixtures import (
 
 from hermes_worker.contract.jobs import JobStatus
 from hermes_worker.contract.store import Keys, StreamEvent, decode_event
-from hermes_worker.errors import EngineError
+from hermes_worker.errors import EngineError, ForgedMessage
 from hermes_worker.settings import Settings
 from hermes_worker.testing.scripted_engine import SCRIPT_KEY, split_tokens
 from hermes_worker.worker import runtime as runtime_module
@@ -339,6 +339,135 @@ def test_shutdown_hands_a_running_job_back_and_another_worker_finishes_it(
     assert harness.types(handle.id).count("restarted") == 1
     assert output_of(harness.events(handle.id), "content") == STORY
     assert_one_ending(harness, handle.id, "done")
+
+
+def test_a_job_whose_lease_cannot_be_renewed_stops_before_the_lease_could_expire(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job generating on w1 (lease 0.9 s, a beat every 0.3 s)
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": STORY, "stall_after": 2}))
+    task = harness.deliver(runtime, handle.id)
+    harness.wait_for_output(handle.id)
+    # When every renewal from now on fails (Redis unreachable for this worker)
+    leases = runtime._context.leases
+
+    async def unreachable(held: dict[str, str]) -> tuple[set[str], set[str]]:
+        raise redis.exceptions.ConnectionError("Redis is unreachable")
+
+    renewed_at = time.monotonic()
+    monkeypatch.setattr(leases, "renew", unreachable)
+    # Then the worker stops the job itself before its lease could run out: handed back,
+    # not ended
+    assert task.result(timeout=5) is None
+    assert time.monotonic() - renewed_at < 0.9
+    assert not set(harness.types(handle.id)) & set(TERMINAL)
+
+
+def test_a_workers_lease_renewals_are_one_call_whatever_the_number_of_jobs(
+    harness: Harness,
+) -> None:
+    # Given 40 leases held by one worker
+    runtime = harness.start()
+    ctx = runtime._context
+    held = {f"job-{i}": f"token-{i}" for i in range(40)}
+    for job_id, token in held.items():
+        harness.redis.set(harness.keys.lease(job_id), token, px=10_000)
+    harness.redis.set(harness.keys.lease("job-7"), "someone-else")
+    harness.redis.hset(harness.keys.job("job-3"), "cancel_requested", "1")
+    sent: list[object] = []
+
+    async def renew() -> tuple[set[str], set[str]]:
+        execute = ctx.redis.execute_command
+
+        async def counted(*args: Any, **options: Any) -> Any:
+            sent.append(args[0])
+            return await execute(*args, **options)
+
+        ctx.redis.execute_command = counted  # type: ignore[method-assign]
+        try:
+            return await ctx.leases.renew(held)
+        finally:
+            del ctx.redis.execute_command
+
+    # When the heartbeat renews them
+    lost, cancelled = runtime._call(renew())
+    # Then it is one command, which renewed each lease still held, found the one lost and
+    # the cancel request
+    assert len(sent) == 1
+    assert (lost, cancelled) == ({"job-7"}, {"job-3"})
+    assert 500 < harness.redis.pttl(harness.keys.lease("job-1")) <= 900  # was 10 s
+    assert harness.redis.get(harness.keys.lease("job-7")) == b"someone-else"
+
+
+def test_a_job_held_by_a_live_attempt_is_not_dead_lettered(harness: Harness) -> None:
+    # Given a job that another attempt holds the lease of
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": STORY}))
+    harness.redis.set(harness.keys.lease(handle.id), "w9:running", px=10_000)
+    before = harness.record(handle.id)
+    # When a copy out of retries would dead-letter it
+    runtime.dead_letter(handle.id, EngineError("out of retries"))
+    # Then nothing is written: not failed, no event, not listed, the lease kept
+    assert harness.record(handle.id) == before
+    assert harness.events(handle.id) == []
+    assert harness.client.dead_letters() == []
+    assert harness.redis.get(harness.keys.lease(handle.id)) == b"w9:running"
+
+
+# --- deliveries: counted first, the job's own body only ----------------------------------------
+
+
+def test_a_message_with_another_body_than_its_jobs_is_refused_and_the_job_untouched(
+    harness: Harness,
+) -> None:
+    # Given a queued job
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": STORY}))
+    before = harness.record(handle.id)
+    # When a message carrying its id but another body is delivered
+    forged = {**job({"text": "FORGED"}), "id": handle.id}
+    task = harness.tasks.submit(runtime.run_job, forged, handle.id)
+    # Then it is refused, and the job's record is as it was: not counted, not claimed
+    with pytest.raises(ForgedMessage, match=handle.id):
+        task.result(timeout=5)
+    assert harness.record(handle.id) == before
+    assert harness.events(handle.id) == []
+    # And the job's own message still runs, once
+    assert harness.deliver(runtime, handle.id).result(timeout=5) is JobStatus.SUCCEEDED
+    assert handle.result(timeout=1).choices[0].message.content == STORY
+
+
+def test_deliveries_that_never_came_back_make_a_job_poison(harness: Harness) -> None:
+    # Given a job whose last deliveries each ended their worker (max_deliveries 3)
+    runtime = harness.start()
+    handle = harness.client.submit(job({"text": STORY}))
+    harness.redis.hset(harness.keys.job(handle.id), "deliveries", 3)
+    # When it is delivered again, Then it fails as poison without running, dead-lettered
+    assert harness.deliver(runtime, handle.id).result(timeout=5) is JobStatus.FAILED
+    result = handle.result(timeout=1)
+    assert result.error is not None and result.error.type == "poison"
+    assert "3 times" in result.error.message
+    assert result.job.attempts == 0
+    assert harness.types(handle.id) == ["error"]
+    assert [letter.id for letter in harness.client.dead_letters()] == [handle.id]
+
+
+def test_a_delivery_that_ends_the_job_or_hands_it_back_is_not_a_crash(harness: Harness) -> None:
+    # Given a job that stalls on its first attempt
+    w1 = harness.start()
+    handle = harness.client.submit(job({"text": STORY, "stall_after": 2, "attempts": 1}))
+    task = harness.deliver(w1, handle.id)
+    harness.wait_for_output(handle.id)
+    # While it runs, its delivery counts
+    assert harness.record(handle.id)["deliveries"] == "1"
+    # When it is handed back (a shutdown), the count is taken back
+    w1.begin_shutdown(grace_s=0.0)
+    assert task.result(timeout=5) is None
+    assert harness.record(handle.id)["deliveries"] == "0"
+    # And when another worker ends it, it was delivered once more, and never poison
+    assert harness.deliver(harness.start(), handle.id).result(timeout=5) is JobStatus.SUCCEEDED
+    assert harness.record(handle.id)["deliveries"] == "1"
 
 
 # --- engine errors: retry, dead letter, death ------------------------------------------------

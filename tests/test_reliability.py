@@ -424,15 +424,36 @@ def test_kill_9_mid_generation_loses_nothing(pair: Pair) -> None:
     assert result.usage is not None and result.usage.completion_tokens == 1900
 
 
-def test_a_dead_engine_makes_the_worker_exit_non_zero(pair: Pair) -> None:
-    # Given a running worker (last in this module: the one it ends is not started again)
-    name, worker = next(iter(pair.both_alive().items()))
-    children = psutil.Process(worker.process.pid).children(recursive=True)
-    [core] = [p for p in children if is_engine_core(p)]
-    pair.retired.add(name)
-    # When its engine core process dies
-    core.kill()
-    # Then the worker notices on its own and exits with the engine-dead status
-    code = worker.process.wait(60)
+def test_a_dead_engine_hands_every_job_to_the_other_worker_and_exits(pair: Pair) -> None:
+    # Given jobs generating on both workers (last in this module: the worker it ends is not
+    # started again)
+    settings = pair.settings
+    workers = pair.both_alive()
+    with pair.client() as client:
+        handles = [client.submit(long_job(max_tokens=2000)) for _ in range(4)]
+        first_on = {handle.id: wait_for_output(settings, handle.id) for handle in handles}
+        victim = first_on[handles[0].id]
+        survivor = ({"w1", "w2"} - {victim}).pop()
+        worker = workers[victim]
+        [core] = [p for p in psutil.Process(worker.process.pid).children(recursive=True)
+                  if is_engine_core(p)]  # fmt: skip
+        pair.retired.add(victim)
+        # When the engine core of one of them dies mid-batch
+        core.kill()
+        died = time.time()
+        code = worker.process.wait(60)
+        results = [handle.result(timeout=TIMEOUT) for handle in handles]
+    # Then that worker exits with the engine-dead status, having handed its jobs back
     assert code == EXIT_ENGINE_DEAD, worker.log()[-3000:]
     assert "the engine died" in worker.log()
+    assert "handing every job back" in worker.log()
+    # And every job ended once, on the survivor, as attempt 2 for those of the dead one,
+    # which it started within seconds of the death rather than after the 30 s lease
+    for result in results:
+        moved = first_on[result.id] == victim
+        assert result.job.worker == survivor
+        assert_one_story(settings, result, attempts=2 if moved else 1)
+        assert result.usage is not None and result.usage.completion_tokens == 2000
+        if moved:
+            assert result.job.started_at is not None and result.job.started_at - died < 15
+    assert sum(first_on[h.id] == victim for h in handles) >= 1

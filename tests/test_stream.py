@@ -14,6 +14,13 @@ from hermes_worker.contract.store import Keys, decode_event
 from hermes_worker.worker.stream import JobStream, StreamWriter
 
 
+def leased(keys: Keys, job_id: str) -> JobStream:
+    """An attempt's stream whose lease is held (every write checks it)."""
+    token = f"token-{job_id}"
+    redis.Redis.from_url(REDIS_URL).set(keys.lease(job_id), token, ex=60)
+    return JobStream(job_id, token=token)
+
+
 def read_events(keys: Keys, job_id: str) -> list[tuple[int, str, object]]:
     client = redis.Redis.from_url(REDIS_URL)
     return [
@@ -26,7 +33,7 @@ async def produce(keys: Keys, deltas: int, flush_s: float) -> StreamWriter:
     redis_client = AsyncRedis.from_url(REDIS_URL)
     writer = StreamWriter(redis_client, keys, flush_s=flush_s, ttl_s=60)
     writer.start()
-    stream = JobStream("j1")
+    stream = leased(keys, "j1")
     writer.emit(stream, "started", {"attempt": 1}, urgent=True)
     for i in range(deltas):
         writer.emit(stream, "content", {"text": f"t{i} "})
@@ -81,7 +88,7 @@ async def produce_tokens(
         redis_client, keys, flush_s=0.001, ttl_s=60, min_tokens=min_tokens, max_flush_s=max_flush_s
     )
     writer.start()
-    stream = JobStream("j1")
+    stream = leased(keys, "j1")
     writer.emit(stream, "started", {"attempt": 1}, urgent=True)
     start = time.monotonic()
     for i in range(deltas):
@@ -125,7 +132,7 @@ def test_settle_writes_pending_text_at_once_and_discard_drops_it(keys: Keys) -> 
         # A writer that would hold text back for 10 s
         writer = StreamWriter(redis_client, keys, flush_s=10, ttl_s=60, min_tokens=1000)
         writer.start()
-        handed_back, lost = JobStream("back"), JobStream("lost")
+        handed_back, lost = leased(keys, "back"), leased(keys, "lost")
         for stream in (handed_back, lost):
             writer.emit(stream, "started", {"attempt": 1}, urgent=True)
         await asyncio.sleep(0.05)
@@ -178,7 +185,7 @@ class LateReply(WatchedPipelines):
         self.lost = 0
 
     async def run(self, pipe: Any, execute: Any, raise_on_error: bool) -> list[object]:
-        writes_events = any(args[0] == "XADD" for args, _ in pipe.command_stack)
+        writes_events = any(args[0] in ("EVALSHA", "EVAL") for args, _ in pipe.command_stack)
         replies = await execute(raise_on_error)
         if writes_events and not self.lost:
             self.lost += 1
@@ -203,7 +210,7 @@ def test_a_write_whose_reply_was_lost_is_not_written_twice(keys: Keys) -> None:
         client = LateReply(AsyncRedis.from_url(REDIS_URL))
         writer = StreamWriter(client, keys, flush_s=0.01, ttl_s=60)  # type: ignore[arg-type]
         writer.start()
-        stream = JobStream("j1")
+        stream = leased(keys, "j1")
         writer.emit(stream, "started", {"attempt": 1}, urgent=True)
         writer.emit(stream, "content", {"text": "one "})
         await asyncio.sleep(0.05)  # the first write lands, its reply is lost; retried
@@ -229,10 +236,10 @@ def test_an_event_sent_soon_rides_the_next_regular_flush_not_one_of_its_own(keys
         writer = StreamWriter(redis_client, keys, flush_s=0.3, ttl_s=60, min_tokens=1000,
                               max_flush_s=10)  # fmt: skip
         writer.start()
-        stream = JobStream("j1")
+        stream = leased(keys, "j1")
         # When a job's `started` is sent soon, and a second job's is sent urgently
         writer.emit(stream, "started", {"attempt": 1}, soon=True)
-        urgent = JobStream("j2")
+        urgent = leased(keys, "j2")
         writer.emit(urgent, "started", {"attempt": 1}, urgent=True)
         await asyncio.sleep(0.1)
         early = [len(read_events(keys, job)) for job in ("j1", "j2")]
@@ -255,7 +262,7 @@ def test_jobs_due_a_few_ms_apart_share_one_pipeline(keys: Keys) -> None:
         writer = StreamWriter(client, keys, flush_s=0.2, ttl_s=60, min_tokens=1000,  # type: ignore[arg-type]
                               max_flush_s=0.4)  # fmt: skip
         writer.start()
-        streams = [JobStream(f"j{i}") for i in range(5)]
+        streams = [leased(keys, f"j{i}") for i in range(5)]
         # Given five jobs whose text starts 10 ms apart (due at max_flush_s, 10 ms apart)
         for stream in streams:
             writer.emit(stream, "content", {"text": "x"})
@@ -269,3 +276,31 @@ def test_jobs_due_a_few_ms_apart_share_one_pipeline(keys: Keys) -> None:
     # Then all five went out together (40 ms apart at most is within a quarter of flush_s)
     assert asyncio.run(scenario()) == 1
     assert [len(read_events(keys, f"j{i}")) for i in range(5)] == [1] * 5
+
+
+def test_writes_of_an_attempt_that_lost_its_lease_are_refused(keys: Keys) -> None:
+    async def scenario() -> tuple[bool, list[str], list[tuple[int, str, object]]]:
+        redis_client = AsyncRedis.from_url(REDIS_URL)
+        writer = StreamWriter(redis_client, keys, flush_s=0.01, ttl_s=60)
+        fenced: list[str] = []
+        writer.on_fenced = fenced.append
+        writer.start()
+        stream = leased(keys, "j1")
+        writer.emit(stream, "started", {"attempt": 1}, urgent=True)
+        writer.emit(stream, "content", {"text": "mine "})
+        await asyncio.wait_for(writer.settle(stream), timeout=2)
+        # When another worker takes the lease over (this one was paused past it)
+        await redis_client.set(keys.lease("j1"), "token-of-another-worker")
+        writer.emit(stream, "content", {"text": "stale"}, urgent=True)
+        await asyncio.sleep(0.1)
+        ended = await writer.close(stream, {"status": "succeeded", "result": "{}"}, "done", {})
+        await writer.stop()
+        await redis_client.aclose()
+        return ended, fenced, read_events(keys, "j1")
+
+    ended, fenced, events = asyncio.run(scenario())
+    # Then nothing written after the takeover reached Redis: no text, no end, no record
+    assert events == [(1, "started", {"attempt": 1}), (2, "content", {"text": "mine "})]
+    assert ended is False
+    assert fenced == ["j1"]
+    assert redis.Redis.from_url(REDIS_URL).hget(keys.job("j1"), "status") is None

@@ -18,9 +18,9 @@ import redis
 from kombu import Connection, Consumer, Message, Queue
 from kombu.asynchronous import Hub
 
+from hermes_worker.contract import scripts
 from hermes_worker.contract.queue import job_message, make_celery
 from hermes_worker.settings import Settings
-from hermes_worker.worker.transport import TAKE_MORE_LUA
 
 UNACKED, UNACKED_INDEX = b"unacked", b"unacked_index"
 
@@ -226,8 +226,8 @@ def test_the_burst_call_reads_the_tag_off_the_start_of_our_messages_and_decodes_
     index, unacked, queue = f"{prefix}index", f"{prefix}unacked", f"{prefix}list"
     redis_client.rpush(queue, *reversed(items))  # RPOP takes them in this order
     # When the burst call takes them
-    script = redis_client.register_script(TAKE_MORE_LUA)
-    taken = script(keys=[index, unacked, queue], args=[10, time.time()])
+    script = redis_client.register_script(scripts.TAKE_MORE)
+    taken = script(keys=[index, unacked, unacked, queue], args=[10, time.time(), "0"])
     # Then each is recorded under its own tag, with its delivery info: the first, second and
     # third as kombu's QoS would record them, and the last one although Redis could not
     # have decoded it (Python finds it unreadable and forgets the record)

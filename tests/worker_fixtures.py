@@ -1,33 +1,34 @@
 """A real worker for the whole test session: a ``hermes-worker run`` subprocess on the tiny
-checkpoint, its own Redis database, key prefix and queue. The engine starts once (~20-60 s)."""
+checkpoint, its own Redis database, key prefix and queue. The engine starts once (~20-60 s).
+
+Workers are started, awaited and stopped by :class:`hermes_worker.cli.services.WorkerProcess`,
+as the demo's and the benchmarks' are; ``start_worker`` / ``wait_ready`` / ``stop_worker``
+only add the tests' environment, priority and patience."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
+from conftest import WORKER_REDIS_URL  # the workers' database: 14, or the xdist worker's own
 from prometheus_client.parser import text_string_to_metric_families
 
-from hermes_worker.cli.services import free_port
+from hermes_worker.cli.services import WorkerProcess, free_port, process_env
 from hermes_worker.contract.queue import delete_deployment_keys
 from hermes_worker.settings import Settings
 
-WORKER_REDIS_URL = "redis://127.0.0.1:6379/14"
 MAX_MODEL_LEN = 2048
 WORKER_NICENESS = 5
+# A worker that fails to start: this many lines of its log in the error.
+READY_TAIL_LINES = 60
+# How often a start is checked for: a scripted worker is up in about a second.
+READY_POLL_S = 0.1
 # How long a test's own Redis client waits for a reply. redis-py's default is 5 s, and on this
 # 2-core VM an idle redis-server was measured taking 5.9 s to answer a PING while two engines
 # ran (a monitor process at niceness -5 saw no stall of its own at that moment).
@@ -43,19 +44,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     engine_allowed = item.get_closest_marker("engine") is not None
 
 
-@dataclass
-class WorkerProcess:
-    settings: Settings
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 def worker_env(settings: Settings, model: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
-    env.update(
+    """The environment of a test's worker: this process's less its ``HERMES_*`` variables,
+    the deployment of ``settings``, the tests' engine defaults, then ``extra``."""
+    return process_env(
         {
             "HERMES_MODEL": str(model),
             "HERMES_REDIS_URL": settings.redis_url,
@@ -78,58 +70,42 @@ def worker_env(settings: Settings, model: Path, **extra: str) -> dict[str, str]:
             **extra,  # a test's own settings win
         }
     )
-    return env
 
 
 def start_worker(
     settings: Settings, model: Path, log_path: Path, cli_args: Sequence[str] = (), **extra: str
 ) -> WorkerProcess:
-    """``hermes-worker run [cli_args]`` with ``extra`` HERMES_* settings in its environment."""
+    """``hermes-worker run [cli_args]`` with ``extra`` HERMES_* settings in its environment
+    (:meth:`WorkerProcess.start`, in this session at a lower priority than the tests)."""
     scripted = extra.get("HERMES_ENGINE") == "scripted" or "scripted" in cli_args
     if not (scripted or engine_allowed):
         raise RuntimeError("a test that starts a vLLM worker must be marked engine")
-    exe = shutil.which("hermes-worker", path=str(Path(sys.executable).parent))
-    assert exe, "hermes-worker console script"
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        # At a lower priority than the tests: on this 2-core box a generating engine (its
-        # compute pinned to one core, its engine core spinning on the other) was seen to
-        # starve the test process for seconds, longer than the jobs the tests act on last.
-        # `nice` execs the worker: the process, its pid and its group stay the worker's.
-        ["nice", "-n", str(WORKER_NICENESS), exe, "run", "--loglevel", "INFO", *cli_args],
-        env=worker_env(settings, model, **extra),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        # Its own process group (teardown reaches vLLM's children) but not its own session:
-        # the kernel's autogroups give each session an equal share of the CPU and apply
-        # niceness only within a session, so a worker in a session of its own outranked
-        # both the tests and redis-server (measured: Redis waited 6.6 s to run in 8.9 s).
-        process_group=0,
+    return WorkerProcess.start(
+        worker_env(settings, model, **extra),
+        log_path,
+        args=cli_args,
+        # A vLLM worker at a lower priority than the tests: on this 2-core box a generating
+        # engine (its compute pinned to one core, its engine core spinning on the other) was
+        # seen to starve the test process for seconds, longer than the jobs the tests act on
+        # last. A scripted one spins nothing; lowered, it took 5-13 s instead of ~1.5 s to
+        # start beside the fast tier's busy pytest-xdist workers.
+        niceness=0 if scripted else WORKER_NICENESS,
+        # In this session (not one of its own), so that the niceness counts against the
+        # tests and redis-server: see ServiceProcess.spawn.
+        own_session=False,
+        settings=settings,
     )
-    return WorkerProcess(settings, process, log_path)
 
 
 def wait_ready(worker: WorkerProcess, timeout: float = 400.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.process.poll() is not None:
-            raise RuntimeError(f"worker exited early:\n{worker.log()[-4000:]}")
-        if " ready." in worker.log():
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"worker not ready after {timeout}s:\n{worker.log()[-4000:]}")
+    """:meth:`WorkerProcess.wait_ready`, the error carrying the end of the worker's log."""
+    worker.wait_ready(timeout, tail=READY_TAIL_LINES, poll_s=READY_POLL_S)
 
 
 def stop_worker(worker: WorkerProcess, grace: float = 60.0) -> int | None:
-    """SIGTERM, wait, then kill the whole process group whatever is left."""
-    if worker.process.poll() is None:
-        worker.process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            worker.process.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(worker.process.pid, signal.SIGKILL)
-    worker.process.wait(10)
-    return worker.process.returncode
+    """:meth:`WorkerProcess.stop`: SIGTERM, wait, then SIGKILL to whatever is left of its
+    process group; its exit status."""
+    return worker.stop(grace)
 
 
 def unique_settings() -> Settings:

@@ -24,8 +24,10 @@ import click
 from hermes_worker.cli import admin
 from hermes_worker.cli.bench import bench
 from hermes_worker.cli.demo import demo_command
+from hermes_worker.cli.doctor import doctor
 from hermes_worker.cli.errors import NotFinished, OneLine, one_line_errors
 from hermes_worker.cli.health import health
+from hermes_worker.cli.options import given, settings_options
 from hermes_worker.settings import Settings
 from hermes_worker.testing.model import CHAT_TEMPLATES, ChatTemplateChoice
 
@@ -175,6 +177,48 @@ def run(ctx: click.Context) -> None:
     from hermes_worker.worker.main import run_command
 
     run_command.main(ctx.args, prog_name=ctx.command_path)
+
+
+@main.command("gateway")
+@click.option(
+    "--host", "gateway_host", default=None, help="Address to listen on [HERMES_GATEWAY_HOST]."
+)
+@click.option(
+    "--port",
+    "gateway_port",
+    type=int,
+    default=None,
+    help="Port to listen on [HERMES_GATEWAY_PORT].",
+)
+@settings_options(
+    "gateway_routes",
+    "gateway_shutdown_grace_s",
+    "gateway_disconnect_grace_s",
+    "gateway_keepalive_s",
+    "gateway_retry_after_s",
+    "gateway_workers_cache_s",
+    "gateway_body_timeout_s",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@one_line_errors
+def gateway(log_level: str, **flags: Any) -> None:
+    """Serve the OpenAI-compatible HTTP gateway over the queue until SIGTERM (docs/gateway.md).
+
+    Jobs go to HERMES_QUEUE_NAME under HERMES_KEY_PREFIX on HERMES_REDIS_URL, or where
+    --gateway-routes sends their model. Needs the gateway extra: pip install
+    'hermes-worker[gateway]'."""
+    try:
+        from hermes_worker.gateway.app import serve
+    except ImportError as exc:  # fastapi or uvicorn missing
+        raise OneLine(
+            f"the gateway needs the gateway extra (pip install 'hermes-worker[gateway]'): {exc}"
+        ) from exc
+    serve(Settings(**given(flags)), log_level)
 
 
 # --- queue commands ----------------------------------------------------------------------
@@ -340,6 +384,7 @@ main.add_command(admin.purge)
 main.add_command(demo_command)
 
 main.add_command(health)
+main.add_command(doctor)
 main.add_command(bench)
 
 if __name__ == "__main__":

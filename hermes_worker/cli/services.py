@@ -1,8 +1,12 @@
-"""Local processes the demo starts for itself: a throwaway ``redis-server`` and a worker.
+"""Local processes: a throwaway ``redis-server`` and workers (``hermes-worker run``), the one
+home of starting a worker, waiting until it takes jobs and stopping it with its whole process
+group. The demo, the benchmarks and the test suite all start theirs here.
 
-Both run in sessions of their own, so a Ctrl-C in the terminal reaches only the demo, which
-then stops them in order (worker first, with SIGTERM, then Redis) instead of every process
-dying at once half-way through a job.
+The demo's run in sessions of their own, so a Ctrl-C in the terminal reaches only the demo,
+which then stops them in order (worker first, with SIGTERM, then Redis) instead of every
+process dying at once half-way through a job. The benchmarks' and the tests' run in the
+caller's session, in a process group of their own (``own_session=False``): see
+:meth:`ServiceProcess.spawn`.
 """
 
 from __future__ import annotations
@@ -15,16 +19,36 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 from urllib.parse import urlsplit
 
 import redis
 
+from hermes_worker.cli.options import env_var
 from hermes_worker.errors import ServiceError
+from hermes_worker.settings import Settings
 
 READY_MARK = " ready."  # Celery's banner line once the consumer takes jobs
+
+
+def process_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment less its ``HERMES_*`` variables, with ``env`` on top: what
+    a child configured entirely by ``env`` sees (no setting leaks in from the caller)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
+    return {**base, **(env or {})}
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Every field of ``settings`` that is set, as the ``HERMES_*`` variable a worker reads
+    it back from: a worker started with these runs on exactly ``settings``."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[env_var(name)] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
 
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
@@ -98,63 +122,131 @@ class LocalRedis:
 
 
 @dataclass
-class WorkerProcess:
-    """A ``hermes-worker run`` subprocess configured entirely through ``HERMES_*`` env vars."""
+class ServiceProcess:
+    """A server subprocess (a worker, ``vllm serve``) writing its output to ``log_path``,
+    stopped with its whole process group: what it started (vLLM's engine core) goes too."""
 
     process: subprocess.Popen[bytes]
     log_path: Path
 
     @classmethod
-    def start(cls, env: Mapping[str, str], log_path: Path) -> WorkerProcess:
-        exe = shutil.which("hermes-worker", path=str(Path(sys.executable).parent))
-        command = [exe] if exe else [sys.executable, "-m", "hermes_worker.cli.commands"]
-        base = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [*command, "run", "--loglevel", "INFO"],
-                env={**base, **env},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own group: stop() reaches vLLM's processes too
-            )
-        return cls(process, log_path)
+    def spawn(
+        cls, command: Sequence[str], env: Mapping[str, str], log_path: Path, *,
+        own_session: bool = True,
+    ) -> Self:  # fmt: skip
+        """Start ``command`` with exactly ``env``. ``own_session``: in a session of its own,
+        out of reach of the terminal's Ctrl-C (the demo stops it itself). Otherwise in the
+        caller's session, in a process group of its own: the kernel gives each session
+        (autogroup) an equal share of the CPU and applies niceness only within a session,
+        so a server in a session of its own, its engine core spinning, outranked the caller
+        (a benchmark's clients, a test) and redis-server (measured on a 2-core VM: the
+        benchmark's event loop stalled 0.8-3.4 s, Redis waited 6.6 s to run in 8.9 s)."""
+        return cls(_spawn(command, env, log_path, own_session), log_path)
 
-    def log_tail(self, lines: int = 1) -> str:
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        """Everything it has written so far ("" when the log cannot be read)."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.strip().splitlines()[-lines:])
 
-    def wait_ready(self, timeout: float, on_wait: Callable[[float], None] | None = None) -> None:
-        """Return once the worker takes jobs; ServiceError if it exits or takes too long."""
+    def log_tail(self, lines: int = 1) -> str:
+        return "\n".join(self.log().strip().splitlines()[-lines:])
+
+    def stop(self, grace: float = 60.0) -> int | None:
+        """SIGTERM (a worker hands back what runs and closes its engine), then SIGKILL
+        whatever is left of its process group; its exit status."""
+        code = _terminate(self.process, grace)
+        self.kill()  # vLLM's engine core, if orphaned
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL to its whole process group at once, no grace (:meth:`stop` may be
+        waiting on it in another frame: it then returns)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def _spawn(
+    command: Sequence[str], env: Mapping[str, str], log_path: Path, own_session: bool
+) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            list(command),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=own_session,
+            process_group=None if own_session else 0,
+        )
+
+
+def worker_command() -> list[str]:
+    """``hermes-worker``: the console script beside this interpreter, else the module."""
+    exe = shutil.which("hermes-worker", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", "hermes_worker.cli.commands"]
+
+
+@dataclass
+class WorkerProcess(ServiceProcess):
+    """A ``hermes-worker run`` subprocess configured entirely through ``HERMES_*`` env vars;
+    ``settings``, when given to :meth:`start`, are the ones it was started with."""
+
+    settings: Settings | None = None
+
+    @classmethod
+    def start(
+        cls, env: Mapping[str, str], log_path: Path, *, args: Sequence[str] = (),
+        own_session: bool = True, niceness: int = 0, settings: Settings | None = None,
+    ) -> WorkerProcess:  # fmt: skip
+        """``hermes-worker run --loglevel INFO [args]`` with this process's environment less
+        its ``HERMES_*`` variables, plus ``env``. ``niceness``: run under ``nice -n`` (which
+        execs it: the pid and the process group are the worker's). ``own_session``: see
+        :meth:`ServiceProcess.spawn`."""
+        nice = ["nice", "-n", str(niceness)] if niceness else []
+        command = [*nice, *worker_command(), "run", "--loglevel", "INFO", *args]
+        return cls(_spawn(command, process_env(env), log_path, own_session), log_path, settings)
+
+    @classmethod
+    def start_with(
+        cls, settings: Settings, log_path: Path, *, own_session: bool = True
+    ) -> WorkerProcess:
+        """A worker on exactly ``settings`` (every field set passed as its variable)."""
+        return cls.start(
+            settings_env(settings), log_path, own_session=own_session, settings=settings
+        )
+
+    def wait_ready(
+        self, timeout: float, on_wait: Callable[[float], None] | None = None, *,
+        tail: int = 1, poll_s: float = 0.5,
+    ) -> None:  # fmt: skip
+        """Return once the worker takes jobs; ServiceError if it exits or takes too long,
+        with the last ``tail`` lines of its log. ``on_wait`` gets the seconds waited, every
+        ``poll_s``."""
         start = time.monotonic()
         while True:
             code = self.process.poll()
             if code is not None:
                 raise ServiceError(
                     f"the worker exited with status {code} before it was ready (log: "
-                    f"{self.log_path}): {self.log_tail()}"
+                    f"{self.log_path}): {self.log_tail(tail)}"
                 )
-            if READY_MARK in self.log_path.read_text(errors="replace"):
+            if READY_MARK in self.log():
                 return
             waited = time.monotonic() - start
             if waited > timeout:
                 raise ServiceError(
-                    f"the worker was not ready after {timeout:g} s ({self.log_path})"
+                    f"the worker was not ready after {timeout:g} s (log: {self.log_path}): "
+                    f"{self.log_tail(tail)}"
                 )
             if on_wait is not None:
                 on_wait(waited)
-            time.sleep(0.5)
-
-    def stop(self, grace: float = 60.0) -> int | None:
-        """SIGTERM (the worker hands back what runs and closes its engine), then SIGKILL
-        whatever is left of its process group."""
-        code = _terminate(self.process, grace)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # vLLM's engine core, if orphaned
-        return code
+            time.sleep(poll_s)
 
 
 def _terminate(process: subprocess.Popen[bytes], grace: float) -> int | None:

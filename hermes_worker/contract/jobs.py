@@ -688,8 +688,10 @@ def _check_tree(body: object) -> None:
             stack.extend((value, (*path, index)) for index, value in enumerate(node))
 
 
-def _decode_body(raw: object) -> dict[str, Any]:
-    """Turn a raw body into a JSON object, or raise a one-line InvalidRequest."""
+def decode_body(raw: object) -> dict[str, Any]:
+    """Turn a raw body into a JSON object, or raise a one-line InvalidRequest (no NaN, no
+    duplicate keys, no integer too long, a bounded depth: the strict reading every path of
+    the service shares)."""
     if isinstance(raw, bytes | bytearray):
         try:
             raw = bytes(raw).decode("utf-8")
@@ -725,7 +727,7 @@ def parse_job(raw: bytes | str | Mapping[str, Any]) -> ChatJob:
     Raises :class:`InvalidRequest`, and nothing else, for any body that is not a valid
     job; its message is one line naming each offending field by dotted path.
     """
-    body = _decode_body(raw)
+    body = decode_body(raw)
     try:
         return ChatJob.model_validate(body)
     except ValidationError as exc:

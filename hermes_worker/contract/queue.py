@@ -30,6 +30,11 @@ TASK_NAME = "hermes.chat"
 PRIORITY_STEPS = list(range(10))
 PRIORITY_SEP = ":"  # a step's list is "<queue>:<step>" (step 0: the queue name alone)
 UNACKED_MUTEX_EXPIRE_S = 10
+# kombu's record of delivered, unacknowledged messages (its defaults, named here so that the
+# reaper, worker/reaper.py, reads the same keys): a hash tag -> [message, exchange, routing
+# key] and a sorted set tag -> delivery time.
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -68,6 +73,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # takes milliseconds, and restoring one message twice is impossible anyway (each
             # restore is a WATCH transaction), so a dead holder now costs seconds.
             "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
+            "unacked_key": UNACKED_KEY,
+            "unacked_index_key": UNACKED_INDEX_KEY,
             # Ours (hermes_worker/worker/transport.py): a burst is taken in one call, not one each.
             "delivery_batch": settings.delivery_batch,
         },
@@ -95,10 +102,14 @@ def broker_ssl(redis_url: str) -> dict[str, Any] | None:
     return options
 
 
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app configured for hermes-worker (not set as Celery's current app)."""
+def make_celery(settings: Settings, deliveries_key: str | None = None) -> Celery:
+    """A Celery app configured for hermes-worker (not set as Celery's current app). A
+    worker's app passes ``deliveries_key`` (``Keys.deliveries``): the consumer records there
+    the delivery tag of every message it holds, for the reaper (worker/reaper.py)."""
     app = Celery("hermes_worker", set_as_current=False)
     app.conf.update(celery_config(settings))
+    if deliveries_key is not None:
+        app.conf.broker_transport_options["deliveries_key"] = deliveries_key
     return app
 
 
@@ -134,7 +145,7 @@ def job_message(
 ) -> tuple[str, str]:
     """The list and the payload that :func:`send_job` would push for this job, built here
     so that a producer can push it itself, in the Lua call that records the job (one round
-    trip; see ``producers.client.SUBMIT_LUA``), rather than through Celery's blocking
+    trip; see ``contract.scripts.SUBMIT``), rather than through Celery's blocking
     publish in a thread: about half the CPU and latency of ``send_task`` alone (figures:
     docs/benchmarks.md, "Measurements behind design choices").
 

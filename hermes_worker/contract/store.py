@@ -5,23 +5,31 @@ Shared by the worker (writer) and producers (readers), so both sides agree on on
 * ``{prefix}job:{id}`` — a hash, the job record: ``status``, ``attempts``, ``worker``,
   ``queued_at``, ``started_at``, ``first_token_at``, ``finished_at`` (unix seconds),
   ``body`` (the job as submitted), ``result`` (the final ``JobResult`` JSON, once ended),
-  ``requeued`` (set when a dead letter was put back: its stream already has events).
+  ``requeued`` (set when a dead letter was put back: its stream already has events),
+  ``digest`` (SHA-1 of ``body``: a delivered message must carry that body),
+  ``deliveries`` (deliveries that have not come back: past a limit the job is poison),
+  ``cancel_requested``, ``problems``.
 * ``{prefix}job:{id}:lease`` — present while an attempt runs: the owner's token, kept
   alive by heartbeat. A redelivered copy that finds it waits; one that finds it gone (the
   worker died) runs the job again as the next attempt.
 * ``{prefix}cancel`` — pub/sub channel; a cancel sets ``cancel_requested`` in the record
   and publishes the job id, so the worker running it aborts the engine request.
-* ``{prefix}dlq`` — a list of job ids that ran out of retries.
+* ``{prefix}dlq`` — a list of job ids that ran out of retries (or were poison).
+* ``{prefix}worker:{name}`` and ``{prefix}workers`` — a worker's vitals and the index of
+  workers (``worker/vitals.py``); ``{prefix}worker:{name}:deliveries`` — the Celery
+  messages it holds, restored to the queue when it dies (``worker/reaper.py``).
 * ``{prefix}job:{id}:events`` — a Redis Stream. Each entry has ``seq`` (strictly
   increasing per job), ``type`` and ``data`` (JSON). Readers resume from the last entry id
   they saw. ``done``, ``error`` and ``cancelled`` are terminal: exactly one per attempt.
 
 Every key of a job expires: a long safety TTL while it is alive, ``result_ttl_s`` after it
 ends. Celery only carries the job; results never go through Celery's result backend.
+Every Lua script that writes these keys is in ``scripts.py``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -81,6 +89,11 @@ class Keys:
         """A worker's vitals hash, written by its heartbeat (``vitals.py``)."""
         return f"{self.prefix}worker:{name}"
 
+    def deliveries(self, name: str) -> str:
+        """The delivery tags of the Celery messages a worker holds (a set): when the worker
+        dies, a reaper puts these messages back on their queue (``worker/reaper.py``)."""
+        return f"{self.prefix}worker:{name}:deliveries"
+
     @property
     def workers(self) -> str:
         """The sorted set of worker names, scored by last heartbeat (unix seconds)."""
@@ -102,6 +115,16 @@ class StreamEvent:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "seq": self.seq, "type": self.type, "data": self.data}
+
+
+def body_json(body: Any) -> str:
+    """A job body as a record stores it: compact JSON, non-ASCII kept."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def body_digest(stored: str) -> str:
+    """The ``digest`` of a record's ``body`` (as Lua's ``redis.sha1hex`` computes it)."""
+    return hashlib.sha1(stored.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def encode_event(seq: int, type_: EventType, data: Any) -> dict[str, str]:

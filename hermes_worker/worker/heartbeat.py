@@ -1,10 +1,14 @@
 """Background duties of a worker's runtime loop: leases, cancel requests, engine health.
 
-* :func:`heartbeat` renews the lease of every running job (so no other worker takes it),
-  stops any job whose lease was lost or that has a cancel request, and publishes the
-  worker's own vitals under ``{prefix}worker:{name}`` (model, uptime, running jobs, engine
-  load, jobs finished / failed lately; layout in :mod:`hermes_worker.worker.vitals`) for
-  operators and tests. The hash expires after three missed beats; a clean stop deletes it.
+* :func:`heartbeat` renews the lease of every running job in one call (so no other worker
+  takes it), stops any job whose lease was lost, or cannot be proven for longer than the
+  lease TTL less a beat (Redis unreachable: another worker may own the job by then;
+  :func:`watch_leases`), or
+  that has a cancel request, and publishes the worker's own vitals under
+  ``{prefix}worker:{name}`` (model, uptime, running jobs, engine load, jobs finished /
+  failed lately; layout in :mod:`hermes_worker.worker.vitals`) for operators and tests. The
+  hash expires after three missed beats; a clean stop deletes it. Each beat also sweeps for
+  dead workers whose messages wait to be put back on the queue (``worker/reaper.py``).
 * :func:`listen_for_cancels` reacts to cancel requests at once (pub/sub); the heartbeat's
   check covers a message missed while Redis reconnected.
 * :func:`watch_engine` exits the process as soon as the engine dies, idle or not.
@@ -23,6 +27,7 @@ from redis.exceptions import RedisError
 
 from hermes_worker.inference.engine_api import EngineLike
 from hermes_worker.worker.execution import JobContext
+from hermes_worker.worker.reaper import Reaper
 from hermes_worker.worker.vitals import INDEX_PRUNE_S, Vitals, engine_load
 
 log = structlog.stdlib.get_logger(__name__)
@@ -47,24 +52,36 @@ async def publish_vitals(ctx: JobContext, vitals: Vitals, ttl_s: float) -> None:
 
 
 async def withdraw_vitals(ctx: JobContext) -> None:
-    """A clean stop: leave the live workers at once, not after the hash expires."""
+    """A clean stop: leave the live workers at once, not after the hash expires. The name
+    stays in the index while messages of this worker are still recorded (a restore that
+    failed at shutdown): the reaper finds them there."""
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.delete(ctx.keys.worker(ctx.worker))
-    pipe.zrem(ctx.keys.workers, ctx.worker)
-    await pipe.execute()
+    pipe.scard(ctx.keys.deliveries(ctx.worker))
+    _, held = await pipe.execute()
+    if not held:
+        await ctx.redis.zrem(ctx.keys.workers, ctx.worker)
 
 
-async def heartbeat(ctx: JobContext, interval_s: float, vitals: Vitals) -> None:
+async def heartbeat(
+    ctx: JobContext, interval_s: float, vitals: Vitals, reaper: Reaper | None = None
+) -> None:
     try:
         while True:
             try:
-                lost, cancelled = await ctx.leases.renew(dict(ctx.held))
+                sent, held = time.monotonic(), dict(ctx.held)
+                lost, cancelled = await ctx.leases.renew(held)
+                for job_id in held.keys() - lost:
+                    if job_id in ctx.proven:
+                        ctx.proven[job_id] = sent
                 for job_id in lost:
                     log.warning("job %s: lease lost; another worker owns it now", job_id)
-                    _stop(ctx, job_id, "lease_lost")
+                    ctx.lease_lost(job_id)
                 for job_id in cancelled:
                     _stop(ctx, job_id, "cancel")
                 await publish_vitals(ctx, vitals, ttl_s=interval_s * 3)
+                if reaper is not None:
+                    await reaper.sweep()
             except RedisError as exc:  # Redis away: leases live on for their TTL; try again
                 vitals.redis_errors["heartbeat"] += 1
                 log.warning("heartbeat failed: %s", exc)
@@ -74,6 +91,25 @@ async def heartbeat(ctx: JobContext, interval_s: float, vitals: Vitals) -> None:
         with contextlib.suppress(RedisError, TimeoutError):
             async with asyncio.timeout(2.0):
                 await withdraw_vitals(ctx)
+
+
+async def watch_leases(ctx: JobContext, beat_s: float) -> None:
+    """Stop every job whose lease was last proven (claimed or renewed) longer ago than the
+    lease TTL less a beat: by the time it could expire, this worker has stopped writing for
+    it. Apart from the heartbeat, whose renewal may itself hang on a Redis that does not
+    answer; it looks four times a beat."""
+    limit_s = ctx.leases.ttl_ms / 1000 - beat_s
+    while True:
+        now = time.monotonic()
+        for job_id, proven in list(ctx.proven.items()):
+            if now - proven > limit_s and job_id in ctx.controls:
+                log.warning(
+                    "job %s: lease not renewed for %.1f s; stopping it (it may run elsewhere)",
+                    job_id,
+                    now - proven,
+                )
+                ctx.lease_lost(job_id)
+        await asyncio.sleep(beat_s / 4)
 
 
 def _stop(ctx: JobContext, job_id: str, reason: str) -> None:

@@ -13,67 +13,23 @@ lease: ``SET {job}:lease <token> NX PX ttl``, renewed by the runtime's heartbeat
 * A claim is safe to send again with the same token: when the reply to the first one was
   lost (a Redis reply slower than the socket timeout), the second finds its own lease and
   answers with the same attempt instead of waiting that lease out as someone else's.
+* Every write of an attempt checks its token (``worker/stream.py``), and a worker that
+  cannot renew a lease for longer than its TTL less a beat stops that job itself
+  (``worker/heartbeat.py``): a worker that lost its lease never writes into another's run.
+* Every delivery is counted before the body is even read (:meth:`Leases.count_delivery`),
+  and must carry the body its record holds: a message that keeps killing its worker ends
+  as ``poison``, and a forged one never runs under another job's id.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from hermes_worker.contract import scripts
 from hermes_worker.contract.store import ALIVE_TTL_S, Keys, as_text
-
-TERMINAL = ("succeeded", "failed", "cancelled", "expired")
-
-_CLAIM = """
-local rec = redis.call('HMGET', KEYS[1], 'status', 'queued_at', 'cancel_requested',
-                       'attempts', 'requeued')
-local status = rec[1]
-for _, ended in ipairs({'succeeded', 'failed', 'cancelled', 'expired'}) do
-  if status == ended then return {'ended', status} end
-end
-local before = tonumber(rec[4] or '0') or 0
-local queued_at = rec[2] or ARGV[3]
-if redis.call('GET', KEYS[2]) == ARGV[1] then
-  -- Our own claim again: the reply to the first one was lost (a timeout). Same attempt.
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  before = math.max(before - 1, 0)
-elseif not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {'leased', tostring(redis.call('PTTL', KEYS[2]))}
-else
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[3], 'worker', ARGV[4],
-             'attempts', tostring(before + 1), 'queued_at', queued_at)
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-end
--- Events exist only after an earlier attempt (or before a requeue): continue their seq.
-local seq = 0
-if before > 0 or rec[5] then
-  local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-  if last[1] then
-    local fields = last[1][2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'seq' then seq = tonumber(fields[i + 1]) end
-    end
-  end
-end
-return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or ''}
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-# release: drop the lease if it is still ours. With ARGV[2] == 'requeue' the job also goes
-# back to 'queued' (a shutdown handing it to another worker).
-_RELEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if ARGV[2] == 'requeue' then redis.call('HSET', KEYS[2], 'status', 'queued') end
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -102,9 +58,12 @@ class Leases:
     def __init__(self, redis: Redis, keys: Keys, ttl_s: float) -> None:
         self._keys = keys
         self.ttl_ms = max(1, int(ttl_s * 1000))
-        self._claim = redis.register_script(_CLAIM)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self._claim = redis.register_script(scripts.CLAIM)
+        self._renew = redis.register_script(scripts.RENEW)
+        self._release = redis.register_script(scripts.RELEASE)
+        self._delivery = redis.register_script(scripts.DELIVERY)
+        self._uncount = redis.register_script(scripts.UNCOUNT)
+        self._dead_letter = redis.register_script(scripts.DEAD_LETTER)
         self._redis = redis
 
     async def claim(
@@ -125,23 +84,49 @@ class Leases:
         )
 
     async def renew(self, held: dict[str, str]) -> tuple[set[str], set[str]]:
-        """Renew every lease held here; returns (lost leases, jobs with a cancel request).
+        """Renew every lease held here in one call, whatever their number; returns (lost
+        leases, jobs with a cancel request).
 
         Checking ``cancel_requested`` here too makes cancellation survive a missed pub/sub
         message (a Redis reconnect drops subscriptions for a moment)."""
-        pipe = self._redis.pipeline(transaction=False)
         jobs = list(held)
-        for job_id in jobs:
-            # Awaiting a script on a pipeline only queues it (and its SCRIPT LOAD if needed).
-            lease_key = self._keys.lease(job_id)
-            await self._renew(keys=[lease_key], args=[held[job_id], self.ttl_ms], client=pipe)
-            pipe.hexists(self._keys.job(job_id), "cancel_requested")
-        replies = await pipe.execute() if jobs else []
-        lost = {job for job, ok in zip(jobs, replies[0::2], strict=True) if not int(ok)}
-        cancelled = {job for job, flag in zip(jobs, replies[1::2], strict=True) if flag}
+        if not jobs:
+            return set(), set()
+        keys = [self._keys.lease(job_id) for job_id in jobs]
+        keys += [self._keys.job(job_id) for job_id in jobs]
+        args: list[str | int] = [self.ttl_ms, *(held[job_id] for job_id in jobs)]
+        replies = await self._renew(keys=keys, args=args)
+        renewed, flags = replies[: len(jobs)], replies[len(jobs) :]
+        lost = {job for job, ok in zip(jobs, renewed, strict=True) if not int(ok)}
+        cancelled = {job for job, flag in zip(jobs, flags, strict=True) if int(flag)}
         return lost, cancelled
 
     async def release(self, job_id: str, token: str, *, requeue: bool = False) -> bool:
         keys = [self._keys.lease(job_id), self._keys.job(job_id)]
         args = [token, "requeue" if requeue else "keep"]
         return bool(await self._release(keys=keys, args=args))
+
+    async def count_delivery(
+        self, job_id: str, digest: str, max_deliveries: int
+    ) -> tuple[str, str]:
+        """Count one delivery of the job whose body has ``digest`` (see
+        :data:`~hermes_worker.contract.scripts.DELIVERY`): (outcome, detail)."""
+        args: list[str | int] = [digest, max_deliveries, ALIVE_TTL_S]
+        outcome, detail = await self._delivery(keys=[self._keys.job(job_id)], args=args)
+        return as_text(outcome), as_text(detail)
+
+    async def uncount_delivery(self, job_id: str) -> None:
+        """A delivery ended without ending its job (a retry, a hand-back): not a crash."""
+        await self._uncount(keys=[self._keys.job(job_id)])
+
+    async def dead_letter(
+        self, job_id: str, now: float, ttl_s: int, result_json: str, data: object
+    ) -> str:
+        """Fail the job and list it in the dead letters unless an attempt holds it or it
+        has ended: ``dead``, ``leased`` or the status it ended with."""
+        keys = self._keys
+        script_keys = [keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.dead_letters]
+        data_json = json.dumps(data, ensure_ascii=False)
+        args: list[str | int | float] = [repr(now), ttl_s, result_json, data_json, job_id]
+        outcome, status = await self._dead_letter(keys=script_keys, args=args)
+        return as_text(status) if as_text(outcome) == "ended" else as_text(outcome)

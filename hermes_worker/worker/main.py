@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -18,10 +20,17 @@ from celery import Celery
 from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_ready, worker_shutting_down
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
+from hermes_worker.cli.doctor import check_at_start
 from hermes_worker.cli.options import given, settings_options
 from hermes_worker.contract.queue import TASK_NAME, make_celery
-from hermes_worker.errors import ConfigurationError, ModelLoadError, RetryableError
+from hermes_worker.errors import (
+    ConfigurationError,
+    ForgedMessage,
+    ModelLoadError,
+    RetryableError,
+)
 from hermes_worker.inference.kv_cache import size_kv_cache
 from hermes_worker.settings import Settings
 from hermes_worker.worker.logs import configure_logging, job_context
@@ -33,7 +42,7 @@ log = structlog.stdlib.get_logger(__name__)
 
 def create_app(settings: Settings, runtime: Runtime) -> Celery:
     """The Celery app with the ``hermes.chat`` task bound to ``runtime``."""
-    app = make_celery(settings)
+    app = make_celery(settings, deliveries_key=runtime.keys.deliveries(runtime.worker))
 
     # *args: a foreign producer may send any shape; the runtime answers it with a clear error.
     @app.task(name=TASK_NAME, bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
@@ -44,6 +53,9 @@ def create_app(settings: Settings, runtime: Runtime) -> Celery:
                 status = runtime.run_job(body, task.request.id)
             except RetryableError as exc:
                 return _retry_or_dead_letter(task, runtime, body, exc)
+            except ForgedMessage as exc:  # dropped; the job it names is left as it is
+                log.error("dropped a message: %s", exc.message)
+                raise Reject(exc.message, requeue=False) from exc
         if status is None:  # shutting down: straight back to the queue for another worker
             raise Reject("worker shutting down", requeue=True)
         return status.value
@@ -52,23 +64,78 @@ def create_app(settings: Settings, runtime: Runtime) -> Celery:
 
 
 def _retry_or_dead_letter(task: Any, runtime: Runtime, body: Any, error: RetryableError) -> str:
+    """Send the job again after a backoff, or, out of retries, fail it into the dead
+    letters. This delivery is acknowledged only once one of them is written: while Redis
+    refuses the write (full under noeviction, or away) it is made again
+    (:func:`_while_redis_refuses`), as a job's end is; Celery alone would acknowledge the
+    delivery all the same, deleting the message with the job's record left queued or
+    running for ever."""
     retries = int(task.request.retries or 0)
+    job_id = job_id_for(body, task.request.id)
+    patience_s = runtime.settings.visibility_timeout_s
     if retries < runtime.settings.max_retries:
         log.warning("job %s: %s; retry %d", task.request.id, error.message, retries + 1)
-        # Celery sends the job again (same id) after the backoff, then acks this delivery.
-        raise task.retry(exc=error, countdown=min(2**retries, 30), max_retries=None)
-    job_id = job_id_for(body, task.request.id)
+        runtime.uncount_delivery(job_id)  # a retry is not a delivery that crashed
+
+        def send_retry() -> None:
+            # Celery sends the job again (same id) after the backoff and raises Retry, on
+            # which it acks this delivery; a retry it could not send raises Reject.
+            raise task.retry(exc=error, countdown=min(2**retries, 30), max_retries=None)
+
+        _while_redis_refuses(job_id, "its retry", send_retry, patience_s)
     log.error("job %s: out of retries (%s); dead-lettered", job_id, error.message)
-    runtime.dead_letter(job_id, error)
+    _while_redis_refuses(
+        job_id, "its failure", lambda: runtime.dead_letter(job_id, error), patience_s
+    )
     return "failed"
+
+
+REFUSED_PAUSE_S = 1.0  # between two tries of a write Redis refused
+
+
+def _while_redis_refuses(
+    job_id: str, what: str, write: Callable[[], object], patience_s: float
+) -> None:
+    """Make ``write`` (a retry, a dead letter), again every REFUSED_PAUSE_S while Redis
+    refuses it or is away, holding this delivery unacknowledged meanwhile. Past
+    ``patience_s`` the delivery is rejected with requeue (:func:`_keep`): the visibility
+    sweep would hand the message out again by then anyway."""
+    give_up = time.monotonic() + patience_s
+    tries = 0
+    while True:
+        try:
+            write()
+            return
+        except (Reject, RedisError) as exc:  # Reject: Celery could not send a retry
+            reason = exc.reason if isinstance(exc, Reject) else exc
+            if time.monotonic() >= give_up:
+                raise _keep(job_id, f"{what} could not be written ({reason})") from exc
+            if tries == 0:
+                log.warning(
+                    "job %s: Redis refused %s (%s); trying again every %g s",
+                    job_id, what, reason, REFUSED_PAUSE_S,
+                )  # fmt: skip
+            tries += 1
+            time.sleep(REFUSED_PAUSE_S)
+
+
+def _keep(job_id: str, why: str) -> Reject:
+    """What the task raises for a delivery that must not be acknowledged: kombu puts the
+    message back on the queue, or, when Redis refuses that too, leaves it unacknowledged
+    for the visibility sweep. A copy whose job has ended meanwhile finds it ended."""
+    log.error("job %s: %s; its message is kept for another delivery", job_id, why)
+    return Reject(why, requeue=True)
 
 
 def run_worker(settings: Settings, loglevel: str = "INFO", log_format: str | None = None) -> int:
     """Size the KV cache, build the engine, consume jobs until told to stop, close the
     engine; exit status. ConfigurationError, before anything starts, when the KV cache
-    cannot fit in this machine's memory."""
+    cannot fit in this machine's memory, or (UnsafeRedis, HERMES_REDIS_CHECK=refuse) when
+    Redis would lose jobs."""
     # Before the engine starts: its processes inherit the logging set up here.
     configure_logging(loglevel, log_format, worker=worker_name(settings))
+    # Before the model loads: a Redis that would lose jobs is reported (or refused) at once.
+    check_at_start(settings)
     settings = size_kv_cache(settings)
     runtime = Runtime(settings)
     setup_logging.connect(_keep_our_logging, weak=False)
@@ -134,6 +201,7 @@ def _keep_our_logging(**_: Any) -> None:
     "metrics_port",
     "engine",
     "scripted_tokens_per_s",
+    "redis_check",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option(

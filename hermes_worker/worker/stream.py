@@ -16,6 +16,12 @@ Per job, operations reach Redis in the order they were made. A job's end
 (:meth:`StreamWriter.close`) goes through the same queue and is awaited: the record
 (status, result) is written before the terminal event in the same pipeline, and Redis runs
 a pipeline in order, so a reader that sees the terminal event always finds the result.
+
+Every write is fenced by the attempt's lease: a flush writes each job's operations with
+one script (``contract.scripts.WRITE``) that checks the lease still holds the attempt's
+token. A worker that lost a job's lease (paused past it, cut off from Redis while another
+worker took the job over) writes nothing more for it, not even its end: the job is then
+stopped here (``on_fenced``) and its end, if it had come, reports that it was not written.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +38,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from hermes_worker.contract import scripts
 from hermes_worker.contract.store import Keys, decode_event, encode_event
 
 log = structlog.stdlib.get_logger(__name__)
@@ -44,12 +52,14 @@ class JobStream:
 
     job_id: str
     next_seq: int = 1
+    token: str = ""  # the attempt's lease token: every write checks it
     ops: list[list[Any]] = field(default_factory=list)
     since: float | None = None  # when the oldest op not yet written was made (monotonic)
     tokens: int = 0  # tokens generated since the last write
     urgent: bool = False
     soon: bool = False  # holds an event that goes out with the next regular flush
     unsure: bool = False  # a write failed: some of its events may have landed all the same
+    fenced: bool = False  # the lease no longer holds the token: nothing more is written
 
     def taken(self) -> list[list[Any]]:
         """Its pending ops, handed over to be written (or dropped): nothing is pending now."""
@@ -72,6 +82,9 @@ class StreamWriter:
         max_flush_s: float | None = None,
     ) -> None:
         self._redis = redis
+        self._write = redis.register_script(scripts.WRITE)
+        # Called with the id of a job whose write was fenced off (its lease is lost).
+        self.on_fenced: Callable[[str], None] | None = None
         self._keys = keys
         self._flush_s = flush_s
         self._min_tokens = min_tokens
@@ -89,6 +102,11 @@ class StreamWriter:
         self.failed_flushes = 0  # for metrics (hermes_redis_errors_total)
         self._failing = False
 
+    @property
+    def result_ttl_s(self) -> int:
+        """How long an ended job's keys live."""
+        return self._ttl_s
+
     # -- called by jobs (synchronous, never awaits Redis) ----------------------------------
 
     def emit(
@@ -97,6 +115,8 @@ class StreamWriter:
         """Queue an event; text right after text of the same kind joins the same entry.
         (Count the tokens behind text with :meth:`generated`.) ``urgent``: written at once;
         ``soon``: with the next regular flush (within ``flush_s``), whatever the tokens."""
+        if stream.fenced:
+            return
         last = stream.ops[-1] if stream.ops else None
         if type_ in TEXT_EVENTS and last and last[0] == "xadd" and last[1] == type_:
             last[2] = {"text": last[2]["text"] + data["text"]}
@@ -112,23 +132,30 @@ class StreamWriter:
 
     def record(self, stream: JobStream, **fields: Any) -> None:
         """Queue fields for the job's record hash."""
+        if stream.fenced:
+            return
         stream.ops.append(["hset", {k: _field(v) for k, v in fields.items()}])
         self._mark(stream, urgent=False)
 
-    async def close(self, stream: JobStream, fields: dict[str, Any], type_: str, data: Any) -> None:
-        """Write the final record, the terminal event and the expiry; return once written."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def close(self, stream: JobStream, fields: dict[str, Any], type_: str, data: Any) -> bool:
+        """Write the final record, the terminal event and the expiry; return once written:
+        True, or False when the lease was lost first and nothing of it was written."""
+        if stream.fenced:
+            return False
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         stream.ops.append(["hset", {k: _field(v) for k, v in fields.items()}])
         stream.ops.append(["xadd", type_, data])
         stream.ops.append(["end", done])
         self._mark(stream, urgent=True)
-        await done
+        return await done
 
     async def settle(self, stream: JobStream) -> None:
         """Return once everything this stream emitted so far is written (an attempt that
         stops without a terminal event: the next attempt numbers its events on from these).
         It goes through the flusher's queue, so a write already under way is done too."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if stream.fenced:
+            return
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         stream.ops.append(["sync", done])
         self._mark(stream, urgent=True)
         await done
@@ -137,7 +164,7 @@ class StreamWriter:
         """Drop what this stream has not written yet (its job belongs to another worker now)."""
         for op in stream.taken():
             if op[0] in ("end", "sync") and not op[1].done():
-                op[1].set_result(None)
+                op[1].set_result(False)
         stream.unsure = False
         self._dirty.pop(stream.job_id, None)
 
@@ -198,18 +225,20 @@ class StreamWriter:
         if self._dirty:
             self._wake.set()  # the rest stays pending: the loop comes back for it
         pipe = self._redis.pipeline(transaction=False)
-        finished: list[asyncio.Future[None]] = []
+        finished: list[tuple[JobStream, asyncio.Future[bool]]] = []
         taken: list[tuple[JobStream, list[list[Any]]]] = []
+        written: list[JobStream] = []  # the streams whose script is in the pipeline, in order
         try:
             await self._skip_landed([s for s in batch if s.unsure])
             for stream in batch:
                 ops = stream.taken()
                 taken.append((stream, ops))
-                finished.extend(self._queue_ops(pipe, stream, ops))
-            count = len(pipe.command_stack)
-            if count:
-                await pipe.execute()
-            self.commands_sent += count
+                futures, queued = await self._queue_ops(pipe, stream, ops)
+                finished.extend((stream, future) for future in futures)
+                if queued:
+                    written.append(stream)
+            replies = await pipe.execute() if written else []
+            self.commands_sent += len(written)
         except RedisError as exc:
             self.failed_flushes += 1
             # Keep the ops, in order, ahead of anything newer, and try again on the next tick
@@ -223,28 +252,49 @@ class StreamWriter:
         if self._failing:
             log.warning("stream writes resumed")
             self._failing = False
-        for future in finished:
+        for stream, reply in zip(written, replies, strict=True):
+            if not int(reply):
+                self._fence(stream)
+        for stream, future in finished:
             if not future.done():
-                future.set_result(None)
+                future.set_result(not stream.fenced)
 
-    def _queue_ops(
+    def _fence(self, stream: JobStream) -> None:
+        """The lease no longer holds this attempt's token: write nothing more for it."""
+        log.warning("job %s: lease lost; its writes are refused", stream.job_id)
+        stream.fenced = True
+        self.discard(stream)
+        if self.on_fenced is not None:
+            self.on_fenced(stream.job_id)
+
+    async def _queue_ops(
         self, pipe: Any, stream: JobStream, ops: list[list[Any]]
-    ) -> list[asyncio.Future[None]]:
-        job_key, events_key = self._keys.job(stream.job_id), self._keys.events(stream.job_id)
-        finished: list[asyncio.Future[None]] = []
+    ) -> tuple[list[asyncio.Future[bool]], bool]:
+        """Queue one script call on ``pipe`` writing these ops under the stream's token;
+        returns the futures to resolve once written, and whether anything was queued."""
+        args: list[Any] = [stream.token, self._ttl_s]
+        finished: list[asyncio.Future[bool]] = []
         for op in ops:
             if op[0] == "xadd":
-                pipe.xadd(events_key, encode_event(stream.next_seq, op[1], op[2]))
+                fields = encode_event(stream.next_seq, op[1], op[2])
+                args += ["x", fields["seq"], fields["type"], fields["data"]]
                 stream.next_seq += 1
             elif op[0] == "hset":
-                pipe.hset(job_key, mapping=op[1])
+                args += ["h", len(op[1])]
+                for name, value in op[1].items():
+                    args += [name, value]
             elif op[0] == "sync":
                 finished.append(op[1])
             else:  # end of the job: every key of a job expires after it ends
-                pipe.expire(job_key, self._ttl_s)
-                pipe.expire(events_key, self._ttl_s)
+                args.append("e")
                 finished.append(op[1])
-        return finished
+        if len(args) == 2:
+            return finished, False
+        job_id = stream.job_id
+        keys = [self._keys.lease(job_id), self._keys.job(job_id), self._keys.events(job_id)]
+        # Awaiting a script on a pipeline only queues it (and its SCRIPT LOAD if needed).
+        await self._write(keys=keys, args=args, client=pipe)
+        return finished, True
 
     def _requeue(self, taken: list[tuple[JobStream, list[list[Any]]]]) -> None:
         for stream, ops in taken:

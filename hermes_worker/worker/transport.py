@@ -18,12 +18,21 @@ Third, the consumer takes a burst of messages in one round trip instead of one e
 kombu pops one message per ``BRPOP`` and records it in the unacked hash in a second round
 trip; on a busy box a burst is claimed one message every few milliseconds (every round
 trip waiting for a CPU for redis-server). Here, once ``BRPOP``
-has delivered a message, one Lua call (:data:`TAKE_MORE_LUA`) pops as many more as the
+has delivered a message, one Lua call (:data:`scripts.TAKE_MORE`) pops as many more as the
 prefetch limit and ``delivery_batch`` allow and records each in the unacked hash in the same
 atomic step, so a worker killed between the pop and the delivery leaves them to the
 visibility sweep (stock kombu loses the one message it has popped and not yet recorded).
 A burst is then claimed about four times faster (figures: docs/benchmarks.md, "Measurements
 behind design choices").
+
+Fifth, a worker's consumer records the delivery tag of every message it holds in a set of
+its own (the ``deliveries_key`` transport option, ``Keys.deliveries``), in the same round
+trip as kombu's record, and removes it with kombu's; the reaper (worker/reaper.py) puts a
+dead worker's messages back on the queue from there, in seconds rather than after the
+visibility timeout. And every message put back on a queue (by kombu's visibility sweep, a
+reject, a shutdown, or the reaper) gets a new delivery tag: a late ack of the old tag, from
+a worker that was only paused, can then never remove the record of the worker that holds
+the message now.
 
 Fourth, a full worker (as many jobs as its prefetch limit, the usual state under load) takes
 its next job as soon as one ends. With no room, kombu sends no BRPOP (or parks the reply of
@@ -39,6 +48,7 @@ import contextlib
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -48,8 +58,10 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.transport.virtual import Empty
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 from redis.exceptions import RedisError, ResponseError
+
+from hermes_worker.contract import scripts
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -61,74 +73,56 @@ UNDECODABLE = (ValueError, TypeError)
 CONNECTION_GONE = (AttributeError, RedisError)
 
 
-# KEYS: unacked index (zset), unacked (hash), then the queue's lists in BRPOP's order.
-# ARGV: how many to take, the time to index them at. Pops from the first non-empty list on
-# (as BRPOP would, one at a time) and records each message the way kombu's QoS.append does:
-# ZADD index tag now, HSET unacked tag [message, exchange, routing key] (the message's own
-# bytes, not re-encoded). An item that is not a kombu message is popped but not recorded;
-# Python drops it. Returns [list number (1 = KEYS[3]), item, the delivery tag it was recorded
-# under or ''] per item, flat.
-#
-# The tag and the delivery info are read off the start of the item when it begins with them
-# (as our producers write it: ``hermes_worker.contract.queue.job_message``), so Redis does
-# not decode the body, a job's whole conversation in base64. Anchored at the start and
-# stopping at the first quote or backslash, the match cannot fall inside a string; anything
-# else (Celery's own send_task, an escaped routing key) is decoded whole; decoding cost Redis
-# more than the pop and the record together (docs/benchmarks.md). Python compares the tag
-# with the one kombu will ack and forgets a record made under another.
-TAKE_MORE_LUA = """
-local head = '^{"properties": {"delivery_tag": "([^"\\\\]+)", "delivery_info": '
-    .. '{"exchange": "", "routing_key": "([^"\\\\]*)"'
--- The item's delivery tag, exchange and routing key (those two as JSON), or nil.
-local function delivery(item)
-    local tag, route = string.match(item, head)
-    if tag then return tag, '""', '"' .. route .. '"' end
-    local ok, message = pcall(cjson.decode, item)
-    if not (ok and type(message) == 'table' and type(message.properties) == 'table') then
-        return nil
-    end
-    local info = message.properties.delivery_info
-    tag = message.properties.delivery_tag
-    if type(tag) == 'string' and type(info) == 'table' and type(info.exchange) == 'string'
-            and type(info.routing_key) == 'string' then
-        return tag, cjson.encode(info.exchange), cjson.encode(info.routing_key)
-    end
-    return nil
-end
-local left = tonumber(ARGV[1])
-local taken = {}
-for k = 3, #KEYS do
-    while left > 0 do
-        local item = redis.call('RPOP', KEYS[k])
-        if not item then break end
-        left = left - 1
-        local tag, exchange, route = delivery(item)
-        if tag then
-            redis.call('ZADD', KEYS[1], ARGV[2], tag)
-            redis.call('HSET', KEYS[2], tag, '[' .. item .. ',' .. exchange .. ',' .. route .. ']')
-        end
-        taken[#taken + 1] = k - 2
-        taken[#taken + 1] = item
-        taken[#taken + 1] = tag or ''
-    end
-    if left == 0 then break end
-end
-return taken
-"""
+# The deliveries keys (one per worker) of consumers told to take no more messages.
+_stopped: set[str] = set()
+
+
+def stop_taking(deliveries_key: str) -> None:
+    """No more messages for the worker whose consumer records its deliveries under
+    ``deliveries_key``: it sends no BRPOP from now on (one already sent may still deliver,
+    within ``Transport.brpop_timeout``). For a worker about to hand back everything it holds
+    and exit: what it gives back, it must not take again."""
+    _stopped.add(deliveries_key)
 
 
 class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        # Delivery tags that TAKE_MORE_LUA has already put in the unacked hash.
+        # Delivery tags that the TAKE_MORE script has already put in the unacked hash.
         self.recorded: set[str] = set()
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         if delivery_tag in self.recorded:
             self.recorded.discard(delivery_tag)
             virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
-        else:
-            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        # kombu's record (ZADD index, HSET unacked), and ours of who holds it, in one call
+        # that a full Redis still runs (scripts.RECORD): BRPOP has popped the message already.
+        delivery = message.delivery_info
+        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])  # type: ignore[no-untyped-call]
+        owned = self.channel.deliveries_key
+        keys = [self.unacked_index_key, self.unacked_key, owned or self.unacked_key]
+        args = [delivery_tag, time.time(), entry, "1" if owned else "0"]
+        with self.channel.conn_or_acquire() as client:
+            client.eval(scripts.RECORD, len(keys), *keys, *args)
+        virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def can_consume(self) -> bool:
+        if self.channel.deliveries_key in _stopped:
+            return False
+        return bool(super().can_consume())  # type: ignore[no-untyped-call]
+
+    def can_consume_max_estimate(self) -> int | None:
+        if self.channel.deliveries_key in _stopped:
+            return 0
+        estimate: int | None = super().can_consume_max_estimate()  # type: ignore[no-untyped-call]
+        return estimate
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        pipe = super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[no-untyped-call]
+        if self.channel.deliveries_key:
+            pipe.srem(self.channel.deliveries_key, delivery_tag)
+        return pipe
 
     @contextmanager
     def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
@@ -162,13 +156,27 @@ class QoS(kombu_redis.QoS):
                 log.warning(
                     "ack lost with the old connection (%s); redelivery will be skipped", exc
                 )
+                self._quick_ack(delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         with self._waking_when_room_returns():
             try:
                 super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
             except CONNECTION_GONE as exc:
-                log.warning("reject lost with the old connection (%s)", exc)
+                # Refused (a full Redis) or cut off: the message stays recorded for the
+                # sweep; its prefetch slot here is freed, or after as many such failures as
+                # HERMES_CONCURRENCY the consumer would take no job again.
+                log.warning("reject lost (%s); the message is left to the sweep", exc)
+                self._quick_ack(delivery_tag)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
+        """kombu's visibility sweep; one that Redis refuses (its mutex is a SET NX, which a
+        full Redis turns down) is tried again at the next interval, not fatal."""
+        try:
+            return super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except ResponseError as exc:
+            log.warning("visibility sweep refused (%s); trying again later", exc)
+            return None
 
     @contextmanager
     def _waking_when_room_returns(self) -> Iterator[None]:
@@ -176,10 +184,11 @@ class QoS(kombu_redis.QoS):
         Celery's threads pool acks from the job's thread, while the loop sleeps until its
         next timer (kombu's binding refresh, each second) with no BRPOP to wait on (none
         is sent without room; one whose reply came in meanwhile is parked, message inside)."""
-        full = not self.can_consume()  # type: ignore[no-untyped-call]
+        full = not self.can_consume()
         yield
-        if full:
-            self.channel.connection.wake_event_loop()
+        connection = self.channel.connection
+        if full and connection is not None:  # None: reconnecting; the new loop polls anyway
+            connection.wake_event_loop()
 
 
 class Channel(kombu_redis.Channel):
@@ -188,11 +197,23 @@ class Channel(kombu_redis.Channel):
     # The most messages taken per BRPOP, the first included (the transport option
     # "delivery_batch", HERMES_DELIVERY_BATCH); the prefetch limit may bind first. 1: stock.
     delivery_batch = 64
+    # Where this consumer records the tags of the messages it holds (a worker's
+    # Keys.deliveries; None: not recorded, as for a producer's app).
+    deliveries_key: str | None = None
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
         "delivery_batch",
+        "deliveries_key",
     )
-    _take_more_script: Any = None  # TAKE_MORE_LUA, registered on first use
+    _take_more_script: Any = None  # scripts.TAKE_MORE, registered on first use
+
+    def _do_restore_message(
+        self, payload: Any, exchange: Any, routing_key: Any, pipe: Any, leftmost: bool = False
+    ) -> None:
+        """kombu's restore, under a new delivery tag (see the module's docstring)."""
+        with contextlib.suppress(KeyError, TypeError):
+            payload["properties"]["delivery_tag"] = str(uuid.uuid4())
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)  # type: ignore[no-untyped-call]
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
@@ -205,7 +226,7 @@ class Channel(kombu_redis.Channel):
 
     def _take_more(self) -> None:
         """Deliver, after a BRPOP, the messages waiting behind it that the prefetch limit
-        allows, taken and recorded in one call (see :data:`TAKE_MORE_LUA`)."""
+        allows, taken and recorded in one call (see :data:`scripts.TAKE_MORE`)."""
         room = min(self.qos.can_consume_max_estimate() or 0, self.delivery_batch - 1)
         # Without ack emulation there is no unacked hash; with a global key prefix kombu
         # prefixes keys in its own calls: both left to BRPOP alone.
@@ -217,12 +238,16 @@ class Channel(kombu_redis.Channel):
             for pri in self.priority_steps
             for q in queues
         ]
-        keys = [self.unacked_index_key, self.unacked_key, *(name for name, _ in lists)]
+        owned = self.deliveries_key or self.unacked_key  # the key is unused without one
+        keys = [self.unacked_index_key, self.unacked_key, owned, *(name for name, _ in lists)]
+        record = "1" if self.deliveries_key else "0"
         with self.conn_or_acquire() as client:
             if self._take_more_script is None:  # EVALSHA, the body sent once
-                self._take_more_script = client.register_script(TAKE_MORE_LUA)
+                self._take_more_script = client.register_script(scripts.TAKE_MORE)
             try:
-                taken = self._take_more_script(keys=keys, args=[room, time.time()], client=client)
+                taken = self._take_more_script(
+                    keys=keys, args=[room, time.time(), record], client=client
+                )
             except ResponseError as exc:  # an ACL without RPOP, say: carry on as stock kombu
                 log.warning("taking one message per BRPOP from now on: %s", exc)
                 self.delivery_batch = 1

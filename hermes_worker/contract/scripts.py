@@ -1,0 +1,382 @@
+"""Every Lua script the service runs, beside the key layout they work on (``store.py``).
+
+Each script is one atomic step of a job's life, so no two parties can interleave inside it:
+
+* producers: :data:`SUBMIT`, :data:`CANCEL`, :data:`REQUEUE`;
+* a delivery: :data:`DELIVERY` (count it, refuse a forged body) before anything else runs;
+* an attempt: :data:`CLAIM`, then every write under the lease token (:data:`WRITE`: a
+  worker that lost its lease writes nothing), :data:`RENEW` (every lease of a worker in one
+  call), :data:`RELEASE`;
+* the end of retries: :data:`DEAD_LETTER`;
+* the Celery queue: :data:`TAKE_MORE` (a burst of messages in one call) and
+  :data:`RESTORE` (a dead worker's message back on its queue, see ``worker/reaper.py``).
+
+Record fields (``store.py``) are named here as bare strings: the scripts are the places that
+write them. Each script's KEYS and ARGV are documented above it; the Python that calls it
+lives beside its caller.
+"""
+
+from __future__ import annotations
+
+from hermes_worker.contract.jobs import TERMINAL_STATUSES
+
+# A Lua table literal of the terminal statuses: {'cancelled', 'expired', ...}.
+ENDED = "{" + ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_STATUSES)) + "}"
+
+# The seq of the last event in KEYS[n] (0 when the stream is empty), as a Lua function.
+_LAST_SEQ = (
+    """
+local function last_seq(key)
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if last[1] then
+    local fields = last[1][2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'seq' then return tonumber(fields[i + 1]) end
+    end
+  end
+  return 0
+end
+local function ended(status)
+  for _, name in ipairs("""
+    + ENDED
+    + """) do
+    if status == name then return true end
+  end
+  return false
+end
+"""
+)
+
+# --- producers -----------------------------------------------------------------------------
+
+# KEYS: the job record, the queue list. ARGV: now, the body JSON, the TTL of a live job's
+# keys, the job's Celery message (contract.queue.job_message), the body's digest
+# (body_digest). Queues the message and records the job; a known id is neither queued nor
+# recorded again. The message goes first: a script that fails half way keeps what it
+# wrote, and a message without a record is a job from a plain Celery client (it runs), where
+# a record without a message would be a job that never runs.
+SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('LPUSH', KEYS[2], ARGV[4])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', '0',
+           'queued_at', ARGV[1], 'body', ARGV[2], 'digest', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: job record, events stream. ARGV: now, result_ttl_s, the JobResult JSON for a
+# queued job, the job id, the cancel channel, the cancelled event's data JSON.
+# Returns {outcome, status before}: outcome is not_found, ended, cancelled or cancelling.
+CANCEL = (
+    _LAST_SEQ
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found', ''} end
+  status = 'queued'
+end
+if ended(status) then return {'ended', status} end
+redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[1])
+if status ~= 'queued' then
+  redis.call('PUBLISH', ARGV[5], ARGV[4])
+  return {'cancelling', status}
+end
+local seq = last_seq(KEYS[2]) + 1
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'result', ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'cancelled', 'data', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {'cancelled', status}
+"""
+)
+
+# KEYS: dead letters, the job's record, events and lease, the queue list of its priority.
+# ARGV: job id, the TTL of a live job's keys, the job's Celery message (job_message) and the
+# body it was built from. Returns {outcome, detail}: not_in_dlq; not_found or not_failed
+# (status) for a stale id, which is taken off the list; leased (a live lease: never reset a
+# running job); changed (the stored body is not that one: read it again) or requeued. Only a
+# failed job is put back. The message goes first, as in a submit: a script that fails there
+# has changed nothing, so the job is still a dead letter and requeue can be run again; after
+# it, nothing can be lost between the dead letters and the queue.
+REQUEUE = """
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then return {'not_in_dlq', ''} end
+local rec = redis.call('HMGET', KEYS[2], 'status', 'body')
+if not rec[2] then
+  redis.call('LREM', KEYS[1], 0, ARGV[1])
+  return {'not_found', ''}
+end
+if rec[1] ~= 'failed' then
+  redis.call('LREM', KEYS[1], 0, ARGV[1])
+  return {'not_failed', rec[1] or 'queued'}
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then return {'leased', ''} end
+if rec[2] ~= ARGV[4] then return {'changed', ''} end
+redis.call('LPUSH', KEYS[5], ARGV[3])
+redis.call('LREM', KEYS[1], 0, ARGV[1])
+redis.call('HSET', KEYS[2], 'status', 'queued', 'attempts', '0', 'requeued', '1',
+           'deliveries', '0')
+redis.call('HDEL', KEYS[2], 'result', 'finished_at', 'cancel_requested')
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
+return {'requeued', ''}
+"""
+
+# --- a delivery ----------------------------------------------------------------------------
+
+# KEYS: the job record. ARGV: the delivered body's digest (body_digest), the most
+# deliveries a job may have (HERMES_MAX_DELIVERIES), the TTL of a live job's keys.
+# Run first for every delivered message, before the body is even validated: a message that
+# kills its worker is still counted. Returns {outcome, detail}:
+# * ended (status): the job has ended; nothing is counted;
+# * mismatch: the record holds another body (a forged message, or a foreign producer that
+#   wrote the same body differently: the caller compares the bodies themselves);
+# * poison (deliveries): over the limit; ok (deliveries): run it.
+# A job without a record (a plain Celery client's) is counted in a record made for it.
+# A delivery that ends cleanly without ending the job (a retry, a hand-back) takes its
+# count back (:data:`UNCOUNT`), so the count is of deliveries that never came back.
+DELIVERY = (
+    _LAST_SEQ
+    + """
+local rec = redis.call('HMGET', KEYS[1], 'status', 'digest')
+if rec[1] and ended(rec[1]) then return {'ended', rec[1]} end
+local known = rec[2]
+if not known then
+  local body = redis.call('HGET', KEYS[1], 'body')
+  if body then known = redis.sha1hex(body) end
+end
+if known and known ~= ARGV[1] then return {'mismatch', ''} end
+local count = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+if count > tonumber(ARGV[2]) then return {'poison', tostring(count)} end
+return {'ok', tostring(count)}
+"""
+)
+
+# KEYS: the job record. A delivery that ended without ending its job takes its count back.
+UNCOUNT = """
+if redis.call('HGET', KEYS[1], 'deliveries') then
+  local left = redis.call('HINCRBY', KEYS[1], 'deliveries', -1)
+  if left < 0 then redis.call('HSET', KEYS[1], 'deliveries', '0') end
+end
+return 1
+"""
+
+# --- an attempt ----------------------------------------------------------------------------
+
+# KEYS: job record, lease, events. ARGV: lease token, lease TTL (ms), now, worker name, the
+# TTL of a live job's keys. Returns {'ended', status}, {'leased', lease ms left} or
+# {'claimed', attempt, queued_at, last seq, cancel_requested}. Sent again with the same
+# token when a reply was lost, it finds its own lease and answers with the same attempt.
+CLAIM = (
+    _LAST_SEQ
+    + """
+local rec = redis.call('HMGET', KEYS[1], 'status', 'queued_at', 'cancel_requested',
+                       'attempts', 'requeued')
+local status = rec[1]
+if status and ended(status) then return {'ended', status} end
+local before = tonumber(rec[4] or '0') or 0
+local queued_at = rec[2] or ARGV[3]
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  -- Our own claim again: the reply to the first one was lost (a timeout). Same attempt.
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  before = math.max(before - 1, 0)
+elseif not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {'leased', tostring(redis.call('PTTL', KEYS[2]))}
+else
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[3], 'worker', ARGV[4],
+             'attempts', tostring(before + 1), 'queued_at', queued_at)
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
+-- Events exist only after an earlier attempt (or before a requeue): continue their seq.
+local seq = 0
+if before > 0 or rec[5] then seq = last_seq(KEYS[3]) end
+return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or ''}
+"""
+)
+
+# KEYS: the lease, the job record, the events stream. ARGV: the lease token, the TTL of an
+# ended job's keys, then operations, in order:
+#   'x' seq type data            XADD one event
+#   'h' n field value ...        HSET n fields of the record
+#   'e'                          the job ended: its record and stream expire
+# Nothing is written unless the lease still holds the token: a worker that lost its job
+# (paused past its lease, cut off from Redis) can neither stream into nor end a job that
+# another worker runs now. Returns 1 (written) or 0 (fenced off). A full Redis lets it
+# write all the same: the overshoot is bounded by the running jobs, while submits and
+# claims stay refused, so a full Redis drains itself rather than wedging.
+WRITE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+-- A write that needs no memory first: a full Redis (noeviction) then lets the script
+-- finish, so a running job can still write its end, and the memory it holds can expire.
+redis.call('HDEL', KEYS[2], '')
+local i = 3
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'x' then
+    redis.call('XADD', KEYS[3], '*', 'seq', ARGV[i + 1], 'type', ARGV[i + 2],
+               'data', ARGV[i + 3])
+    i = i + 4
+  elseif op == 'h' then
+    local n = tonumber(ARGV[i + 1])
+    redis.call('HSET', KEYS[2], unpack(ARGV, i + 2, i + 1 + 2 * n))
+    i = i + 2 + 2 * n
+  else
+    redis.call('EXPIRE', KEYS[2], ARGV[2])
+    redis.call('EXPIRE', KEYS[3], ARGV[2])
+    i = i + 1
+  end
+end
+return 1
+"""
+
+# KEYS: n leases, then the n jobs' records. ARGV: the lease TTL (ms), then the n tokens.
+# Renews every lease of a worker in one call. Returns n flags (1 renewed, 0 lost), then n
+# flags (1: the job has a cancel request, which survives a missed pub/sub message).
+RENEW = """
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+  out[n + i] = redis.call('HEXISTS', KEYS[n + i], 'cancel_requested')
+end
+return out
+"""
+
+# KEYS: lease, job record. ARGV: token, 'requeue' or 'keep'. Drops the lease if it is still
+# ours; with 'requeue' the job also goes back to 'queued' (handed to another worker).
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[2] == 'requeue' then redis.call('HSET', KEYS[2], 'status', 'queued') end
+return 1
+"""
+
+# KEYS: job record, events, lease, dead letters. ARGV: now, the TTL of an ended job's keys,
+# the JobResult JSON, the error event's data JSON, the job id. A job out of retries (or
+# poison) fails and joins the dead letters in one step, and only while no attempt holds its
+# lease and it has not ended: {'dead', ''}, {'leased', ''} or {'ended', status}. (An id
+# listed twice, after a requeue, is shown once: producers.control.unique_ids.)
+DEAD_LETTER = (
+    _LAST_SEQ
+    + """
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'leased', ''} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and ended(status) then return {'ended', status} end
+local seq = last_seq(KEYS[2]) + 1
+redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'result', ARGV[3])
+redis.call('HDEL', KEYS[1], 'deliveries')
+redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'error', 'data', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('LPUSH', KEYS[4], ARGV[5])
+return {'dead', ''}
+"""
+)
+
+# --- the Celery queue ----------------------------------------------------------------------
+
+# KEYS: unacked index (zset), unacked (hash), the consumer's deliveries (set; see
+# Keys.deliveries), then the queue's lists in BRPOP's order. ARGV: how many to take, the
+# time to index them at, '1' to record the tags in the deliveries set. Pops from the first
+# non-empty list on (as BRPOP would, one at a time) and records each message the way
+# kombu's QoS.append does (ZADD index tag now, HSET unacked tag [message, exchange, routing
+# key], the message's own bytes, not re-encoded), plus SADD deliveries tag. An item that is
+# not a kombu message is popped but not recorded; Python drops it. Returns [list number
+# (1 = KEYS[4]), item, the delivery tag it was
+# recorded under or ''] per item, flat.
+#
+# The tag and the delivery info are read off the start of the item when it begins with them
+# (as our producers write it: ``hermes_worker.contract.queue.job_message``), so Redis does
+# not decode the body, a job's whole conversation in base64. Anchored at the start and
+# stopping at the first quote or backslash, the match cannot fall inside a string; anything
+# else (Celery's own send_task, an escaped routing key) is decoded whole; decoding cost Redis
+# more than the pop and the record together (docs/benchmarks.md). Python compares the tag
+# with the one kombu will ack and forgets a record made under another.
+TAKE_MORE = """
+local head = '^{"properties": {"delivery_tag": "([^"\\\\]+)", "delivery_info": '
+    .. '{"exchange": "", "routing_key": "([^"\\\\]*)"'
+-- The item's delivery tag, exchange and routing key (those two as JSON), or nil.
+local function delivery(item)
+    local tag, route = string.match(item, head)
+    if tag then return tag, '""', '"' .. route .. '"' end
+    local ok, message = pcall(cjson.decode, item)
+    if not (ok and type(message) == 'table' and type(message.properties) == 'table') then
+        return nil
+    end
+    local info = message.properties.delivery_info
+    tag = message.properties.delivery_tag
+    if type(tag) == 'string' and type(info) == 'table' and type(info.exchange) == 'string'
+            and type(info.routing_key) == 'string' then
+        return tag, cjson.encode(info.exchange), cjson.encode(info.routing_key)
+    end
+    return nil
+end
+local left = tonumber(ARGV[1])
+local taken = {}
+for k = 4, #KEYS do
+    while left > 0 do
+        local item = redis.call('RPOP', KEYS[k])
+        if not item then break end
+        left = left - 1
+        local tag, exchange, route = delivery(item)
+        if tag then
+            redis.call('ZADD', KEYS[1], ARGV[2], tag)
+            redis.call('HSET', KEYS[2], tag, '[' .. item .. ',' .. exchange .. ',' .. route .. ']')
+            if ARGV[3] == '1' then redis.call('SADD', KEYS[3], tag) end
+        end
+        taken[#taken + 1] = k - 3
+        taken[#taken + 1] = item
+        taken[#taken + 1] = tag or ''
+    end
+    if left == 0 then break end
+end
+return taken
+"""
+
+# KEYS: unacked index (zset), unacked (hash), the consumer's deliveries (set). ARGV: the
+# delivery tag, the time, the unacked entry ([message, exchange, routing key]), '1' to record
+# the tag in the deliveries set. Records a message BRPOP took, as kombu's QoS.append does,
+# in one call. It starts with a write that needs no memory (an HDEL of nothing): a script
+# that has written is let finish by a full Redis (noeviction), and this message has left
+# the queue already; refused, it would be lost.
+RECORD = """
+redis.call('HDEL', KEYS[2], '')
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+if ARGV[4] == '1' then redis.call('SADD', KEYS[3], ARGV[1]) end
+return 1
+"""
+
+# KEYS: unacked (hash), unacked index (zset), the dead worker's deliveries (set), the queue
+# list the message goes back to. ARGV: the delivery tag, its unacked entry as the caller read
+# it, the message to queue (the same one under a new delivery tag). Puts one message of a
+# dead worker back at the head of its queue, once: only while its unacked entry is still
+# the one read (no other reaper, sweep or late ack got there first). Returns 1 or 0.
+RESTORE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  return 0
+end
+redis.call('RPUSH', KEYS[4], ARGV[3])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: the workers index, the worker's vitals hash, its deliveries. ARGV: its name. A dead
+# worker leaves the index once nothing of it is left to restore.
+FORGET_WORKER = """
+if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('SCARD', KEYS[3]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
