@@ -104,7 +104,9 @@ class QoS(kombu_redis.QoS):
         keys = [self.unacked_index_key, self.unacked_key, owned or self.unacked_key]
         args = [delivery_tag, time.time(), entry, "1" if owned else "0"]
         with self.channel.conn_or_acquire() as client:
-            client.eval(scripts.RECORD, len(keys), *keys, *args)
+            if self.channel._record_script is None:  # EVALSHA, the body sent once
+                self.channel._record_script = client.register_script(scripts.RECORD)
+            self.channel._record_script(keys=keys, args=args, client=client)
         virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
 
     def can_consume(self) -> bool:
@@ -206,6 +208,7 @@ class Channel(kombu_redis.Channel):
         "deliveries_key",
     )
     _take_more_script: Any = None  # scripts.TAKE_MORE, registered on first use
+    _record_script: Any = None  # scripts.RECORD, registered on first use
 
     def _do_restore_message(
         self, payload: Any, exchange: Any, routing_key: Any, pipe: Any, leftmost: bool = False
