@@ -401,15 +401,15 @@ def test_a_background_job_is_created_retrieved_and_its_events_resumed(stack: Sta
     assert (created["object"], created["status"]) == ("job", "queued")
     # And its events are read in two goes: a first connection dropped after two events
     url = f"{stack.url}/v1/jobs/{job_id}/events"
-    with httpx.stream("GET", url, timeout=10) as reply:
+    with httpx.stream("GET", url, timeout=60) as reply:
         first = [
             e for e, _ in zip((e for e in sse_events(reply) if "id" in e), range(2), strict=False)
         ]
-    with httpx.stream("GET", url, headers={"Last-Event-ID": first[-1]["id"]}, timeout=30) as reply:
+    with httpx.stream("GET", url, headers={"Last-Event-ID": first[-1]["id"]}, timeout=60) as reply:
         rest = [e for e in sse_events(reply) if "id" in e]
     # Then the second picks up right after the first, and together they are the whole job
     seen = first + rest
-    with httpx.stream("GET", url, timeout=30) as reply:
+    with httpx.stream("GET", url, timeout=60) as reply:
         whole = [e for e in sse_events(reply) if "id" in e]
     assert [e["id"] for e in seen] == [e["id"] for e in whole]
     assert rest[-1]["event"] == "done"
