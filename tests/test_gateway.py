@@ -398,7 +398,8 @@ def test_a_background_job_is_created_retrieved_and_its_events_resumed(stack: Sta
         cast_to=object,
     )
     job_id = created["id"]
-    assert (created["object"], created["status"]) == ("job", "queued")
+    # (answered at once: queued, or already taken by the idle worker)
+    assert created["object"] == "job" and created["status"] in ("queued", "running")
     # And its events are read in two goes: a first connection dropped after two events
     url = f"{stack.url}/v1/jobs/{job_id}/events"
     with httpx.stream("GET", url, timeout=60) as reply:
