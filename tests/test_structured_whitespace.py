@@ -7,22 +7,30 @@ xgrammar, the library vLLM compiles them with."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
 import jsonschema
 import pytest
-import xgrammar
 from worker_fixtures import WorkerProcess, patient_redis
 
 from hermes_worker.contract.jobs import JobResult, JobStatus, parse_job
 from hermes_worker.errors import InvalidRequest
-from hermes_worker.inference.engine import engine_args, sampling_params
 from hermes_worker.inference.sampling import plan_generation
 from hermes_worker.settings import Settings
 from producers.client import HermesClient
+
+
+def engine() -> ModuleType:
+    """``hermes_worker.inference.engine``, imported by the tests that call it: it loads vLLM
+    (7-8 s of CPU), which each pytest-xdist worker of the fast tier would otherwise pay only
+    to collect this file."""
+    return importlib.import_module("hermes_worker.inference.engine")
+
 
 TIMEOUT = 120.0
 # Two required fields, bounded, so the compact call has a short longest form. Patterns, not
@@ -71,7 +79,7 @@ def body(extra: dict[str, Any], **fields: Any) -> dict[str, Any]:
 
 def grammar_of(extra: dict[str, Any], **fields: Any) -> str:
     """The grammar ``sampling_params`` hands vLLM for a job."""
-    params = sampling_params(plan_generation(parse_job(body(extra, **fields)), 5, 1000))
+    params = engine().sampling_params(plan_generation(parse_job(body(extra, **fields)), 5, 1000))
     structured = params.structured_outputs
     assert structured is not None and structured.grammar is not None
     assert (structured.json, structured.json_object) == (None, None)
@@ -80,6 +88,8 @@ def grammar_of(extra: dict[str, Any], **fields: Any) -> str:
 
 def accepts(grammar: str, text: str) -> bool:
     """Whether ``grammar`` matches all of ``text``, compiled as vLLM's xgrammar backend does."""
+    import xgrammar  # 2-3 s to import: only where a test reads a grammar
+
     compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo([]), cache_enabled=False)
     compiled = compiler.compile_grammar(grammar)
     matcher = xgrammar.GrammarMatcher(compiled, terminate_without_stop_token=True)
@@ -129,8 +139,8 @@ def test_response_formats_are_compact_unless_the_job_says_any(
 
 
 def test_sampling_params_record_the_choice_for_vllm() -> None:
-    compact = sampling_params(plan_generation(parse_job(body(JSON_OBJECT)), 5, 100))
-    wide = sampling_params(
+    compact = engine().sampling_params(plan_generation(parse_job(body(JSON_OBJECT)), 5, 100))
+    wide = engine().sampling_params(
         plan_generation(parse_job(body(JSON_OBJECT, json_whitespace="any")), 5, 100)
     )
     assert compact.structured_outputs is not None and wide.structured_outputs is not None
@@ -151,14 +161,14 @@ def test_vllms_auto_backend_gives_every_constraint_to_xgrammar() -> None:
     for extra in (FORCED_CALL, JSON_SCHEMA, JSON_OBJECT, odd_schema):
         for mode in ("compact", "any"):
             job = parse_job(body(extra, json_whitespace=mode))
-            params = sampling_params(plan_generation(job, 5, 1000))
+            params = engine().sampling_params(plan_generation(job, 5, 1000))
             validate_xgrammar_grammar(params)  # raises where "auto" would look elsewhere
             assert not grammar_is_likely_lark(params.structured_outputs.grammar)
 
 
 def test_the_engine_keeps_a_grammar_backend_that_reads_these_grammars() -> None:
     # A guidance engine would fail every one of them: it reads EBNF as llama.cpp's GBNF
-    backend = engine_args(Settings(model="m")).structured_outputs_config.backend
+    backend = engine().engine_args(Settings(model="m")).structured_outputs_config.backend
     assert backend in ("auto", "xgrammar")
 
 
@@ -168,7 +178,7 @@ def test_a_schema_xgrammar_cannot_compile_is_an_invalid_request() -> None:
         "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
     }
     with pytest.raises(InvalidRequest, match=r"^the engine rejected the schema: .*Lookbehind"):
-        sampling_params(plan_generation(parse_job(body(fmt)), 5, 100))
+        engine().sampling_params(plan_generation(parse_job(body(fmt)), 5, 100))
 
 
 # --- on the engine -------------------------------------------------------------------
