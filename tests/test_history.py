@@ -20,15 +20,10 @@ from hermes_worker.inference.template import (
     compile_template,
 )
 from hermes_worker.testing.model import official_like_template
+from hermes_worker.testing.tools import weather_tool
 
 ASSISTANT = "<|start_header_id|>assistant<|end_header_id|>\n"
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
+WEATHER_TOOL = weather_tool()
 CALL = {
     "id": "call_1",
     "type": "function",

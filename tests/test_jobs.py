@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from typing import Any
@@ -37,21 +36,9 @@ from hermes_worker.contract.jobs import (
     parse_job,
 )
 from hermes_worker.errors import InvalidRequest
+from hermes_worker.testing.tools import weather_tool
 
 Body = dict[str, Any]
-
-WEATHER_TOOL: Body = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 
 
 def conversation() -> Body:
@@ -72,7 +59,7 @@ def conversation() -> Body:
             },
             {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 18}'},
         ],
-        "tools": [copy.deepcopy(WEATHER_TOOL)],
+        "tools": [weather_tool()],
     }
 
 
@@ -445,7 +432,7 @@ BAD_BODIES = [
         id="tool parameters invalid JSON Schema",
     ),
     pytest.param(
-        lambda body: body["tools"].append(copy.deepcopy(WEATHER_TOOL)),
+        lambda body: body["tools"].append(weather_tool()),
         "tools.1.function.name",
         id="duplicate tool name",
     ),

@@ -12,6 +12,7 @@ from hermes_worker.contract.jobs import parse_job
 from hermes_worker.errors import TemplateError
 from hermes_worker.inference.template import PromptRenderer, compile_template
 from hermes_worker.inference.templates import fallback_template
+from hermes_worker.testing.tools import weather_tool
 
 THINKING_PROMPT = (
     "You are a deep thinking AI, you may use extremely long chains of thought to deeply consider "
@@ -20,18 +21,7 @@ THINKING_PROMPT = (
     "monologue inside <think> </think> tags, and then provide your solution or response to the "
     "problem."
 )
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather by city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
+WEATHER_TOOL = weather_tool()
 
 
 STANDARD_PROMPT = "You are Hermes, created by Nous Research."
@@ -156,7 +146,8 @@ def test_tools_go_into_the_system_turn_one_json_per_line(renderer: PromptRendere
     lines = block.split("\n")
     # one JSON object per tool, not HTML-escaped
     assert lines == [
-        '{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",'
+        '{"type": "function", "function": {"name": "get_weather",'
+        ' "description": "Current weather for a city",'
         ' "parameters": {"type": "object", "properties": {"city": {"type": "string"}},'
         ' "required": ["city"]}}}',
         '{"type": "function", "function": {"name": "now", "description": "Time <UTC> & date"}}',

@@ -39,19 +39,8 @@ from hermes_worker.contract.queue import delete_deployment_keys
 from hermes_worker.errors import DemoFailed, HermesError, ModelLoadError, ServiceError
 from hermes_worker.inference.kv_cache import kv_cache_need, model_config, vllm_is_cpu_build
 from hermes_worker.settings import Settings
+from hermes_worker.testing.tools import weather_tool
 
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 DEFAULT_QUESTION = "Why is the sky blue? Answer in two sentences."
 WEATHER_QUESTION = "What's the weather in Paris right now?"
 JOB_TIMEOUT_S = 600.0
@@ -153,7 +142,7 @@ def tool_job(options: DemoOptions) -> dict[str, Any]:
         choice = {"type": "function", "function": {"name": choice}}
     return {
         "messages": [{"role": "user", "content": WEATHER_QUESTION}],
-        "tools": [WEATHER_TOOL],
+        "tools": [weather_tool()],
         "tool_choice": choice,
         "thinking": options.thinking if options.thinking is not None else False,
         "max_tokens": options.max_tokens,

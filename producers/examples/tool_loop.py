@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hermes_worker.contract.jobs import ResponseMessage, ResponseToolCall
+from hermes_worker.testing.tools import weather_tool
 from producers import HermesClient, JobResult
 
 MAX_ROUNDS = 4
@@ -25,20 +26,7 @@ WEATHER = {
     "lisbon": {"sky": "sun", "celsius": 22},
 }
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather for a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
+TOOLS = [weather_tool()]
 
 
 def get_weather(city: str) -> dict[str, Any]:
