@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis
-from test_cli_jobs import cli, one_error_line
+from test_cli_jobs import cli, cli_here, one_error_line
 from test_client import HI, Worker, queued_messages, running_job, task_args
 
 from hermes_worker.contract import scripts
@@ -231,13 +231,13 @@ def test_cli_cancel_prints_the_outcome(settings: Settings, redis_client: redis.R
     # When each is cancelled, Then the outcome is printed and the status is 0
     queued = cli(settings, "cancel", "queued-1")
     assert (queued.returncode, queued.stdout) == (0, "cancelled\n"), queued.stderr
-    running = cli(settings, "cancel", "job-1")
+    running = cli_here(settings, "cancel", "job-1")
     assert (running.returncode, running.stdout) == (0, "cancelling\n"), running.stderr
     # And cancelling the ended one again, or an unknown id, is one error line and status 1
-    again = cli(settings, "cancel", "queued-1")
+    again = cli_here(settings, "cancel", "queued-1")
     assert (again.returncode, again.stdout) == (1, "")
     assert one_error_line(again) == "Error: already_ended: job 'queued-1' already ended (cancelled)"
-    unknown = cli(settings, "cancel", "no-such-job")
+    unknown = cli_here(settings, "cancel", "no-such-job")
     assert unknown.returncode == 1
     assert one_error_line(unknown).startswith("Error: not_found: no job 'no-such-job'")
 
@@ -569,19 +569,19 @@ def test_cli_dlq_lists_requeues_and_purges(settings: Settings, redis_client: red
     ]
     assert lines[0]["error"] == {"type": "engine_error", "message": "engine died"}
     # When one is requeued, Then its id is printed and one message is queued
-    requeued = cli(settings, "dlq", "requeue", "dead-1")
+    requeued = cli_here(settings, "dlq", "requeue", "dead-1")
     assert (requeued.returncode, requeued.stdout) == (0, "dead-1\n"), requeued.stderr
     [(name, _)] = queued_messages(redis_client, settings.queue_name)
     assert name == f"{settings.queue_name}:3"
     # And requeueing it again is one error line with status 1
-    again = cli(settings, "dlq", "requeue", "dead-1")
+    again = cli_here(settings, "dlq", "requeue", "dead-1")
     assert (again.returncode, again.stdout) == (1, "")
     assert one_error_line(again) == "Error: not_in_dlq: job 'dead-1' is not in the dead letters"
     # When the rest is purged, Then the count is printed and the list is empty
-    purged = cli(settings, "dlq", "purge")
+    purged = cli_here(settings, "dlq", "purge")
     assert (purged.returncode, purged.stdout) == (0, "1\n"), purged.stderr
     assert not redis_client.exists(keys(settings).job("dead-2"))
-    empty = cli(settings, "dlq", "list")
+    empty = cli_here(settings, "dlq", "list")
     assert (empty.returncode, empty.stdout) == (0, "")
     assert record(redis_client, settings, "dead-1")["status"] == "queued"
 

@@ -1,6 +1,9 @@
 """The queue commands of the CLI (submit, status, result, tail) as a user runs them: the
 installed console script in a subprocess, pointed at the test's Redis namespace through the
-``HERMES_*`` env vars. No worker runs: the tests write what a worker would."""
+``HERMES_*`` env vars. Each command runs so at least once; its other variants (exit codes,
+errors, options) run the same command in this process (``cli_here``), where a subprocess
+would add only its start-up, most of a second of CPU. No worker runs: the tests write what a
+worker would."""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from click.testing import CliRunner
 from test_client import Worker, queued_messages, running_job
 
+from hermes_worker.cli.commands import main
 from hermes_worker.contract.jobs import ErrorInfo, JobStatus
 from hermes_worker.contract.store import Keys
 from hermes_worker.settings import Settings
@@ -49,6 +54,20 @@ def cli(
         capture_output=True,
         text=True,
         timeout=60,
+    )
+
+
+def cli_here(
+    settings: Settings, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """:func:`cli`'s command run in this process, answered in the same shape. Whatever went
+    wrong ended as click's exit, never as an exception out of the command."""
+    result = CliRunner().invoke(
+        main, list(args), input=stdin, env={**cli_env(settings), **(env or {})}
+    )
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    return subprocess.CompletedProcess(
+        ["hermes-worker", *args], result.exit_code, result.stdout, result.stderr
     )
 
 
@@ -96,7 +115,7 @@ def test_submit_prints_the_id_and_queues_the_job(
     [(name, _)] = queued_messages(redis_client, hermes_settings.queue_name)
     assert name == f"{hermes_settings.queue_name}:3"
     # And submitting it again prints the same id and queues nothing more
-    again = cli(hermes_settings, "submit", str(EXAMPLE_JOB))
+    again = cli_here(hermes_settings, "submit", str(EXAMPLE_JOB))
     assert (again.returncode, again.stdout) == (0, "demo-weather-1\n")
     assert "not queued again" in again.stderr
     assert len(queued_messages(redis_client, hermes_settings.queue_name)) == 1
@@ -116,7 +135,7 @@ def test_submit_reads_stdin_and_makes_an_id(
 def test_submit_rejects_a_bad_body_and_queues_nothing(
     hermes_settings: Settings, redis_client: redis.Redis
 ) -> None:
-    result = cli(hermes_settings, "submit", "-", stdin='{"messages": []}')
+    result = cli_here(hermes_settings, "submit", "-", stdin='{"messages": []}')
     assert result.returncode == 1
     assert one_error_line(result).startswith("Error: invalid_request_error: messages")
     assert queued_messages(redis_client, hermes_settings.queue_name) == []
@@ -173,7 +192,7 @@ def test_submit_wait_on_a_failing_job_exits_1_with_the_result(
 
 def test_submit_wait_times_out_with_status_2(hermes_settings: Settings) -> None:
     body = json.dumps({"messages": [{"role": "user", "content": "Hi"}]})
-    result = cli(hermes_settings, "submit", "-", "--wait", "--timeout", "0.5", stdin=body)
+    result = cli_here(hermes_settings, "submit", "-", "--wait", "--timeout", "0.5", stdin=body)
     assert result.returncode == 2
     assert len(result.stdout.strip()) == 32  # the id came first
     assert one_error_line(result).startswith("Error: timeout: job ")
@@ -194,7 +213,7 @@ def test_status_prints_the_record(hermes_settings: Settings, redis_client: redis
 @pytest.mark.parametrize("command", [["status"], ["result"], ["result", "--wait"], ["tail"]])
 def test_an_unknown_id_is_not_found(hermes_settings: Settings, command: list[str]) -> None:
     # The CLI fails fast on an id without a record (the library would wait for one)
-    result = cli(hermes_settings, *command, "no-such-job")
+    result = cli_here(hermes_settings, *command, "no-such-job")
     assert result.returncode == 1
     assert one_error_line(result).startswith("Error: not_found: no job 'no-such-job'")
 
@@ -212,7 +231,7 @@ def test_result_of_a_failed_job_exits_1(
     hermes_settings: Settings, redis_client: redis.Redis
 ) -> None:
     finished_job(redis_client, hermes_settings, failed=True)
-    result = cli(hermes_settings, "result", "job-1")
+    result = cli_here(hermes_settings, "result", "job-1")
     assert result.returncode == 1
     assert json.loads(result.stdout)["job"]["status"] == "failed"
     assert one_error_line(result) == "Error: job job-1 failed: engine_error: engine died"
@@ -222,7 +241,7 @@ def test_result_of_an_unfinished_job_exits_3(
     hermes_settings: Settings, redis_client: redis.Redis
 ) -> None:
     running_job(redis_client, hermes_settings)
-    result = cli(hermes_settings, "result", "job-1")
+    result = cli_here(hermes_settings, "result", "job-1")
     assert result.returncode == 3
     assert result.stdout == ""
     assert one_error_line(result) == "Error: job job-1 has not finished (status running)"
@@ -233,7 +252,7 @@ def test_result_wait_times_out_with_status_2(
 ) -> None:
     running_job(redis_client, hermes_settings)
     start = time.monotonic()
-    result = cli(hermes_settings, "result", "job-1", "--wait", "--timeout", "0.5")
+    result = cli_here(hermes_settings, "result", "job-1", "--wait", "--timeout", "0.5")
     assert result.returncode == 2
     assert one_error_line(result) == "Error: timeout: job job-1 did not end within 0.5 s"
     assert time.monotonic() - start >= 0.5
@@ -250,7 +269,7 @@ def test_tail_prints_events_and_resumes(
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["type"] for e in events] == ["started", "content", "done"]
     # And --from resumes right after a given entry
-    resumed = cli(hermes_settings, "tail", "job-1", "--from", events[0]["id"])
+    resumed = cli_here(hermes_settings, "tail", "job-1", "--from", events[0]["id"])
     assert [json.loads(line)["type"] for line in resumed.stdout.splitlines()] == [
         "content",
         "done",
@@ -261,7 +280,7 @@ def test_tail_of_a_quiet_job_times_out_with_status_2(
     hermes_settings: Settings, redis_client: redis.Redis
 ) -> None:
     running_job(redis_client, hermes_settings)
-    result = cli(hermes_settings, "tail", "job-1", "--timeout", "0.5")
+    result = cli_here(hermes_settings, "tail", "job-1", "--timeout", "0.5")
     assert result.returncode == 2
     assert json.loads(result.stdout)["type"] == "started"
     assert one_error_line(result).startswith("Error: timeout: ")
