@@ -177,3 +177,24 @@ class DemoFailed(HermesError):
     """Raised when a demo job does not succeed; the message says how it ended."""
 
     type = "demo_failed"
+
+
+# --- batches and files ----------------------------------------------------------------------
+
+
+class FileNotFound(JobNotFound):
+    """Raised when a file id is not in the file store."""
+
+    type = "file_not_found"
+
+
+class BatchNotFound(JobNotFound):
+    """Raised when a batch id has no record."""
+
+    type = "batch_not_found"
+
+
+class BatchAlreadyEnded(HermesError):
+    """Raised when a batch to cancel has already ended; ``status`` says how."""
+
+    type = "already_ended"

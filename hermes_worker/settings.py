@@ -145,6 +145,28 @@ class Settings(BaseSettings):
         le=65535,
         description="Serve Prometheus metrics on this port (0: any free port); off when unset.",
     )
+    # --- batches (hermes_worker/batch/: hermes-worker batch, client.batches, /v1/batches) ----
+    files_dir: str = Field(
+        default="~/.local/share/hermes-worker/files",
+        description="The file store: batch input, output and error files (a directory every "
+        "process that creates or runs batches shares).",
+    )
+    batch_window: int = Field(
+        default=512,
+        gt=0,
+        description="Most lines of one batch queued or running at once: the queue never holds "
+        "the whole file, and interactive jobs keep their latency.",
+    )
+    batch_priority: int = Field(
+        default=8, ge=0, le=9, description="Priority of batch jobs (interactive jobs: 5)."
+    )
+    batch_max_lines: int = Field(default=50_000, gt=0, description="Most requests in a batch.")
+    batch_max_bytes: int = Field(
+        default=200 * 1024 * 1024, gt=0, description="Largest batch input file, in bytes."
+    )
+    batch_poll_s: float = Field(
+        default=0.5, gt=0, description="How often a batch runner feeds and collects lines."
+    )
     # Redis that would lose jobs (hermes_worker/cli/doctor.py: hermes-worker doctor runs the
     # same checks).
     redis_check: Literal["warn", "refuse", "off"] = Field(

@@ -380,3 +380,32 @@ if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('SCARD', KEYS[3]) == 0 then
 end
 return 0
 """
+
+# --- batches (hermes_worker/batch/) -----------------------------------------------------------
+
+# KEYS: the batch's record. ARGV: the new status, now (unix seconds), the statuses it may
+# leave (comma-separated), then field, value pairs to set with it. Moves a batch only from
+# an allowed status, stamping <status>_at. Returns 1 or 0.
+BATCH_STATUS = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return 0 end
+local allowed = false
+for status in string.gmatch(ARGV[3], '[^,]+') do
+  if status == current then allowed = true end
+end
+if not allowed then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[1] .. '_at', ARGV[2])
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return 1
+"""
+
+# KEYS: a runner lease. ARGV: its token, its TTL in ms. Takes the lease when free or already
+# this token's, renewing its TTL. Returns 1 when held.
+BATCH_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
