@@ -5,6 +5,7 @@ runner stopped and resumed with every line written exactly once."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_cli_jobs import cli_env, exe
 from worker_fixtures import (
     WorkerProcess,
     clean_redis,
@@ -27,6 +29,7 @@ from hermes_worker.batch.runner import BatchRunner
 from hermes_worker.batch.store import BatchStore
 from hermes_worker.errors import BatchAlreadyEnded, InvalidRequest
 from hermes_worker.settings import Settings
+from producers.batches import Batches
 from producers.client import HermesClient
 
 TIMEOUT = 60.0
@@ -285,3 +288,74 @@ def wait_for(condition: Any, timeout: float = TIMEOUT) -> None:
     while not condition():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.05)
+
+
+# --- the client and the CLI ------------------------------------------------------------------
+
+
+def test_the_client_creates_waits_and_reads_results(client: HermesClient, tmp_path: Path) -> None:
+    # Given a JSONL file on disk
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(jsonl([line(f"c{i}", f"Question {i}") for i in range(5)]))
+    batches = Batches(client)
+    # When the client makes a batch of it and waits (running it in this process)
+    made = batches.create(path, metadata={"run": "nightly"})
+    ended = batches.wait(made["id"], timeout=TIMEOUT)
+    # Then it completed, its results are in OpenAI's per-line shape, and it is listed
+    assert ended["status"] == "completed"
+    lines = list(batches.results(made["id"]))
+    assert sorted(x["custom_id"] for x in lines) == [f"c{i}" for i in range(5)]
+    assert all(x["response"]["status_code"] == 200 for x in lines)
+    assert made["id"] in [b["id"] for b in batches.list()]
+    stored = batches.files.get(made["input_file_id"])
+    assert (stored.purpose, stored.bytes) == ("batch", path.stat().st_size)
+
+
+def batch_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **cli_env(settings),
+        "HERMES_FILES_DIR": settings.files_dir,
+        "HERMES_BATCH_POLL_S": "0.05",
+    }
+    return subprocess.run(
+        [exe(), "batch", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_cli_runs_a_file_and_writes_its_results(settings: Settings, tmp_path: Path) -> None:
+    # Given a file with one line that fails
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(jsonl([scripted("a"), scripted("b", fail_after=0), scripted("c")]))
+    # When `batch create --wait` runs it
+    made = batch_cli(settings, "create", str(path), "--wait", "--json")
+    # Then it completed (a failed line is not a failed batch), with a progress line
+    assert made.returncode == 0, made.stderr
+    batch = json.loads(made.stdout)
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert "tok/s" in made.stderr and "ETA" in made.stderr
+    # And `batch results` writes the output and error files
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    written = batch_cli(settings, "results", batch["id"], "-o", str(out), "--errors", str(err))
+    assert written.returncode == 0, written.stderr
+    assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == ["a", "c"]
+    assert [json.loads(x)["custom_id"] for x in err.read_text().splitlines()] == ["b"]
+    # And status, list and cancel answer as documented
+    status = batch_cli(settings, "status", batch["id"])
+    assert status.stdout.split()[:2] == [batch["id"], "completed"]
+    listed = batch_cli(settings, "list", "--json")
+    assert batch["id"] in [json.loads(x)["id"] for x in listed.stdout.splitlines()]
+    again = batch_cli(settings, "cancel", batch["id"])
+    assert again.returncode == 1
+    assert again.stderr.strip().startswith("Error: already_ended: batch")
+
+
+def test_the_cli_names_the_bad_lines_of_a_file_that_fails(
+    settings: Settings, tmp_path: Path
+) -> None:
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(jsonl([line("a"), line("a")]))
+    made = batch_cli(settings, "create", str(path), "--wait")
+    assert made.returncode == 1
+    last = made.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: batch batch_") and "failed: line 2: custom_id" in last

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hermes_worker.cli import admin
+from hermes_worker.cli.batch import batch
 from hermes_worker.cli.bench import bench
 from hermes_worker.cli.demo import demo_command
 from hermes_worker.cli.doctor import doctor
@@ -386,6 +387,7 @@ main.add_command(demo_command)
 main.add_command(health)
 main.add_command(doctor)
 main.add_command(bench)
+main.add_command(batch)
 
 if __name__ == "__main__":
     main()
