@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     batch_poll_s: float = Field(
         default=0.5, gt=0, description="How often a batch runner feeds and collects lines."
     )
+    gateway_run_batches: bool = Field(
+        default=True, description="Each gateway also runs batches (hermes-worker batch run)."
+    )
     # Redis that would lose jobs (hermes_worker/cli/doctor.py: hermes-worker doctor runs the
     # same checks).
     redis_check: Literal["warn", "refuse", "off"] = Field(

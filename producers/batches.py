@@ -63,6 +63,7 @@ class Batches:
         input_file_id: str | None = None,
         completion_window: str = "24h",
         metadata: dict[str, str] | None = None,
+        tenant: str | None = None,
     ) -> dict[str, Any]:
         """A batch of an input file (a path or bytes, uploaded here; or the id of a file
         already stored): its batch object, ``validating`` until a runner takes it."""
@@ -84,6 +85,7 @@ class Batches:
             completion_window=completion_window,
             metadata=metadata,
             priority=self.client.settings.batch_priority,
+            tenant=tenant,
         )
 
     def retrieve(self, batch_id: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ class FileObject:
     purpose: str  # "batch" (an input), "batch_output" (an output or error file)
     object: str = "file"
     status: str = "processed"
+    owner: str | None = None  # the gateway tenant that stored it (None: no tenants)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +68,7 @@ class FileStore:
         filename: str,
         purpose: str,
         max_bytes: int | None = None,
+        owner: str | None = None,
     ) -> FileObject:
         """Store ``content`` (bytes, or chunks of them, read once) as a new file."""
         file_id = new_file_id()
@@ -84,11 +86,11 @@ class FileStore:
             tmp.rename(self.root / file_id)
         finally:
             tmp.unlink(missing_ok=True)
-        return self._describe(file_id, filename, purpose, size)
+        return self._describe(file_id, filename, purpose, size, owner)
 
-    def create_empty(self, *, filename: str, purpose: str) -> FileObject:
+    def create_empty(self, *, filename: str, purpose: str, owner: str | None = None) -> FileObject:
         """A new empty file, for :meth:`appender`."""
-        return self.create(b"", filename=filename, purpose=purpose)
+        return self.create(b"", filename=filename, purpose=purpose, owner=owner)
 
     def import_path(self, source: Path, *, purpose: str, max_bytes: int | None) -> FileObject:
         """Store a local file (read in chunks)."""
@@ -130,9 +132,16 @@ class FileStore:
         self.path(file_id).unlink()
         (self.root / f"{file_id}.json").unlink(missing_ok=True)
 
-    def _describe(self, file_id: str, filename: str, purpose: str, size: int) -> FileObject:
+    def _describe(
+        self, file_id: str, filename: str, purpose: str, size: int, owner: str | None
+    ) -> FileObject:
         file = FileObject(
-            id=file_id, bytes=size, created_at=int(time.time()), filename=filename, purpose=purpose
+            id=file_id,
+            bytes=size,
+            created_at=int(time.time()),
+            filename=filename,
+            purpose=purpose,
+            owner=owner,
         )
         meta = self.root / f"{file_id}.json"
         tmp = self.root / f".{file_id}.json.part"

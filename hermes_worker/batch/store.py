@@ -95,6 +95,7 @@ class BatchStore:
         metadata: dict[str, str] | None,
         priority: int,
         batch_id: str | None = None,
+        tenant: str | None = None,
     ) -> dict[str, Any]:
         window_s = window_seconds(completion_window)
         batch_id = batch_id or new_batch_id()
@@ -117,6 +118,8 @@ class BatchStore:
             "fed": 0,
             "tokens": 0,
         }
+        if tenant is not None:
+            fields["tenant"] = tenant  # the gateway tenant that made it: only it sees it
         pipe = self.redis.pipeline()
         pipe.hset(self.keys.batch(batch_id), mapping=fields)
         pipe.zadd(self.keys.batches, {batch_id: now})
@@ -133,17 +136,25 @@ class BatchStore:
         """The batch as OpenAI's batch object."""
         return batch_object(self.record(batch_id))
 
-    def page(self, limit: int = 20, after: str | None = None) -> list[dict[str, Any]]:
-        """Batches, newest first (``after``: the last id of the previous page)."""
+    def page(
+        self, limit: int = 20, after: str | None = None, *, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Batches, newest first (``after``: the last id of the previous page); with
+        ``tenant``, only that tenant's."""
         ids = [_text(i) for i in self.redis.zrevrange(self.keys.batches, 0, -1)]
         if after is not None and after in ids:
             ids = ids[ids.index(after) + 1 :]
-        found = []
-        for batch_id in ids[:limit]:
+        found: list[dict[str, Any]] = []
+        for batch_id in ids:
+            if len(found) >= limit:
+                break
             try:
-                found.append(self.get(batch_id))
+                record = self.record(batch_id)
             except BatchNotFound:
                 self.redis.zrem(self.keys.batches, batch_id)
+                continue
+            if tenant is None or record.get("tenant") == tenant:
+                found.append(batch_object(record))
         return found
 
     def active(self) -> list[str]:
