@@ -2,8 +2,8 @@
 # Two images from one file (compose.yaml builds both):
 #   worker (the default, last stage): vLLM on CUDA plus hermes-worker[gpu];
 #       entrypoint `hermes-worker run`, configured by HERMES_* env vars.
-#   producer: slim Python plus hermes-worker without an engine: the client, the queue CLI,
-#       producers/examples.
+#   producer: slim Python plus hermes-worker[gateway] without an engine: the HTTP gateway,
+#       the client, the queue CLI, producers/examples.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # vLLM's own CUDA image, at the release the `gpu` extra pins (vllm==0.32.0): pip finds the
 # pin satisfied and keeps the base's CUDA build of vllm and torch.
@@ -15,7 +15,7 @@ WORKDIR /opt/hermes-worker
 COPY pyproject.toml README.md ./
 COPY hermes_worker ./hermes_worker
 COPY producers ./producers
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ".[gateway]" \
     && useradd --uid 10001 --create-home hermes
 USER hermes
 CMD ["python", "producers/examples/chat_stream.py"]

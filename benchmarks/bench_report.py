@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-WAY_ORDER = ("direct", "vllm-serve", "queue")
+WAY_ORDER = ("direct", "vllm-serve", "queue", "queue-result", "gateway")
+# The ways compared with the others beside the queue: (way, key stem, the ways it is set
+# against). The gateway's TTFT is compared with vllm-serve's (both HTTP + SSE).
+MORE_WAYS = (
+    ("queue-result", "queue_result", ("direct", "vllm-serve", "queue")),
+    ("gateway", "gateway", ("direct", "vllm-serve", "queue")),
+)
 
 
 @dataclass
@@ -286,20 +292,42 @@ def comparisons(ways: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def round_ratios(ways: Mapping[str, Mapping[str, Any]], other: str) -> list[float]:
-    """queue / ``other`` throughput in each round (rounds interleave the ways, so round k of
-    one way ran beside round k of the other); empty without per-round figures."""
-    queue, them = ways.get("queue", {}), ways.get(other, {})
+def more_comparisons(ways: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """queue-result and gateway throughput over each other way; the gateway's TTFT p50
+    minus vllm-serve's (``gateway_added_ttft_p50_ms``)."""
+    out: dict[str, float] = {}
+    for way, stem, others in MORE_WAYS:
+        if way not in ways:
+            continue
+        for other in others:
+            if other in ways and ways[other]["tokens_per_s"]:
+                ratio = ways[way]["tokens_per_s"] / ways[other]["tokens_per_s"]
+                out[f"{stem}_tokens_per_s_vs_{other.replace('-', '_')}"] = ratio
+    if "gateway" in ways and "vllm-serve" in ways:
+        out["gateway_added_ttft_p50_ms"] = (
+            ways["gateway"]["ttft_p50_ms"] - ways["vllm-serve"]["ttft_p50_ms"]
+        )
+    return out
+
+
+def round_ratios(
+    ways: Mapping[str, Mapping[str, Any]], other: str, way: str = "queue"
+) -> list[float]:
+    """``way`` / ``other`` throughput in each round (rounds interleave the ways, so round k
+    of one way ran beside round k of the other); empty without per-round figures."""
+    queue, them = ways.get(way, {}), ways.get(other, {})
     mine, theirs = queue.get("round_tokens_per_s"), them.get("round_tokens_per_s")
     if not mine or not theirs or len(mine) != len(theirs):
         return []
     return [a / b for a, b in zip(mine, theirs, strict=True) if b]
 
 
-def _ratio_cell(ways: Mapping[str, Mapping[str, Any]], other: str, ratio: float | None) -> str:
+def _ratio_cell(
+    ways: Mapping[str, Mapping[str, Any]], other: str, ratio: float | None, way: str = "queue"
+) -> str:
     """``0.97x``, and with rounds the lowest and highest round: ``0.97x (0.93-1.02)``."""
     cell = _cell("{:.2f}x", ratio)
-    per_round = round_ratios(ways, other)
+    per_round = round_ratios(ways, other, way)
     if ratio is not None and len(per_round) > 1:
         cell += f" ({min(per_round):.2f}-{max(per_round):.2f})"
     return cell
@@ -336,6 +364,16 @@ def _comparison_lines(ways: Mapping[str, Mapping[str, Any]]) -> list[str]:
         parts.append(
             f"CPU/token outside the engine queue/vllm-serve "
             f"{c['cpu_outside_engine_vs_vllm_serve']:.2f}x"
+        )
+    more = more_comparisons(ways)
+    for way, stem, others in MORE_WAYS:
+        for other in others:
+            key = f"{stem}_tokens_per_s_vs_{other.replace('-', '_')}"
+            if key in more:
+                parts.append(f"{way}/{other} throughput {more[key]:.2f}x")
+    if "gateway_added_ttft_p50_ms" in more:
+        parts.append(
+            f"gateway TTFT p50 over vllm-serve's {more['gateway_added_ttft_p50_ms']:+.1f} ms"
         )
     return ["; ".join(parts)] if parts else []
 
@@ -385,27 +423,56 @@ def markdown(result: Mapping[str, Any], title: str | None = None) -> str:
         "measures); in brackets, the lowest and highest of the rounds.",
         "",
     ]
-    lines += ["## Summary", "", "| concurrency | queue/direct tok/s | queue/vllm-serve tok/s "
-              "| added TTFT p50 (ms) | queue path TTFT p50 (ms) | Redis cmds/token "
-              "| CPU/token outside the engine, queue/vllm-serve |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for level, ways in by_level(result["rows"]).items():
-        c = comparisons(ways)
-        queue = ways.get("queue", {})
-        lines.append(
-            f"| {level} | {_ratio_cell(ways, 'direct', c.get('tokens_per_s_vs_direct'))} "
-            f"| {_ratio_cell(ways, 'vllm-serve', c.get('tokens_per_s_vs_vllm_serve'))} "
-            f"| {_cell('{:+.1f}', c.get('added_ttft_p50_ms'))} "
-            f"| {_cell('{:.1f}', queue.get('ttft_queue_path_p50_ms'))} "
-            f"| {_cell('{:.3f}', queue.get('redis_cmds_per_token'))} "
-            f"| {_cell('{:.2f}x', c.get('cpu_outside_engine_vs_vllm_serve'))} |"
-        )
+    lines += ["## Summary"]
+    if any(row["way"] == "queue" for row in result["rows"]):
+        lines += ["", "| concurrency | queue/direct tok/s | queue/vllm-serve tok/s "
+                  "| added TTFT p50 (ms) | queue path TTFT p50 (ms) | Redis cmds/token "
+                  "| CPU/token outside the engine, queue/vllm-serve |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for level, ways in by_level(result["rows"]).items():
+            c = comparisons(ways)
+            queue = ways.get("queue", {})
+            lines.append(
+                f"| {level} | {_ratio_cell(ways, 'direct', c.get('tokens_per_s_vs_direct'))} "
+                f"| {_ratio_cell(ways, 'vllm-serve', c.get('tokens_per_s_vs_vllm_serve'))} "
+                f"| {_cell('{:+.1f}', c.get('added_ttft_p50_ms'))} "
+                f"| {_cell('{:.1f}', queue.get('ttft_queue_path_p50_ms'))} "
+                f"| {_cell('{:.3f}', queue.get('redis_cmds_per_token'))} "
+                f"| {_cell('{:.2f}x', c.get('cpu_outside_engine_vs_vllm_serve'))} |"
+            )
+    lines += _more_summary(result["rows"])
     for level, ways in by_level(result["rows"]).items():
         lines += ["", f"## Concurrency {level}", "", *_level_table(ways, markdown=True)]
     if result.get("soak"):
         lines += ["", "## Memory", "", soak_line(result["soak"]) + "."]
     lines += ["", "![throughput and TTFT vs concurrency](" + config.get("png_name", "") + ")"]
     return "\n".join(lines) + "\n"
+
+
+def _more_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The queue-result and gateway ways' own summary, when they ran."""
+    levels = by_level(rows)
+    present = [m for m in MORE_WAYS if any(m[0] in ways for ways in levels.values())]
+    if not present:
+        return []
+    lines = ["", "| concurrency | way | tok/s vs direct | tok/s vs vllm-serve | tok/s vs queue "
+             "| TTFT p50 over vllm-serve's (ms) | Redis cmds/token |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for level, ways in levels.items():
+        more = more_comparisons(ways)
+        for way, stem, others in present:
+            if way not in ways:
+                continue
+            cells = []
+            for other in others:
+                ratio = more.get(f"{stem}_tokens_per_s_vs_{other.replace('-', '_')}")
+                cells.append(_ratio_cell(ways, other, ratio, way))
+            added = more.get("gateway_added_ttft_p50_ms") if way == "gateway" else None
+            lines.append(
+                f"| {level} | {way} | {' | '.join(cells)} | {_cell('{:+.1f}', added)} "
+                f"| {_cell('{:.3f}', ways[way].get('redis_cmds_per_token'))} |"
+            )
+    return lines
 
 
 def _cpu(config: Mapping[str, Any]) -> str:

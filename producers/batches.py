@@ -34,16 +34,12 @@ if TYPE_CHECKING:
 Lines = list[dict[str, Any]]
 
 
-def file_store(directory: str) -> FileStore:
-    return FileStore(os.path.expanduser(directory))
-
-
 class Batches:
     """The batches of one deployment (the client's key prefix and queue)."""
 
     def __init__(self, client: HermesClient) -> None:
         self.client = client
-        self.files = file_store(client.settings.files_dir)
+        self.files = FileStore(client.settings.files_dir)
         self.store = BatchStore(client.redis, client.keys)
 
     def upload(self, source: str | os.PathLike[str] | bytes) -> FileObject:

@@ -15,8 +15,12 @@ Submitting is idempotent on the job id: one Lua call creates the record and queu
 job's Celery message (:func:`~hermes_worker.contract.queue.job_message`: what Celery's ``send_task``
 would push, built here, so both land or neither, in one round trip); a second submit of
 an id that already has a record sends nothing and returns a handle to that job.
-Waiting never polls: it blocks on the job's event stream (XREAD BLOCK), which the worker
-appends to in the same transaction that stores the result.
+Reading a stream blocks on the job's event stream (XREAD BLOCK). Waiting for a result
+(``result()``) blocks on the deployment's ends stream instead, which the worker appends the
+job's id to in the same Lua call that stores the result: one reader per client for all its
+waiters (a thread for :class:`HermesClient`, the hub for :class:`AsyncHermesClient`), one
+wake-up per job whatever its length, and a check of the record every END_CHECK_S in case a
+notification was missed.
 
 Submitting refuses (:class:`QueueFull`) while ``max_queue_depth`` jobs already wait in the
 queue. ``handle.cancel()`` ends a queued job at once and asks a running one's worker to stop.
@@ -30,10 +34,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import uuid4
 
 from celery import Celery
@@ -80,7 +85,10 @@ from producers.control import (
     script_reply,
     unique_ids,
 )
-from producers.hub import StreamHub, Subscription, entry_order
+from producers.hub import EndWait, EndWatcher, StreamHub, Subscription, entry_order
+
+if TYPE_CHECKING:
+    from producers.batches import AsyncBatches, Batches
 
 __all__ = [
     "AsyncHermesClient",
@@ -103,6 +111,16 @@ JobSource = ChatJob | Mapping[str, Any] | str | bytes
 # dead connection; see block_chunk_s().
 BLOCK_CHUNK_S = 2.0
 READ_COUNT = 256  # stream entries per XREAD
+# A result waiter checks its job's record (one HMGET) END_CHECK_S after it began waiting,
+# then at intervals growing by END_CHECK_GROWTH up to END_CHECK_MAX_S, besides waking on
+# the ends stream: that finds an end whose notification was missed (a worker older than
+# the ends stream, a record ended by hand; a notification trimmed away while the reader
+# lagged, which the reader also catches: see producers.hub) and a record that vanished
+# (JobLost) within one blocking read's time, as a stream reader finds it. A job of a minute
+# is checked 6 times (every 2 s it would be 30).
+END_CHECK_S = BLOCK_CHUNK_S
+END_CHECK_GROWTH = 1.5
+END_CHECK_MAX_S = 30.0
 
 # --- pure helpers shared by both clients -------------------------------------------------
 
@@ -156,11 +174,16 @@ class Submission:
     body_json: str
     priority: int
 
-    def submit_call(self, keys: Keys, app: Celery, queue: str) -> tuple[list[str], list[str]]:
-        """KEYS and ARGV of :data:`scripts.SUBMIT`."""
+    def submit_call(
+        self, keys: Keys, app: Celery, queue: str, tenant: str | None = None
+    ) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of :data:`scripts.SUBMIT` (``tenant``: who submits, through the
+        gateway; recorded in the job's record)."""
         queue_key, message = job_message(app, self.body, self.job_id, self.priority, queue)
         digest = body_digest(self.body_json)
         args = [repr(time.time()), self.body_json, str(ALIVE_TTL_S), message, digest]
+        if tenant:
+            args.append(tenant)
         return [keys.job(self.job_id), queue_key], args
 
 
@@ -382,6 +405,23 @@ def stream_is_over(status: JobStatus | None, *, after_terminal: bool) -> bool:
     return status.is_terminal
 
 
+def end_checks() -> Iterator[float]:
+    """The waits between a result waiter's checks of its record (see END_CHECK_S); a
+    wake-up from the ends stream does not reset them."""
+    wait_s = END_CHECK_S
+    while True:
+        yield wait_s
+        wait_s = min(wait_s * END_CHECK_GROWTH, END_CHECK_MAX_S)
+
+
+def ended_from_fields(status: Any, raw_result: Any) -> JobResult | bool:
+    """From a record's ``status`` and ``result`` (HMGET): the stored result; else whether
+    the job has ended all the same (True: read the whole record, :func:`finished_result`)."""
+    if raw_result:
+        return JobResult.model_validate_json(raw_result)
+    return status is not None and JobStatus(as_text(status)).is_terminal
+
+
 def finished_result(job_id: str, record: Mapping[bytes | str, bytes | str]) -> JobResult | None:
     """The job's final result, or None while it has not ended (or has no record yet)."""
     if not record:
@@ -427,6 +467,10 @@ class HermesClient:
         self._requeue = self.redis.register_script(scripts.REQUEUE)
         self._queue_lists = queue_lists(self.settings)
         self._gate = DepthGate(self.settings.max_queue_depth)
+        # Every result() wait of this client, in any thread, wakes through one reader.
+        self.ends = EndWatcher(
+            self.redis, self.keys.ends, block_s=block_chunk_s(self.redis), count=READ_COUNT
+        )
 
     def submit(self, job: JobSource) -> JobHandle:
         """Validate, record and queue a job; a known id is not queued again.
@@ -445,6 +489,14 @@ class HermesClient:
     def job(self, job_id: str) -> JobHandle:
         """A handle to a job submitted earlier (by anyone)."""
         return JobHandle(self, job_id, created=False)
+
+    @functools.cached_property
+    def batches(self) -> Batches:
+        """This deployment's batches: OpenAI Batch API files on the queue
+        (:class:`producers.batches.Batches`; docs/batches.md)."""
+        from producers.batches import Batches
+
+        return Batches(self)
 
     def dead_letters(self) -> list[DeadLetter]:
         """The jobs that ran out of retries, newest first."""
@@ -495,6 +547,7 @@ class HermesClient:
 
     def close(self) -> None:
         """Release the connections this client opened itself."""
+        self.ends.close()
         owns_redis, owns_celery = self._owns
         if owns_redis:
             self.redis.close()
@@ -575,37 +628,52 @@ class JobHandle:
         args = cancel_args(
             self.id, record, time.time(), client.settings.result_ttl_s, self._keys.cancel_channel
         )
-        reply = client._cancel(
-            keys=[self._keys.job(self.id), self._keys.events(self.id)], args=args
-        )
+        keys = [self._keys.job(self.id), self._keys.events(self.id), self._keys.ends]
+        reply = client._cancel(keys=keys, args=args)
         return cancel_outcome(self.id, reply)
 
     def result(self, timeout: float | None = None) -> JobResult:
         """Wait until the job has ended and return its result; ``TimeoutError`` on timeout.
 
         Like :meth:`stream`, an id without a record yet is waited for, and a record seen
-        and then gone raises :class:`JobLost`.
+        and then gone raises :class:`JobLost`. The wait costs a few commands whatever the
+        job's length: it wakes when the client's one reader of the ends stream reads this
+        job's id (:class:`~producers.hub.EndWatcher`), and checks the record every
+        END_CHECK_S besides.
         """
-        deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
-        key = self._keys.job(self.id)
-
-        def record() -> Any:
-            found = self._redis.hgetall(key)
-            self._watch.saw(bool(found))
+        deadline = Deadline(timeout, f"job {self.id}", END_CHECK_MAX_S)
+        found = read_while_waiting(deadline, self._check_end)
+        if found is not None:  # the usual case after reading the stream: one command
             return found
+        ends = self._client.ends
+        # Watched before the record is read again: an end after that read wakes us.
+        woken = self._watch_end(deadline)
+        checks = end_checks()
+        try:
+            while True:
+                found = read_while_waiting(deadline, self._check_end)
+                if found is not None:
+                    return found
+                if woken.wait(min(next(checks), deadline.block_ms() / 1000)):
+                    # Watched afresh: a reader whose read failed woke everyone and stopped.
+                    ends.unwatch(self.id, woken)
+                    woken = self._watch_end(deadline)
+        finally:
+            ends.unwatch(self.id, woken)
 
-        result = finished_result(self.id, read_while_waiting(deadline, record))
-        if result is not None:  # the usual case after reading the stream: one command
-            return result
-        # Taken before the record is read again, so an event written after that read wakes us.
-        cursor = read_while_waiting(deadline, self._last_event_id)
-        while True:
-            result = finished_result(self.id, read_while_waiting(deadline, record))
-            if result is not None:
-                return result
-            events = self._read(cursor, deadline)
-            if events:
-                cursor = events[-1].id
+    def _watch_end(self, deadline: Deadline) -> threading.Event:
+        return read_while_waiting(deadline, functools.partial(self._client.ends.watch, self.id))
+
+    def _check_end(self) -> JobResult | None:
+        """The result if the job has ended (one HMGET; the whole record only for an end
+        without a stored result), else None; JobLost for a record seen and gone."""
+        key = self._keys.job(self.id)
+        status, raw = self._redis.hmget(key, "status", "result")
+        self._watch.saw(status is not None)
+        ended = ended_from_fields(status, raw)
+        if isinstance(ended, JobResult):
+            return ended
+        return finished_result(self.id, self._redis.hgetall(key)) if ended else None
 
     def _status(self) -> JobStatus | None:
         return status_from(self._redis.hget(self._keys.job(self.id), "status"))
@@ -699,12 +767,13 @@ class AsyncHermesClient:
             count=READ_COUNT,
         )
 
-    async def submit(self, job: JobSource) -> AsyncJobHandle:
+    async def submit(self, job: JobSource, *, tenant: str | None = None) -> AsyncJobHandle:
         """Validate, record and queue a job; a known id is not queued again (see
-        :meth:`HermesClient.submit` for the errors)."""
+        :meth:`HermesClient.submit` for the errors). ``tenant``: the gateway's caller, kept
+        in the job's record."""
         sub = prepare_submission(job, self.settings.max_body_bytes)
         await self._check_depth(self.keys.job(sub.job_id))
-        keys, args = sub.submit_call(self.keys, self.celery, self.settings.queue_name)
+        keys, args = sub.submit_call(self.keys, self.celery, self.settings.queue_name, tenant)
         created = bool(await self._submit(keys=keys, args=args))
         if created:
             self._gate.submitted()
@@ -713,6 +782,13 @@ class AsyncHermesClient:
     def job(self, job_id: str) -> AsyncJobHandle:
         """A handle to a job submitted earlier (by anyone)."""
         return AsyncJobHandle(self, job_id, created=False)
+
+    @functools.cached_property
+    def batches(self) -> AsyncBatches:
+        """This deployment's batches, awaited (:class:`producers.batches.AsyncBatches`)."""
+        from producers.batches import AsyncBatches
+
+        return AsyncBatches(self)
 
     async def dead_letters(self) -> list[DeadLetter]:
         """The jobs that ran out of retries, newest first."""
@@ -759,6 +835,8 @@ class AsyncHermesClient:
     async def aclose(self) -> None:
         """Release the connections this client opened itself."""
         await self.hub.aclose()
+        if "batches" in self.__dict__:  # its blocking client, made on first use
+            self.__dict__["batches"].close()
         owns_redis, owns_celery = self._owns
         if owns_redis:
             await self.redis.aclose()
@@ -856,32 +934,48 @@ class AsyncJobHandle:
         args = cancel_args(
             self.id, record, time.time(), client.settings.result_ttl_s, self._keys.cancel_channel
         )
-        keys = [self._keys.job(self.id), self._keys.events(self.id)]
+        keys = [self._keys.job(self.id), self._keys.events(self.id), self._keys.ends]
         return cancel_outcome(self.id, await client._cancel(keys=keys, args=args))
 
     async def result(self, timeout: float | None = None) -> JobResult:
         """Wait until the job has ended and return its result; ``TimeoutError`` on timeout,
-        :class:`JobLost` when its record was seen and is gone (see JobHandle)."""
-        deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
-        key = self._keys.job(self.id)
-
-        async def record() -> Any:
-            found = await self._redis.hgetall(key)
-            self._watch.saw(bool(found))
+        :class:`JobLost` when its record was seen and is gone (see JobHandle). It wakes when
+        the client's hub reads this job's id on the ends stream (one XREAD for every
+        waiter), and checks the record every END_CHECK_S besides."""
+        deadline = Deadline(timeout, f"job {self.id}", END_CHECK_MAX_S)
+        found = await read_while_waiting_async(deadline, self._check_end)
+        if found is not None:  # the usual case after reading the stream: one command
             return found
+        hub = self._client.hub
+        # Watched before the record is read again: an end after that read wakes us.
+        wait = await self._watch_end(deadline)
+        checks = end_checks()
+        try:
+            while True:
+                found = await read_while_waiting_async(deadline, self._check_end)
+                if found is not None:
+                    return found
+                timeout_s = min(next(checks), deadline.block_ms() / 1000)
+                if await wait.wait(timeout_s) and wait.broken:
+                    # The hub's read failed and it stopped: watch again, which restarts it.
+                    hub.unwatch_end(wait)
+                    wait = await self._watch_end(deadline)
+        finally:
+            hub.unwatch_end(wait)
 
-        result = finished_result(self.id, await read_while_waiting_async(deadline, record))
-        if result is not None:  # the usual case after reading the stream: one command
-            return result
-        # Taken before the record is read again, so an event written after that read wakes us.
-        cursor = await read_while_waiting_async(deadline, self._last_event_id)
-        while True:
-            result = finished_result(self.id, await read_while_waiting_async(deadline, record))
-            if result is not None:
-                return result
-            events = await self._read(cursor, deadline)
-            if events:
-                cursor = events[-1].id
+    async def _watch_end(self, deadline: Deadline) -> EndWait:
+        hub = self._client.hub
+        return await read_while_waiting_async(deadline, functools.partial(hub.watch_end, self.id))
+
+    async def _check_end(self) -> JobResult | None:
+        """See :meth:`JobHandle._check_end`."""
+        key = self._keys.job(self.id)
+        status, raw = await self._redis.hmget(key, "status", "result")
+        self._watch.saw(status is not None)
+        ended = ended_from_fields(status, raw)
+        if isinstance(ended, JobResult):
+            return ended
+        return finished_result(self.id, await self._redis.hgetall(key)) if ended else None
 
     async def _status(self) -> JobStatus | None:
         return status_from(await self._redis.hget(self._keys.job(self.id), "status"))

@@ -4,6 +4,7 @@ runner stopped and resumed with every line written exactly once."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import threading
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 from test_cli_jobs import cli_env, exe
+from test_lifecycle import STORY
+from test_recovery import Fleet, assert_one_end
 from worker_fixtures import (
     WorkerProcess,
     clean_redis,
@@ -25,12 +28,13 @@ from worker_fixtures import (
 )
 
 from hermes_worker.batch.files import FileStore
+from hermes_worker.batch.lines import line_job_id
 from hermes_worker.batch.runner import BatchRunner
 from hermes_worker.batch.store import BatchStore
 from hermes_worker.errors import BatchAlreadyEnded, InvalidRequest
 from hermes_worker.settings import Settings
-from producers.batches import Batches
-from producers.client import HermesClient
+from producers.client import AsyncHermesClient, HermesClient
+from producers.control import queue_lists
 
 TIMEOUT = 60.0
 
@@ -283,10 +287,11 @@ def test_a_completion_window_must_be_a_duration(client: HermesClient) -> None:
         create(client, jsonl([line("a")]), window="tomorrow")
 
 
-def wait_for(condition: Any, timeout: float = TIMEOUT) -> None:
+def wait_for(condition: Any, timeout: float = TIMEOUT, why: Any = None) -> None:
+    """Until ``condition()``; ``why()`` says what was seen, if it never came."""
     end = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < end, "timed out"
+        assert time.monotonic() < end, f"timed out: {why() if why else ''}"
         time.sleep(0.05)
 
 
@@ -297,7 +302,7 @@ def test_the_client_creates_waits_and_reads_results(client: HermesClient, tmp_pa
     # Given a JSONL file on disk
     path = tmp_path / "requests.jsonl"
     path.write_bytes(jsonl([line(f"c{i}", f"Question {i}") for i in range(5)]))
-    batches = Batches(client)
+    batches = client.batches
     # When the client makes a batch of it and waits (running it in this process)
     made = batches.create(path, metadata={"run": "nightly"})
     ended = batches.wait(made["id"], timeout=TIMEOUT)
@@ -309,6 +314,19 @@ def test_the_client_creates_waits_and_reads_results(client: HermesClient, tmp_pa
     assert made["id"] in [b["id"] for b in batches.list()]
     stored = batches.files.get(made["input_file_id"])
     assert (stored.purpose, stored.bytes) == ("batch", path.stat().st_size)
+
+
+def test_the_async_client_has_the_same_calls(settings: Settings, tmp_path: Path) -> None:
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        async with AsyncHermesClient(settings) as client:
+            made = await client.batches.create(jsonl([line("a1"), line("a2")]))
+            ended = await client.batches.wait(made["id"], timeout=TIMEOUT)
+            assert (await client.batches.retrieve(made["id"]))["status"] == "completed"
+            return ended, await client.batches.results(made["id"])
+
+    ended, lines = asyncio.run(scenario())
+    assert ended["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+    assert sorted(x["custom_id"] for x in lines) == ["a1", "a2"]
 
 
 def batch_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -359,3 +377,120 @@ def test_the_cli_names_the_bad_lines_of_a_file_that_fails(
     assert made.returncode == 1
     last = made.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: batch batch_") and "failed: line 2: custom_id" in last
+
+
+# --- kill -9 -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fleet(test_model_dir: Path, tmp_path: Path) -> Iterator[Fleet]:
+    """Scripted worker processes on a deployment of their own (test_recovery.Fleet)."""
+    made = Fleet(test_model_dir, tmp_path)
+    yield made
+    made.close()
+
+
+def test_every_line_once_with_the_runner_and_a_worker_killed(fleet: Fleet, tmp_path: Path) -> None:
+    # Given two scripted workers (lease 4 s) and a batch runner process (lease 2 s)
+    fleet.start(2)
+    settings = fleet.settings.model_copy(update={"files_dir": str(tmp_path / "files")})
+    env = {
+        **cli_env(settings),
+        "HERMES_FILES_DIR": settings.files_dir,
+        "HERMES_BATCH_POLL_S": "0.05",
+        "HERMES_BATCH_WINDOW": "16",
+        "HERMES_BATCH_LEASE_S": "2",
+        "HERMES_BATCH_RESEND_S": "3",  # a message lost with the killed worker: sent again
+    }
+
+    def runner(name: str) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"{name}.log").open("wb")
+        return subprocess.Popen(
+            [exe(), "batch", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    # 240 lines of 0.2 s each, 16 at a time: about 3 s of work
+    lines = [scripted(f"k{i}", text=STORY, tokens_per_s=100) for i in range(240)]
+    with HermesClient(settings, redis=fleet.redis) as client:
+        files, store, batch = create(client, jsonl(lines))
+    first = runner("runner-1")
+
+    def done() -> int:
+        counts = store.get(batch["id"])["request_counts"]
+        return int(counts["completed"] + counts["failed"])
+
+    def seen() -> str:
+        """The batch, the jobs of the lines not yet written, and the runners' logs."""
+        logs = "".join((tmp_path / f"runner-{n}.log").read_text()[-2000:] for n in (1, 2))
+        written = {o["custom_id"] for o in read(files, batch["output_file_id"])}
+        missing = [int(c[1:]) for c in (f"k{i}" for i in range(240)) if c not in written]
+        jobs = [(i, fleet.record(line_job_id(batch["id"], i))) for i in missing[:5]]
+        return f"{store.record(batch['id'])}\nnot written: {missing[:20]} {jobs}\n{logs}"
+
+    # When the runner is killed at a third and another takes over after its lease
+    wait_for(lambda: done() >= 80, why=seen)
+    first.kill()
+    first.wait(10)
+    second = runner("runner-2")
+    # And a worker is killed at two thirds
+    try:
+        wait_for(lambda: done() >= 160, why=seen)
+        fleet.workers["w1"].process.kill()
+        wait_for(lambda: store.get(batch["id"])["status"] == "completed", timeout=60, why=seen)
+    finally:
+        second.terminate()
+        assert second.wait(20) == 0
+    # Then every line was written once, each a success, and the counts match the files
+    out = read(files, batch["output_file_id"])
+    assert sorted(o["custom_id"] for o in out) == sorted(f"k{i}" for i in range(240))
+    assert read(files, batch["error_file_id"]) == []
+    assert store.get(batch["id"])["request_counts"] == {
+        "total": 240,
+        "completed": 240,
+        "failed": 0,
+    }
+    # And each line's job ended once (one terminal event, seq without a gap), with its text
+    for o in out:
+        assert o["response"]["body"]["choices"][0]["message"]["content"] == STORY
+        assert_one_end(fleet.events(o["response"]["request_id"]))
+
+
+def test_a_lines_lost_message_is_sent_again_and_only_a_lost_one(tmp_path: Path) -> None:
+    # Given a batch on a queue no worker serves, two lines queued
+    settings = unique_settings().model_copy(
+        update={"files_dir": str(tmp_path / "files"), "batch_poll_s": 0.05, "batch_resend_s": 0.5}
+    )
+    with HermesClient(settings, redis=patient_redis(settings.redis_url)) as client:
+        try:
+            files, _, batch = create(client, jsonl([line("lost"), line("waiting")]))
+            stop = threading.Event()
+            runner = threading.Thread(
+                target=BatchRunner(client, files).run, args=(batch["id"], stop)
+            )
+            runner.start()
+            lists = queue_lists(settings)
+
+            def copies(index: int) -> int:
+                needle = f'"{line_job_id(batch["id"], index)}"'.encode()
+                items = [i for name in lists for i in client.redis.lrange(name, 0, -1)]
+                return sum(needle in item for item in items)
+
+            wait_for(lambda: copies(0) == 1 and copies(1) == 1)
+            # When line 0's message is taken off the queue and never recorded (a worker
+            # killed between its BRPOP and its record)
+            for name in lists:
+                for item in client.redis.lrange(name, 0, -1):
+                    if f'"{line_job_id(batch["id"], 0)}"'.encode() in item:
+                        client.redis.lrem(name, 1, item)
+            assert copies(0) == 0
+            # Then the runner sends it again once it has waited batch_resend_s, the job still
+            # queued and never delivered; the line still on the queue is not sent twice
+            wait_for(lambda: copies(0) == 1, timeout=10)
+            time.sleep(1.0)
+            assert (copies(0), copies(1)) == (1, 1)
+            record = client.redis.hgetall(client.keys.job(line_job_id(batch["id"], 0)))
+            assert record[b"status"] == b"queued"
+            stop.set()
+            runner.join(TIMEOUT)
+        finally:
+            clean_redis(settings)

@@ -649,3 +649,26 @@ def test_without_a_terminal_the_benchmark_yields_the_cpu_in_a_session_of_its_own
     group, leader, seen = out[0], out[-4], " ".join(out[-3:])
     assert leader == "True" and group.startswith("/autogroup-") and seen.endswith("nice 10")
     assert autogroup.read_text() == mine
+
+
+def test_the_gateway_and_queue_result_ways_are_compared_with_the_others() -> None:
+    # Given a run with every way, the optional ones asked for
+    args = bench.parse_args(["--ways", "gateway,queue-result,vllm-serve"])
+    assert args.ways == ["vllm-serve", "queue-result", "gateway"]
+    base = {"jobs": 10, "ttft_p99_ms": 50.0, "itl_p50_ms": 5.0, "latency_p50_ms": 900.0}
+    more = [
+        {**base, "way": "queue-result", "concurrency": 32, "tokens_per_s": 900.0,
+         "ttft_p50_ms": 900.0, "redis_cmds_per_token": 0.1},
+        {**base, "way": "gateway", "concurrency": 32, "tokens_per_s": 760.0,
+         "ttft_p50_ms": 42.0, "redis_cmds_per_token": 0.2},
+    ]  # fmt: skip
+    ways = report.by_level([*rows(), *more])[32]
+    # When they are compared, Then each is set against the others, the gateway's time to
+    # first token against vllm-serve's (both HTTP + SSE)
+    c = report.more_comparisons(ways)
+    assert c["queue_result_tokens_per_s_vs_direct"] == pytest.approx(0.9)
+    assert c["queue_result_tokens_per_s_vs_queue"] == pytest.approx(900 / 960)
+    assert c["gateway_tokens_per_s_vs_vllm_serve"] == pytest.approx(0.95)
+    assert c["gateway_added_ttft_p50_ms"] == pytest.approx(12.0)
+    text = report.markdown({"config": config(), "rows": [*rows(), *more], "soak": None})
+    assert "| 32 | gateway | 0.76x | 0.95x | 0.79x | +12.0 | 0.200 |" in text

@@ -57,6 +57,7 @@ class Worker:
         self.r, self.job_id, self.seq = r, job_id, 0
         self.job_key = Keys(settings.key_prefix).job(job_id)
         self.events_key = Keys(settings.key_prefix).events(job_id)
+        self.ends_key = Keys(settings.key_prefix).ends
 
     def record(self, **fields: str | float) -> None:
         mapping: dict[Any, Any] = fields  # redis-py's mapping type is invariant
@@ -74,7 +75,8 @@ class Worker:
         error: ErrorInfo | None = None,
         message: ResponseMessage | None = None,
     ) -> JobResult:
-        """Store the result and the terminal event in one transaction, as the worker does."""
+        """Store the result and the terminal event, and note the end on the ends stream, in
+        one transaction, as the worker does."""
         now = time.time()
         info = JobInfo(id=self.job_id, status=status, attempts=1, finished_at=now)
         if message is None:
@@ -100,6 +102,7 @@ class Worker:
         with self.r.pipeline(transaction=True) as pipe:
             pipe.hset(self.job_key, mapping=record)
             pipe.xadd(self.events_key, event)
+            pipe.xadd(self.ends_key, {"id": self.job_id})
             pipe.execute()
         return result
 
@@ -543,14 +546,14 @@ class Stalls:
             raise redis.exceptions.TimeoutError("Timeout reading from socket")
 
 
-# The status reads of a stream's wait (HGET), and the reads of the record in a result's wait
-# after its first (HGETALL).
-WAIT_LOOP_STALLS = {"HGET": {1, 2}, "HGETALL": {2, 3}}
+# The status reads of a stream's wait (HGET), and the checks of the record in a result's
+# wait after its first (HMGET status result).
+WAIT_LOOP_STALLS = {"HGET": {1, 2}, "HMGET": {2, 3}}
 # The first read of every other kind a wait makes: the status read that decides whether a
 # terminal event ends the stream (HGET), the backwards search for the job's last terminal
-# event and then the cursor a result's wait starts from (XREVRANGE), and a result's first
-# read of the record (HGETALL).
-FIRST_READ_STALLS = {"HGET": {1}, "HGETALL": {1}, "XREVRANGE": {1, 3}}
+# event and then the ends stream's cursor a result's wait starts from (XREVRANGE), and a
+# result's first check of the record (HMGET).
+FIRST_READ_STALLS = {"HGET": {1}, "HMGET": {1}, "XREVRANGE": {1, 3}}
 
 
 class StallingRedis(redis.Redis):
@@ -625,7 +628,7 @@ def test_a_wait_outlives_record_reads_that_time_out(
     # Then the timed-out reads were waited out, within the caller's deadline
     assert seen == ["started", "content", "done"]
     assert result.job.status is JobStatus.SUCCEEDED
-    assert stalling.stalls.stalled == {"HGET": 2, "HGETALL": 2}
+    assert stalling.stalls.stalled == {"HGET": 2, "HMGET": 2}
     stalling.close()
 
 
@@ -641,7 +644,7 @@ def test_the_async_client_outlives_record_reads_that_time_out(
     # Then the timed-out reads were waited out, within the caller's deadline
     assert seen == ["started", "content", "done"]
     assert result.job.status is JobStatus.SUCCEEDED
-    assert stalls.stalled == {"HGET": 2, "HGETALL": 2}
+    assert stalls.stalled == {"HGET": 2, "HMGET": 2}
 
 
 def retried_job(r: redis.Redis, settings: Settings) -> None:
@@ -667,7 +670,7 @@ def test_every_read_a_wait_makes_outlives_a_timeout(
     # attempt's end, and the wait for the result lasted until the job ended
     assert seen == ["started", "error", "restarted", "content", "done"]
     assert result.job.status is JobStatus.SUCCEEDED
-    assert stalling.stalls.stalled == {"HGET": 1, "HGETALL": 1, "XREVRANGE": 2}
+    assert stalling.stalls.stalled == {"HGET": 1, "HMGET": 1, "XREVRANGE": 2}
     stalling.close()
 
 
@@ -683,7 +686,7 @@ def test_the_async_client_makes_every_read_of_a_wait_again_after_a_timeout(
     # Then each timed-out read was made again
     assert seen == ["started", "error", "restarted", "content", "done"]
     assert result.job.status is JobStatus.SUCCEEDED
-    assert stalls.stalled == {"HGET": 1, "HGETALL": 1, "XREVRANGE": 2}
+    assert stalls.stalled == {"HGET": 1, "HMGET": 1, "XREVRANGE": 2}
 
 
 def test_a_stream_whose_reads_time_out_as_the_job_ends_still_reads_its_end(
@@ -707,7 +710,7 @@ def test_a_wait_whose_reads_keep_timing_out_ends_at_the_callers_deadline(
 ) -> None:
     # Given a running job whose record cannot be read: every read of it times out
     running_job(redis_client, hermes_settings)
-    stalls = Stalls({"HGETALL": set(range(1, 1000))}, wait_s=0.2)
+    stalls = Stalls({"HMGET": set(range(1, 1000))}, wait_s=0.2)
     client, stalling = stalling_client(hermes_settings, stalls)
     start = time.monotonic()
     # When the producer waits for its result with a timeout, Then it gets TimeoutError
@@ -717,7 +720,7 @@ def test_a_wait_whose_reads_keep_timing_out_ends_at_the_callers_deadline(
         client.job("job-1").result(timeout=2.0)
     assert 1.95 < time.monotonic() - start < 5
     # (about 8 tries of 0.25 s each: a timeout, then the pause before the next)
-    assert 2 <= stalling.stalls.stalled["HGETALL"] <= 10
+    assert 2 <= stalling.stalls.stalled["HMGET"] <= 10
     stalling.close()
 
 

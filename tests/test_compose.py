@@ -23,6 +23,7 @@ import yaml
 from click.testing import CliRunner
 
 from hermes_worker.cli.commands import main
+from hermes_worker.contract.store import Keys
 from hermes_worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,7 @@ WORKERS = ["worker", "worker-70b"]
 DOT_ENV = {
     "REDIS_DEFAULT_PASSWORD": "d" * 24,
     "REDIS_WORKER_PASSWORD": "w" * 24,
+    "REDIS_GATEWAY_PASSWORD": "g" * 24,
     "REDIS_PRODUCER_PASSWORD": "p" * 24,
     "FLOWER_BASIC_AUTH": "ops:secret",
 }
@@ -90,7 +92,13 @@ def acl_users() -> dict[str, list[str]]:
 
 
 def key_patterns(rules: list[str]) -> list[str]:
+    """Key patterns a user may read and write (``~pattern``)."""
     return [rule[1:] for rule in rules if rule.startswith("~")]
+
+
+def read_only_patterns(rules: list[str]) -> list[str]:
+    """Key patterns a user may only read (``%R~pattern``)."""
+    return [rule[3:] for rule in rules if rule.startswith("%R~")]
 
 
 def channel_patterns(rules: list[str]) -> list[str]:
@@ -229,7 +237,7 @@ def test_redis_persists_to_its_volume_with_the_acl_file() -> None:
 
 def test_optional_services_sit_behind_profiles() -> None:
     profiles = {name: spec.get("profiles", []) for name, spec in SERVICES.items()}
-    assert profiles["redis"] == [] and profiles["worker"] == []
+    assert profiles["redis"] == [] and profiles["worker"] == [] and profiles["gateway"] == []
     assert profiles["worker-70b"] == ["70b"]
     assert profiles["flower"] == ["flower"]
     assert profiles["chat-example"] == ["example"]
@@ -316,7 +324,7 @@ def test_the_producer_user_reaches_its_keys_and_nothing_of_the_consumers() -> No
     assert "+brpop" not in rules and "+psubscribe" not in rules
 
 
-@pytest.mark.parametrize("user", ["worker", "producer"])
+@pytest.mark.parametrize("user", ["worker", "producer", "gateway"])
 def test_service_users_start_from_nothing(user: str) -> None:
     rules = acl_users()[user]
     assert rules[0] == "on" and f">@{user.upper()}_PASSWORD@" in rules
@@ -327,3 +335,98 @@ def test_service_users_start_from_nothing(user: str) -> None:
     assert [rule for rule in rules if rule.startswith("+@")] == []
     start = (ROOT / "deploy" / "redis" / "start.sh").read_text()
     assert f"@{user.upper()}_PASSWORD@" in start
+
+
+# --- the gateway ---------------------------------------------------------------------------------
+
+
+def test_the_gateway_fronts_every_deployment_as_the_gateway_user() -> None:
+    from hermes_worker.gateway.routing import parse_routes
+
+    spec, settings = SERVICES["gateway"], worker_settings("gateway")
+    fields = {f"HERMES_{name.upper()}" for name in Settings.model_fields}
+    assert {name for name in environment("gateway") if name.startswith("HERMES_")} <= fields
+    # It reaches Redis as user gateway with the password the redis service fills in
+    url = urlsplit(settings.redis_url)
+    assert (url.username, url.hostname, url.port) == ("gateway", "redis", 6379)
+    assert url.password == environment("redis")["REDIS_GATEWAY_PASSWORD"]
+    assert spec["depends_on"]["redis"]["condition"] == "service_healthy"
+    # API keys are on, and its routes name the deployments of both worker services
+    assert settings.gateway_auth == "keys"
+    routes = parse_routes(settings.gateway_routes, worker_settings("worker"))
+    served = {(r.queue, r.key_prefix) for r in routes.values()}
+    assert served == {(w.queue_name, w.key_prefix) for w in deployments()}
+    # It listens on the port compose publishes, on this host unless told otherwise
+    (published,) = spec["ports"]
+    assert interpolate(published) == f"127.0.0.1:{settings.gateway_port}:{settings.gateway_port}"
+    assert settings.gateway_host == "0.0.0.0"
+    # Its image has the gateway extra and a real command; a stop lets streams finish
+    stage = dockerfile_stages()[spec["build"]["target"]]
+    assert any('".[gateway]"' in line for line in stage if line.startswith("RUN "))
+    assert spec["entrypoint"][0] == "hermes-worker" and spec["entrypoint"][1] in main.commands
+    assert "/healthz" in " ".join(spec["healthcheck"]["test"])
+    assert spec["stop_signal"] == "SIGTERM"
+    assert seconds(spec["stop_grace_period"]) > settings.gateway_shutdown_grace_s
+
+
+def test_no_service_but_the_example_gets_a_producer_user() -> None:
+    # Redis starts without a producer password (start.sh then leaves that user out)
+    without = {k: v for k, v in DOT_ENV.items() if k != "REDIS_PRODUCER_PASSWORD"}
+    redis_env = SERVICES["redis"]["environment"]
+    assert interpolate(redis_env["REDIS_PRODUCER_PASSWORD"], without) == ""
+    assert "without_producer" in (ROOT / "deploy" / "redis" / "start.sh").read_text()
+    # And only the example producer (a profile of its own) uses one
+    users = {
+        name: urlsplit(interpolate(spec["environment"]["HERMES_REDIS_URL"])).username
+        for name, spec in SERVICES.items()
+        if "HERMES_REDIS_URL" in spec.get("environment", {})
+    }
+    assert [name for name, user in users.items() if user == "producer"] == ["chat-example"]
+    assert SERVICES["chat-example"]["profiles"] == ["example"]
+
+
+def test_the_gateway_user_reaches_what_a_producer_does_its_keys_and_the_vitals() -> None:
+    from hermes_worker.gateway.tenants import GatewayKeys
+
+    users = acl_users()
+    rules, producer = users["gateway"], users["producer"]
+    keys, read_only = key_patterns(rules), read_only_patterns(rules)
+    # Everything the producer user may do, and more commands (quotas, keys, vitals)
+    assert set(producer) - {">@PRODUCER_PASSWORD@"} <= set(rules)
+    gateway = GatewayKeys(worker_settings("gateway").gateway_key_prefix)
+    own = [gateway.api_key("ab"), gateway.key_index, gateway.tenant("acme"),
+           gateway.bucket("acme"), gateway.waiting("acme")]  # fmt: skip
+    assert [key for key in own if not covered(key, keys)] == []
+    for settings in deployments():
+        prefix = settings.key_prefix
+        # Workers' vitals: read only; their deliveries and kombu's state: not at all
+        assert covered(f"{prefix}workers", read_only)
+        assert covered(f"{prefix}worker:host:1", read_only)
+        assert not covered(f"{prefix}worker:host:1", keys)
+        assert not covered("unacked", keys + read_only)
+    # The gateway's keys are no worker's or producer's business
+    for user in ("worker", "producer"):
+        assert not covered(gateway.api_key("ab"), key_patterns(users[user]))
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+def test_the_batch_runner_shares_the_gateways_file_store_and_user() -> None:
+    batch, gateway = SERVICES["batch"], SERVICES["gateway"]
+    assert batch["entrypoint"] == ["hermes-worker", "batch", "run"]
+    assert batch.get("profiles", []) == []
+    settings, served = worker_settings("batch"), worker_settings("gateway")
+    # Both see the same files, on one volume
+    assert settings.files_dir == served.files_dir
+    mount = f"batch-files:{settings.files_dir}"
+    assert mount in batch["volumes"] and mount in gateway["volumes"]
+    assert "batch-files" in COMPOSE["volumes"]
+    # It reaches Redis as the gateway user, which may touch every batch key it uses
+    url = urlsplit(interpolate(batch["environment"]["HERMES_REDIS_URL"]))
+    assert url.username == "gateway"
+    keys = key_patterns(acl_users()["gateway"])
+    for deployment in deployments():
+        names = Keys(deployment.key_prefix)
+        for key in (names.batch("batch_1"), names.batch_runner("batch_1"), names.batches):
+            assert covered(key, keys), key

@@ -84,7 +84,7 @@ def test_the_roles_send_what_users_acl_grants() -> None:
     """Each role's command list is held against deploy/redis/users.acl: a command added to
     the code and the ACL, but not here, would go unchecked by the doctor."""
     text = (ROOT / "deploy" / "redis" / "users.acl").read_text()
-    for role in ("worker", "producer"):
+    for role in ("worker", "producer", "gateway"):
         line = next(row for row in text.splitlines() if row.startswith(f"user {role} "))
         granted = {t[1:] for t in line.split() if t.startswith("+") and not t.startswith("+@")}
         assert role_commands(role) == granted, role  # type: ignore[arg-type]
@@ -198,11 +198,12 @@ def test_the_admin_checks_each_user_against_its_role(acl_redis: SecureRedis) -> 
     # Given the compose Redis, as the admin (default) user
     url = acl_redis.url("default", tls=False)
     # When each user is checked against its own role, Then each may do what it must
-    args = ["--role", "worker=worker", "--role", "producer=producer", "--role", "admin"]
+    args = ["--role", "worker=worker", "--role", "producer=producer", "--role", "admin",
+            "--role", "gateway=gateway"]  # fmt: skip
     code, report = doctor(url, *args)
     assert code == 0, report
     found = levels(report)
-    assert [found[f"acl {role}"] for role in ROLES] == ["ok", "ok", "ok"]
+    assert [found[f"acl {role}"] for role in ROLES] == ["ok", "ok", "ok", "ok"]
     assert (found["persistence"], found["maxmemory-policy"]) == ("ok", "ok")  # redis.conf
     # When the producer user is checked as a worker, Then what it lacks is named
     code, report = doctor(url, "--role", "worker=producer")

@@ -113,7 +113,10 @@ def chat(**fields: Any) -> dict[str, Any]:
 
 
 def start_gateway(settings: Settings, log_path: Path) -> ServiceProcess:
-    """``hermes-worker gateway`` on exactly ``settings`` (its HERMES_* environment)."""
+    """``hermes-worker gateway`` on exactly ``settings`` (its HERMES_* environment), its
+    file store beside its log unless the settings name one."""
+    if settings.files_dir == Settings.model_fields["files_dir"].default:
+        settings = settings.model_copy(update={"files_dir": str(log_path.parent / "files")})
     command = [*worker_command(), "gateway", "--log-level", "warning"]
     env = process_env(settings_env(settings))
     return ServiceProcess.spawn(command, env, log_path, own_session=False)
@@ -148,6 +151,9 @@ def gateway_settings(settings: Settings, backlog: str) -> Settings:
             "max_queue_depth": MAX_DEPTH,
             "gateway_disconnect_grace_s": DISCONNECT_GRACE_S,
             "gateway_keepalive_s": 0.5,
+            # No API keys: these tests are about the core (and script jobs through hermes_*
+            # metadata); tenants are tested in test_gateway_tenants.py
+            "gateway_auth": "none",
         }
     )
 
@@ -482,8 +488,8 @@ def test_errors_have_openais_shape_and_status(stack: Stack) -> None:
         client.chat.completions.create(model="tiny", messages=USER, max_completion_tokens=0)
     assert bad.value.param == "max_completion_tokens"
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model="tiny", messages=USER, n=2)
-    assert (bad.value.param, bad.value.code) == ("n", "unsupported_parameter")
+        client.chat.completions.create(model="tiny", messages=USER, logit_bias={"1": 5})
+    assert (bad.value.param, bad.value.code) == ("logit_bias", "unsupported_parameter")
     # A model nobody routes: 404; one no live worker serves: 503
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="gpt-4o", messages=USER)
@@ -537,12 +543,16 @@ def test_models_health_and_metrics(stack: Stack) -> None:
     # Requests counted by route template and status, latency, open streams (0 once closed)
     stack.job(client.chat.completions.create(model="tiny", messages=USER).id)
     list(client.chat.completions.create(model="tiny", messages=USER, stream=True))
-    closed = 'hermes_gateway_open_streams{model="tiny",route="/v1/chat/completions"} 0.0'
+    closed = (
+        'hermes_gateway_open_streams{model="tiny",route="/v1/chat/completions",'
+        'tenant="anonymous"} 0.0'
+    )
     end = time.monotonic() + 5
     while closed not in (text := httpx.get(f"{stack.url}/metrics", timeout=10).text):
         assert time.monotonic() < end, text
         time.sleep(0.05)
-    assert 'hermes_gateway_requests_total{method="GET",route="/v1/models",status="200"}' in text
+    models_ok = 'method="GET",route="/v1/models",status="200",tenant="anonymous"'
+    assert f"hermes_gateway_requests_total{{{models_ok}}}" in text
     assert 'route="/v1/jobs/{job_id}"' in text
     assert "hermes_gateway_request_duration_seconds_bucket" in text
 

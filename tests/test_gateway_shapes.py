@@ -58,7 +58,7 @@ def test_openai_only_fields_leave_the_job_body_and_the_rest_is_a_valid_job() -> 
     assert (request.stream, request.include_usage, request.background) == (True, True, False)
     assert request.job == {
         "model": "m", "messages": USER, "max_tokens": 64, "user": "u-1", "thinking": True,
-        "priority": 2,
+        "priority": 2, "n": 1, "logprobs": False, "parallel_tool_calls": True,
     }  # fmt: skip
     assert parse_job(request.job).max_tokens == 64
 
@@ -66,9 +66,6 @@ def test_openai_only_fields_leave_the_job_body_and_the_rest_is_a_valid_job() -> 
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 3}, "top_logprobs"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream": "yes"}, "stream"),
         ({"background": 1}, "background"),
@@ -77,7 +74,6 @@ def test_openai_only_fields_leave_the_job_body_and_the_rest_is_a_valid_job() -> 
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
         ({"model": 3}, "model"),
-        ({"tools": TOOLS, "parallel_tool_calls": False}, "parallel_tool_calls"),
     ],
 )
 def test_fields_with_no_meaning_here_are_refused_naming_the_field(
@@ -90,20 +86,33 @@ def test_fields_with_no_meaning_here_are_refused_naming_the_field(
 @pytest.mark.parametrize(
     "fields",
     [
-        {"parallel_tool_calls": False},
+        {"tools": TOOLS, "parallel_tool_calls": False},
         {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False},
-        {"tools": TOOLS, "tool_choice": "none", "parallel_tool_calls": False},
-        {
-            "tools": TOOLS,
-            "tool_choice": {"type": "function", "function": {"name": "f"}},
-            "parallel_tool_calls": False,
-        },
+        {"logprobs": True, "top_logprobs": 5},
+        {"n": 3},
     ],
 )
-def test_parallel_tool_calls_false_passes_where_a_job_makes_one_call_at_most(
-    fields: dict[str, Any],
+def test_n_logprobs_and_parallel_tool_calls_are_the_jobs_own(fields: dict[str, Any]) -> None:
+    job = chat_request(body(**fields), None).job
+    assert {name: job[name] for name in fields} == fields
+    parse_job(job)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
+    ],
+)
+def test_bad_n_logprobs_and_parallel_tool_calls_are_refused_by_the_job_contract(
+    fields: dict[str, Any], param: str
 ) -> None:
-    assert "parallel_tool_calls" not in chat_request(body(**fields), None).job
+    with pytest.raises(InvalidRequest) as caught:
+        parse_job(chat_request(body(**fields), None).job)
+    assert from_invalid_request(caught.value, {}).param == param
 
 
 def test_an_sdk_message_sent_back_in_the_history_loses_its_null_response_fields() -> None:
@@ -317,3 +326,92 @@ def test_a_job_that_did_not_succeed_ends_its_stream_with_an_error_object(
     stream = ChunkStream("j1", "m", 5, include_usage=True)
     out = run(stream, events(text("content", "Hi"), end))
     assert out[-1]["error"]["code"] == code and not stream.succeeded
+
+
+def lp(*tokens: str) -> list[dict[str, Any]]:
+    """Logprob entries of ``tokens``, as a worker writes them on content events."""
+    return [
+        {"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": []} for t in tokens
+    ]
+
+
+def chunk_logprobs(payloads: list[dict[str, Any]]) -> list[str]:
+    return [
+        entry["token"]
+        for p in payloads
+        if p.get("choices") and p["choices"][0]["logprobs"] is not None
+        for entry in p["choices"][0]["logprobs"]["content"]
+    ]
+
+
+def test_content_chunks_carry_their_tokens_logprobs() -> None:
+    out = run(
+        ChunkStream("j1", "m", 5, include_usage=False),
+        events(
+            text("reasoning", "Hmm."), ("content", {"text": "Hi", "logprobs": lp("Hi")}),
+            ("content", {"text": " there", "logprobs": lp(" there")}),
+            ("done", {"finish_reason": "stop"}),
+        ),
+    )  # fmt: skip
+    # Each content chunk has logprobs.content; the others (role, reasoning, end) null
+    assert chunk_logprobs(out) == ["Hi", " there"]
+    with_text = [p for p in out if p["choices"][0]["delta"].get("content")]
+    assert all(p["choices"][0]["logprobs"] is not None for p in with_text)
+    assert out[0]["choices"][0]["logprobs"] is None and out[-1]["choices"][0]["logprobs"] is None
+
+
+def test_a_restarted_attempt_that_repeats_the_output_sends_each_tokens_logprobs_once() -> None:
+    out = run(
+        ChunkStream("j1", "m", 5, include_usage=False),
+        events(
+            ("content", {"text": "Once upon", "logprobs": lp("Once", " upon")}),
+            ("restarted", {"attempt": 2}), ("content", {"text": "Once", "logprobs": lp("Once")}),
+            ("content", {"text": " upon a", "logprobs": lp(" upon", " a")}),
+            ("done", {"finish_reason": "stop"}),
+        ),
+    )  # fmt: skip
+    assert deltas(out, "content") == "Once upon a"
+    assert chunk_logprobs(out) == ["Once", " upon", " a"]
+
+
+def test_a_job_of_several_choices_streams_each_with_its_index() -> None:
+    # Given events of a job of 2 choices, interleaved, each naming its choice
+    out = run(
+        ChunkStream("j1", "m", 5, include_usage=True),
+        events(
+            ("content", {"text": "Hi", "choice": 0}), ("content", {"text": "Yo", "choice": 1}),
+            ("tool_call", {**CALL, "choice": 1}), ("content", {"text": "!", "choice": 0}),
+            ("usage", USAGE),
+            ("done", {"finish_reason": "stop", "finish_reasons": ["stop", "tool_calls"]}),
+        ),
+    )  # fmt: skip
+    by_index: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
+    for payload in out:
+        for choice in payload.get("choices") or ():
+            by_index[choice["index"]].append(choice)
+    # Then each choice opens with its role, has its own text and calls, and its finish reason
+    for index, text, reason in [(0, "Hi!", "stop"), (1, "Yo", "tool_calls")]:
+        choices = by_index[index]
+        assert choices[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content") or "" for c in choices[1:]) == text
+        assert [c["finish_reason"] for c in choices if c["finish_reason"]] == [reason]
+    [call] = [c["delta"]["tool_calls"][0] for c in by_index[1] if "tool_calls" in c["delta"]]
+    assert call["index"] == 0
+    assert out[-1]["choices"] == [] and out[-1]["usage"] == USAGE
+
+
+def test_a_restart_replays_each_choice_on_its_own() -> None:
+    out = run(
+        ChunkStream("j1", "m", 5, include_usage=False),
+        events(
+            ("content", {"text": "Once", "choice": 0}), ("content", {"text": "Twice", "choice": 1}),
+            ("restarted", {"attempt": 2}), ("content", {"text": "Twice more", "choice": 1}),
+            ("content", {"text": "Once upon", "choice": 0}),
+            ("done", {"finish_reason": "stop", "finish_reasons": ["stop", "stop"]}),
+        ),
+    )  # fmt: skip
+    texts = ["", ""]
+    for payload in out:
+        for choice in payload.get("choices") or ():
+            texts[choice["index"]] += choice["delta"].get("content") or ""
+    assert texts == ["Once upon", "Twice more"]

@@ -156,7 +156,7 @@ def test_given_minimal_body_when_parsed_then_hermes_card_defaults_apply() -> Non
     assert (job.presence_penalty, job.frequency_penalty, job.repetition_penalty) == (0, 0, 1)
     assert job.thinking is False and job.keep_cots is False and job.ignore_eos is False
     assert job.json_whitespace == "compact"
-    assert job.priority == 5
+    assert job.priority == 5 and job.n == 1
     assert job.id is None and job.tools is None and job.stop is None and job.seed is None
     assert job.effective_tool_choice == "none"
     assert job.effective_deadline(queued_at=100.0) is None
@@ -286,6 +286,29 @@ def test_given_integer_for_float_field_when_parsed_then_accepted_as_float() -> N
 def test_given_bare_stop_string_when_parsed_then_held_as_one_item_tuple() -> None:
     job = parse_job({"messages": [{"role": "user", "content": "Hi"}], "stop": "END"})
     assert job.stop == ("END",)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, (False, None, True)),
+        ({"logprobs": True}, (True, None, True)),
+        ({"logprobs": True, "top_logprobs": 20}, (True, 20, True)),
+        ({"logprobs": False, "top_logprobs": 0}, (False, 0, True)),  # 0 asks for nothing
+        ({"parallel_tool_calls": False}, (False, None, False)),
+    ],
+)
+def test_given_logprobs_and_parallel_tool_calls_when_parsed_then_kept_as_openai_means_them(
+    fields: Body, expected: tuple[bool, int | None, bool]
+) -> None:
+    job = parse_job({"messages": [{"role": "user", "content": "Hi"}], **fields})
+    assert (job.logprobs, job.top_logprobs, job.parallel_tool_calls) == expected
+    assert parse_job(job.to_wire()) == job
+
+
+def test_given_top_logprobs_without_logprobs_then_the_message_says_what_it_needs() -> None:
+    message = _raises_invalid({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2})
+    assert message == "top_logprobs: needs logprobs: true"
 
 
 @pytest.mark.parametrize(
@@ -486,6 +509,20 @@ BAD_BODIES = [
     pytest.param(_set("id", "x" * 129), "id", id="id too long"),
     pytest.param(_set("stop", ["a"] * 17), "stop", id="too many stops"),
     pytest.param(_set("stop", [""]), "stop.0", id="empty stop string"),
+    pytest.param(_set("logprobs", 1), "logprobs", id="logprobs not a boolean"),
+    pytest.param(
+        lambda body: body.update(logprobs=True, top_logprobs=21), "top_logprobs", id="top 21"
+    ),
+    pytest.param(
+        lambda body: body.update(logprobs=True, top_logprobs=-1), "top_logprobs", id="top -1"
+    ),
+    pytest.param(_set("top_logprobs", 3), "top_logprobs", id="top_logprobs without logprobs"),
+    pytest.param(_set("n", 0), "n", id="n 0"),
+    pytest.param(_set("n", 17), "n", id="n over 16"),
+    pytest.param(_set("n", "2"), "n", id="n a string"),
+    pytest.param(
+        _set("parallel_tool_calls", "no"), "parallel_tool_calls", id="parallel_tool_calls a string"
+    ),
 ]
 
 
@@ -739,6 +776,17 @@ def test_given_result_when_dumped_to_json_and_parsed_then_equal() -> None:
     assert data["job"]["status"] == "succeeded"
 
 
+def test_given_a_choice_with_logprobs_then_it_reads_and_writes_openais_shape() -> None:
+    # Given a choice's logprobs as OpenAI writes them
+    token = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}
+    data = {"content": [{**token, "top_logprobs": [token, {**token, "token": "Yo"}]}]}
+    choice = Choice.model_validate({"message": {"content": "Hi"}, "logprobs": data})
+    # Then it goes through JSON unchanged, and a choice without them says null
+    assert choice.model_dump(mode="json")["logprobs"] == data
+    assert Choice.model_validate_json(choice.model_dump_json()) == choice
+    assert Choice(message=ResponseMessage(content="Hi")).model_dump()["logprobs"] is None
+
+
 def test_given_result_then_job_timings_are_derived_and_serialized() -> None:
     info = make_result().job
     assert (info.queue_wait_s, info.time_to_first_token_s, info.generation_s) == (0.5, 0.5, 3.0)
@@ -751,7 +799,6 @@ def test_given_result_from_a_newer_writer_when_parsed_then_unknown_fields_are_ig
     # Given a result JSON carrying fields this version does not know, at several levels
     data = json.loads(make_result().model_dump_json())
     data["system_fingerprint"] = "fp_1"
-    data["choices"][0]["logprobs"] = None
     data["choices"][0]["message"]["audio"] = {"id": "a"}
     data["job"]["region"] = "eu"
 

@@ -42,6 +42,7 @@ PASSWORDS = {
     "default": "admin-0123456789abcdef",
     "worker": "worker-0123456789abcdef",
     "producer": "producer-0123456789abcdef",
+    "gateway": "gateway-0123456789abcdef",
 }
 PREFIX, QUEUE = "hermes:", "hermes"  # the names users.acl is written for
 WORKER_NAME = "secure-worker-1"
@@ -93,6 +94,7 @@ class SecureRedis:
             "REDIS_DEFAULT_PASSWORD": PASSWORDS["default"],
             "REDIS_WORKER_PASSWORD": PASSWORDS["worker"],
             "REDIS_PRODUCER_PASSWORD": PASSWORDS["producer"],
+            "REDIS_GATEWAY_PASSWORD": PASSWORDS["gateway"],
             "REDIS_TLS_DIR": str(self.tls_dir),
             "REDIS_TLS_PORT": str(self.tls_port),
             "REDIS_ACL_OUT": str(self.directory / "users.acl"),

@@ -37,7 +37,7 @@ def test_every_sampling_field_is_passed_through() -> None:
         job(
             temperature=0.1, top_p=0.5, top_k=5, min_p=0.2, min_tokens=3, max_tokens=9,
             stop="END", seed=7, presence_penalty=0.5, frequency_penalty=-0.5,
-            repetition_penalty=1.2, ignore_eos=True,
+            repetition_penalty=1.2, ignore_eos=True, logprobs=True, top_logprobs=4,
         ),
         prompt_tokens=10,
         max_model_len=100,
@@ -46,8 +46,18 @@ def test_every_sampling_field_is_passed_through() -> None:
     assert plan.sampling == {
         "temperature": 0.1, "top_p": 0.5, "top_k": 5, "min_p": 0.2, "min_tokens": 3,
         "stop": ["END"], "seed": 7, "presence_penalty": 0.5, "frequency_penalty": -0.5,
-        "repetition_penalty": 1.2, "ignore_eos": True,
+        "repetition_penalty": 1.2, "ignore_eos": True, "logprobs": 4,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "logprobs"),
+    [({}, None), ({"logprobs": True}, 0), ({"logprobs": False, "top_logprobs": 0}, None)],
+)
+def test_logprobs_become_vllms_count_of_top_tokens(
+    fields: dict[str, Any], logprobs: int | None
+) -> None:
+    assert plan_generation(job(**fields), 1, 10).sampling["logprobs"] == logprobs
 
 
 @pytest.mark.parametrize("top_k", [0, -1])

@@ -5,7 +5,9 @@
 #
 #   REDIS_DEFAULT_PASSWORD   the admin (default user): operators, Flower
 #   REDIS_WORKER_PASSWORD    user `worker`: hermes-worker run / health
-#   REDIS_PRODUCER_PASSWORD  user `producer`: HermesClient, the queue CLI commands
+#   REDIS_GATEWAY_PASSWORD   user `gateway`: hermes-worker gateway / keys
+#   REDIS_PRODUCER_PASSWORD  user `producer`: HermesClient, the queue CLI commands;
+#       optional: unset, there is no producer user (callers use the gateway)
 #       each at least 16 of A-Z a-z 0-9 _ - (they go into HERMES_REDIS_URL unescaped),
 #       e.g. `openssl rand -hex 24`
 #   REDIS_DATA_DIR  (default /data) the append-only file's folder
@@ -30,14 +32,20 @@ check_password() {  # NAME VALUE
 }
 check_password REDIS_DEFAULT_PASSWORD "${REDIS_DEFAULT_PASSWORD:-}"
 check_password REDIS_WORKER_PASSWORD "${REDIS_WORKER_PASSWORD:-}"
-check_password REDIS_PRODUCER_PASSWORD "${REDIS_PRODUCER_PASSWORD:-}"
+check_password REDIS_GATEWAY_PASSWORD "${REDIS_GATEWAY_PASSWORD:-}"
+without_producer='/^user producer /d'
+if [ -n "${REDIS_PRODUCER_PASSWORD:-}" ]; then
+    check_password REDIS_PRODUCER_PASSWORD "$REDIS_PRODUCER_PASSWORD"
+    without_producer='/^$/d'
+fi
 
 # Redis ACL files take no comments: drop them and blank lines while filling in.
 umask 077
-sed -e '/^[[:space:]]*#/d' -e '/^[[:space:]]*$/d' \
+sed -e '/^[[:space:]]*#/d' -e '/^[[:space:]]*$/d' -e "$without_producer" \
     -e "s/@DEFAULT_PASSWORD@/$REDIS_DEFAULT_PASSWORD/" \
     -e "s/@WORKER_PASSWORD@/$REDIS_WORKER_PASSWORD/" \
-    -e "s/@PRODUCER_PASSWORD@/$REDIS_PRODUCER_PASSWORD/" \
+    -e "s/@GATEWAY_PASSWORD@/$REDIS_GATEWAY_PASSWORD/" \
+    -e "s/@PRODUCER_PASSWORD@/${REDIS_PRODUCER_PASSWORD:-}/" \
     "$here/users.acl" > "$acl_out"
 
 set -- "$here/redis.conf" --dir "${REDIS_DATA_DIR:-/data}" --aclfile "$acl_out" "$@"

@@ -46,7 +46,7 @@ class FileStore:
     """Files under ``root`` (created when missing)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, file_id: str) -> Path:

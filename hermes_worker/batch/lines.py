@@ -26,6 +26,7 @@ ENDPOINT = "/v1/chat/completions"
 LINE_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 BATCH_OWNED = ("id", "priority", "deadline", "stream", "background")
 MAX_CUSTOM_ID = 512
+RESERVED_METADATA_PREFIX = "hermes_"  # the scripted engine's and fault injection's keys
 MAX_REPORTED_ERRORS = 100  # a file with more bad lines reports the first 100 and the count
 
 
@@ -65,9 +66,20 @@ def line_job_id(batch_id: str, index: int) -> str:
 
 
 def read_request(
-    raw: bytes, index: int, *, batch_id: str, priority: int, max_body_bytes: int
+    raw: bytes,
+    index: int,
+    *,
+    batch_id: str,
+    priority: int,
+    max_body_bytes: int,
+    reserved_metadata: bool = True,
+    check_job: bool = True,
 ) -> BatchRequest:
-    """Read one input line; :class:`BadLine` says what is wrong with it."""
+    """Read one input line; :class:`BadLine` says what is wrong with it. ``check_job``:
+    validate the job as the submit will (a runner feeding lines validated before skips it:
+    the submit validates them anyway). Without
+    ``reserved_metadata`` (a gateway tenant's batch), ``hermes_*`` metadata keys are refused,
+    as in the tenant's own requests."""
 
     def bad(code: str, message: str, param: str | None = None) -> BadLine:
         return BadLine(LineError(index + 1, code, message, param))
@@ -95,11 +107,19 @@ def read_request(
             raise bad(
                 "invalid_request", f"body.{name}: set by the batch, not by a line", f"body.{name}"
             )
+    metadata = body.get("metadata")
+    if not reserved_metadata and isinstance(metadata, dict):
+        for key in metadata:
+            if isinstance(key, str) and key.startswith(RESERVED_METADATA_PREFIX):
+                param = f"body.metadata.{key}"
+                raise bad("invalid_request", f"{param}: hermes_* keys are reserved", param)
     try:
         request = chat_request(body, None)
     except GatewayError as exc:
         raise bad("invalid_request", exc.message, _body_param(exc.param)) from exc
     job = {**request.job, "id": line_job_id(batch_id, index), "priority": priority}
+    if not check_job:
+        return BatchRequest(index, custom_id, job, request.model)
     try:
         prepare_submission(job, max_body_bytes)  # validated now, as the submit will
     except InvalidRequest as exc:
@@ -134,6 +154,7 @@ def validate(
     priority: int,
     max_body_bytes: int,
     max_lines: int,
+    reserved_metadata: bool = True,
 ) -> Validation:
     """Read every line (without keeping them): the count, and the bad lines and duplicate
     ``custom_id``s. Memory: the set of custom ids (at most ``max_lines``)."""
@@ -154,7 +175,12 @@ def validate(
             break
         try:
             request = read_request(
-                raw, index, batch_id=batch_id, priority=priority, max_body_bytes=max_body_bytes
+                raw,
+                index,
+                batch_id=batch_id,
+                priority=priority,
+                max_body_bytes=max_body_bytes,
+                reserved_metadata=reserved_metadata,
             )
         except BadLine as exc:
             found.add(exc.error)

@@ -41,12 +41,21 @@ from hermes_worker.batch.lines import (
     unrun_line,
     validate,
 )
-from hermes_worker.batch.store import ENDED, BatchStore
+from hermes_worker.batch.store import ACTIVE, ENDED, BatchStore
 from hermes_worker.contract import scripts
 from hermes_worker.contract.jobs import TERMINAL_STATUSES
-from hermes_worker.errors import HermesError, JobAlreadyEnded, JobNotFound, QueueFull
+from hermes_worker.contract.queue import job_message
+from hermes_worker.errors import (
+    FileNotFound,
+    HermesError,
+    InvalidRequest,
+    JobAlreadyEnded,
+    JobNotFound,
+    QueueFull,
+)
 from hermes_worker.settings import Settings
 from producers.client import HermesClient
+from producers.control import queue_lists
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +75,7 @@ class _Progress:
     completed: int = 0
     failed: int = 0
     held: tuple[int, bytes] | None = None  # a line the queue had no room for yet
+    queued_since: dict[str, float] = field(default_factory=dict)  # job id -> monotonic
 
     def mark(self, index: int) -> None:
         self.written[index // 8] |= 1 << (index % 8)
@@ -87,14 +97,15 @@ class BatchRunner:
         files: FileStore,
         settings: Settings | None = None,
         *,
-        lease_s: float = 30.0,
+        lease_s: float | None = None,
     ) -> None:
         self.client = client
         self.files = files
         self.settings = settings or client.settings
         self.batches = BatchStore(client.redis, client.keys)
-        self.lease_s = lease_s
+        self.lease_s = lease_s if lease_s is not None else self.settings.batch_lease_s
         self._lease = client.redis.register_script(scripts.BATCH_LEASE)
+        self._resend = client.redis.register_script(scripts.RESEND)
 
     # --- the whole run ------------------------------------------------------------------
 
@@ -108,10 +119,16 @@ class BatchRunner:
         record = self.batches.record(batch_id)
         if record["status"] in ENDED:
             return True
-        if record["status"] == "validating" and not self._validate(batch_id, record):
+        try:
+            if record["status"] == "validating" and not self._validate(batch_id, record):
+                return True
+            record = self.batches.record(batch_id)
+            progress = self._resume(record)
+        except FileNotFound as exc:  # the file store lost it, or is not the one it was made in
+            error = {"code": "file_not_found", "message": exc.message, "param": None, "line": None}
+            self.batches.move(batch_id, "failed", allowed=ACTIVE, errors=[error])
+            log.error("batch failed: a file is missing", batch_id=batch_id, error=exc.message)
             return True
-        record = self.batches.record(batch_id)
-        progress = self._resume(record)
         with (
             self.files.appender(record["output_file_id"]) as output,
             self.files.appender(record["error_file_id"]) as errors,
@@ -127,7 +144,7 @@ class BatchRunner:
                 if status == "cancelling" or time.time() >= int(record["expires_at"]):
                     self._wind_down(batch_id, record, progress, output, errors, stop)
                     return not stop.is_set()
-                self._feed(batch_id, record, progress)
+                self._feed(batch_id, record, progress, output, errors)
                 self._collect(batch_id, progress, output, errors)
                 if progress.done >= progress.total:
                     self.batches.move(batch_id, "finalizing", allowed=("in_progress",))
@@ -138,7 +155,7 @@ class BatchRunner:
         return False
 
     def _hold(self, batch_id: str, token: str) -> bool:
-        key = self.batches.keys.runner(batch_id)
+        key = self.batches.keys.batch_runner(batch_id)
         return bool(self._lease(keys=[key], args=[token, int(self.lease_s * 1000)]))
 
     # --- validating ---------------------------------------------------------------------
@@ -150,6 +167,7 @@ class BatchRunner:
             priority=int(record["priority"]),
             max_body_bytes=self.settings.max_body_bytes,
             max_lines=self.settings.batch_max_lines,
+            reserved_metadata=not record.get("tenant"),
         )
         if found.error_count:
             errors = [e.to_dict() for e in found.errors or []]
@@ -199,6 +217,8 @@ class BatchRunner:
                 batch_id=record["id"],
                 priority=int(record["priority"]),
                 max_body_bytes=self.settings.max_body_bytes,
+                reserved_metadata=not record.get("tenant"),
+                check_job=False,  # validated as a whole file first; the submit checks it again
             )
         except BadLine:  # validated before: only a file changed under the batch gets here
             return None
@@ -207,7 +227,14 @@ class BatchRunner:
 
     # --- feeding and collecting -----------------------------------------------------------
 
-    def _feed(self, batch_id: str, record: dict[str, str], progress: _Progress) -> None:
+    def _feed(
+        self,
+        batch_id: str,
+        record: dict[str, str],
+        progress: _Progress,
+        output: IO[bytes],
+        errors: IO[bytes],
+    ) -> None:
         """Submit lines until ``window`` are outstanding or the queue is full."""
         fed_before = progress.fed
         while len(progress.outstanding) < self.settings.batch_window:
@@ -225,6 +252,12 @@ class BatchRunner:
             except QueueFull:
                 progress.held = item  # the queue is full: this line waits for the next round
                 break
+            except InvalidRequest as exc:  # only a file changed since it was validated
+                job_id = request.job["id"]
+                line = unrun_line(request.custom_id, job_id, "invalid_request", exc.message)
+                self._write(batch_id, progress, index, line, output, errors)
+                progress.fed = index + 1
+                continue
             progress.outstanding[request.job["id"]] = request
             progress.fed = index + 1
         if progress.fed != fed_before:
@@ -247,6 +280,10 @@ class BatchRunner:
                 self.client.submit(request.job)
                 continue
             status = raw_status.decode() if isinstance(raw_status, bytes) else raw_status
+            if status == "queued":
+                self._check_queued(batch_id, progress, request)
+                continue
+            progress.queued_since.pop(job_id, None)
             if status not in ENDED_STATUSES:
                 continue
             result = self.client.job(job_id).poll()
@@ -256,6 +293,37 @@ class BatchRunner:
             tokens = result.usage.completion_tokens if result.usage is not None else 0
             self._write(batch_id, progress, request.index, line, output, errors, tokens)
             del progress.outstanding[job_id]
+
+    def _check_queued(self, batch_id: str, progress: _Progress, request: BatchRequest) -> None:
+        """Send a line's message again if it was lost: queued for ``batch_resend_s``, never
+        delivered, and on none of the queue's lists. Kombu's consumer pops a message (BRPOP)
+        before it records it as unacknowledged; a worker killed between the two loses that
+        one message (the visibility sweep and the reaper restore only recorded ones), and
+        its job would wait, queued, until the batch's window ends."""
+        job_id = request.job["id"]
+        since = progress.queued_since.setdefault(job_id, time.monotonic())
+        if time.monotonic() - since < self.settings.batch_resend_s:
+            return
+        progress.queued_since[job_id] = time.monotonic()
+        needle = f'"{job_id}"'.encode()
+        lists = queue_lists(self.settings)
+        pipe = self.client.redis.pipeline(transaction=False)
+        for name in lists:
+            pipe.lrange(name, 0, -1)
+        if any(needle in item for items in pipe.execute() for item in items):
+            return  # waiting its turn
+        queue_key, message = job_message(
+            self.client.celery,
+            request.job,
+            job_id,
+            int(request.job["priority"]),
+            self.settings.queue_name,
+        )
+        keys = [self.client.keys.job(job_id), queue_key]
+        if self._resend(keys=keys, args=[message]):
+            log.warning(
+                "batch line's message was lost: sent again", batch_id=batch_id, job_id=job_id
+            )
 
     def _write(
         self,

@@ -18,7 +18,6 @@ import json
 import re
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
@@ -59,30 +58,12 @@ def new_batch_id() -> str:
     return f"{BATCH_ID_PREFIX}{secrets.token_hex(12)}"
 
 
-@dataclass(frozen=True)
-class BatchKeys:
-    """The keys of batches under one prefix."""
-
-    prefix: str
-
-    def batch(self, batch_id: str) -> str:
-        return f"{self.prefix}batch:{batch_id}"
-
-    def runner(self, batch_id: str) -> str:
-        """The lease of the process running a batch (its token, with a TTL)."""
-        return f"{self.prefix}batch:{batch_id}:runner"
-
-    @property
-    def batches(self) -> str:
-        return f"{self.prefix}batches"
-
-
 class BatchStore:
     """Batch records on one Redis, under one deployment's key prefix."""
 
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis = redis
-        self.keys = BatchKeys(keys.prefix)
+        self.keys = keys
         self._status = redis.register_script(scripts.BATCH_STATUS)
 
     def create(

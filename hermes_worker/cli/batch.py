@@ -214,16 +214,16 @@ def results(batch_id: str, output: str | None, errors_path: str | None) -> None:
 def run() -> None:
     """Run every batch of the deployment until SIGTERM or Ctrl-C (any number of these may
     run: each batch has one runner at a time, and the others take over if it dies)."""
+    from hermes_worker.batch.files import FileStore
     from hermes_worker.batch.runner import BatchService
     from hermes_worker.worker.logs import configure_logging
-    from producers.batches import file_store
     from producers.client import HermesClient
 
     configure_logging("INFO")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with HermesClient() as client:
-        service = BatchService(client, file_store(client.settings.files_dir))
+        service = BatchService(client, FileStore(client.settings.files_dir))
         click.echo("batch runner: running batches (Ctrl-C to stop)", err=True)
         try:
             service.run(stop)

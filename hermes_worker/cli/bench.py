@@ -21,7 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serving.py"
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
-    """Direct engine vs vllm serve vs the queue, side by side (``bench --help`` for flags)."""
+    """Direct engine, vllm serve, the queue, the gateway, side by side (``bench --help``)."""
     if not SCRIPT.is_file():
         raise click.ClickException(
             f"the benchmark ships with the source checkout; {SCRIPT} is not there"

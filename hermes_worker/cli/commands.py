@@ -28,6 +28,7 @@ from hermes_worker.cli.demo import demo_command
 from hermes_worker.cli.doctor import doctor
 from hermes_worker.cli.errors import NotFinished, OneLine, one_line_errors
 from hermes_worker.cli.health import health
+from hermes_worker.cli.keys import keys
 from hermes_worker.cli.options import given, settings_options
 from hermes_worker.settings import Settings
 from hermes_worker.testing.model import CHAT_TEMPLATES, ChatTemplateChoice
@@ -199,6 +200,10 @@ def run(ctx: click.Context) -> None:
     "gateway_retry_after_s",
     "gateway_workers_cache_s",
     "gateway_body_timeout_s",
+    "gateway_auth",
+    "gateway_key_prefix",
+    "gateway_tenant_rpm",
+    "gateway_tenant_max_waiting",
 )
 @click.option(
     "--log-level",
@@ -388,6 +393,7 @@ main.add_command(health)
 main.add_command(doctor)
 main.add_command(bench)
 main.add_command(batch)
+main.add_command(keys)
 
 if __name__ == "__main__":
     main()

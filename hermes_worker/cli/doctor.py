@@ -13,7 +13,7 @@ one or a job record that vanishes leaves nothing behind to say the job existed. 
   running job waits to write its end), and **memory** warns when it is close.
 * **persistence**: an append-only file, else a restart loses every job since the last RDB
   snapshot (all of them without one).
-* **acl ROLE**: the commands, keys and channels a worker, a producer or an admin needs
+* **acl ROLE**: the commands, keys and channels a worker, a producer, an admin or the gateway needs
   (``deploy/redis/users.acl``, docs/security.md), checked for a Redis user with ``ACL DRYRUN``.
 * **clock**: Redis ``TIME`` against this host's clock. Producers and workers compare their
   clocks through Redis (``queued_at`` against a job's deadline, kombu's visibility sweep), so
@@ -54,8 +54,8 @@ from hermes_worker.settings import Settings
 log = structlog.stdlib.get_logger(__name__)
 
 Level = Literal["ok", "warn", "fail", "unknown"]
-Role = Literal["worker", "producer", "admin"]
-ROLES: tuple[Role, ...] = ("worker", "producer", "admin")
+Role = Literal["worker", "producer", "admin", "gateway"]
+ROLES: tuple[Role, ...] = ("worker", "producer", "admin", "gateway")
 
 MIN_VERSION = (6, 2)  # XREVRANGE with exclusive ids, LPOS, ACL channel rules
 TESTED_VERSION = (7, 0)  # the tests' Redis, and the first with ACL DRYRUN
@@ -123,7 +123,10 @@ def role_needs(role: Role, settings: Settings) -> list[Need]:
         held = f"{vitals}:deliveries"
         return [
             *common,
-            Need(("EVALSHA", PROBE_SHA, "3", job, lease, events), "claim, renew, release"),
+            Need(
+                ("EVALSHA", PROBE_SHA, "4", lease, job, events, keys.ends),
+                "claim, renew, release, stream writes and job ends",
+            ),
             Need(("WATCH", "unacked"), "kombu restores unacknowledged messages"),
             Need(("UNWATCH",), "kombu restores unacknowledged messages"),
             Need(("TIME",), "clock check at start"),
@@ -173,7 +176,7 @@ def role_needs(role: Role, settings: Settings) -> list[Need]:
     hub = f"{settings.key_prefix}hub:{PROBE_JOB}"
     producer = [
         *common,
-        Need(("EVALSHA", PROBE_SHA, "2", job, events), "submit, cancel, requeue"),
+        Need(("EVALSHA", PROBE_SHA, "3", job, events, keys.ends), "submit, cancel, requeue"),
         Need(("LPUSH", queue, "m"), "submit"),
         *(Need(("LLEN", name), "backpressure") for name in lists),
         Need(("LRANGE", keys.dead_letters, "0", "-1"), "dead letters"),
@@ -191,12 +194,17 @@ def role_needs(role: Role, settings: Settings) -> list[Need]:
         Need(("XADD", events, "*", "seq", "1"), "cancel"),
         Need(("XREAD", "COUNT", "1", "STREAMS", events, "0-0"), "stream, result"),
         Need(("XREVRANGE", events, "+", "-", "COUNT", "1"), "stream, result"),
+        Need(("XREAD", "COUNT", "1", "STREAMS", keys.ends, "0-0"), "result: the ends stream"),
+        Need(("XREVRANGE", keys.ends, "+", "-", "COUNT", "1"), "result: the ends stream"),
         Need(("XADD", hub, "*", "w", "1"), "the asyncio client's wake stream"),
         Need(("EXPIRE", hub, "60"), "the asyncio client's wake stream"),
         Need(("PUBLISH", keys.cancel_channel, PROBE_JOB), "cancel"),
+        *_batch_needs(keys, lists),
     ]
     if role == "producer":
         return producer
+    if role == "gateway":
+        return [*producer, *_gateway_needs(settings)]
     return [  # admin: what a producer does, the admin CLI and this doctor
         *producer,
         Need(("SCAN", "0", "MATCH", f"{settings.key_prefix}job:*", "COUNT", "10"), "jobs"),
@@ -210,6 +218,52 @@ def role_needs(role: Role, settings: Settings) -> list[Need]:
         Need(("ACL", "WHOAMI"), "doctor"),
         Need(("ACL", "DRYRUN", "default", "PING"), "doctor"),
         Need(("TIME",), "doctor"),
+    ]
+
+
+def _batch_needs(keys: Keys, lists: list[str]) -> list[Need]:
+    """What running batches sends (hermes-worker batch, client.batches, the gateway)."""
+    batch, runner = keys.batch(PROBE_JOB), keys.batch_runner(PROBE_JOB)
+    return [
+        Need(("HSET", batch, "status", "x"), "batches"),
+        Need(("HGETALL", batch), "batches"),
+        Need(("HINCRBY", batch, "completed", "1"), "batches: counts"),
+        Need(("ZADD", keys.batches, "1", PROBE_JOB), "batches"),
+        Need(("ZRANGE", keys.batches, "0", "-1"), "batches: the runner"),
+        Need(("ZREVRANGE", keys.batches, "0", "-1"), "batches: list"),
+        Need(("ZREM", keys.batches, PROBE_JOB), "batches: list"),
+        Need(("EVALSHA", PROBE_SHA, "1", batch), "batches: status"),
+        Need(("EVALSHA", PROBE_SHA, "1", runner), "batches: the runner's lease"),
+        Need(("GET", runner), "batches: the runner's lease"),
+        Need(("SET", runner, "t", "PX", "1000"), "batches: the runner's lease"),
+        *(Need(("LRANGE", name, "0", "-1"), "batches: a lost message") for name in lists),
+    ]
+
+
+def _gateway_needs(settings: Settings) -> list[Need]:
+    """What the gateway sends beyond a producer's: the workers' vitals, API keys and the
+    tenants' quotas (``gateway/tenants.py``)."""
+    from hermes_worker.gateway.tenants import GatewayKeys
+
+    keys, gateway = Keys(settings.key_prefix), GatewayKeys(settings.gateway_key_prefix)
+    job, api_key = keys.job(PROBE_JOB), gateway.api_key("0" * 64)
+    waiting, tenant = gateway.waiting(PROBE_JOB), gateway.tenant(PROBE_JOB)
+    return [
+        Need(("ZRANGE", keys.workers, "0", "-1"), "models: the live workers"),
+        Need(("HMGET", keys.worker(PROBE_WORKER), "model", "queue"), "models: the live workers"),
+        Need(("HMGET", api_key, "tenant", "id"), "API keys"),
+        Need(("EVALSHA", PROBE_SHA, "3", gateway.bucket(PROBE_JOB), tenant, api_key), "rpm"),
+        Need(("EVALSHA", PROBE_SHA, "2", waiting, job), "jobs waiting"),
+        Need(("TIME",), "quotas on Redis's clock"),
+        Need(("HSET", api_key, "last_used", "1"), "API keys"),
+        Need(("ZSCORE", waiting, job), "jobs waiting"),
+        Need(("ZCARD", waiting), "jobs waiting"),
+        Need(("ZRANGE", waiting, "0", "-1", "WITHSCORES"), "jobs waiting"),
+        Need(("ZADD", waiting, "1", job), "jobs waiting"),
+        Need(("ZREM", waiting, job), "jobs waiting"),
+        Need(("HVALS", gateway.key_index), "keys list"),
+        Need(("HDEL", gateway.key_index, "k"), "keys revoke"),
+        Need(("HGETALL", tenant), "keys quota"),
     ]
 
 
@@ -747,7 +801,7 @@ def parse_role(value: str) -> tuple[Role, str | None]:
     "roles",
     multiple=True,
     metavar="ROLE[=USER]",
-    help="Check that a Redis user may do what ROLE (worker, producer, admin) does; USER "
+    help="Check that a Redis user may do what ROLE (worker, producer, admin, gateway) does; USER "
     "defaults to the connected one. Repeat for several (admin: --role worker=worker "
     "--role producer=producer). Default: worker.",
 )

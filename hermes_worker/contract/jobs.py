@@ -48,6 +48,7 @@ __all__ = [
     "AssistantMessage",
     "ChatJob",
     "Choice",
+    "ChoiceLogprobs",
     "CompletionTokensDetails",
     "Content",
     "DeveloperMessage",
@@ -72,10 +73,12 @@ __all__ = [
     "SystemMessage",
     "TextFormat",
     "TextPart",
+    "TokenLogprob",
     "Tool",
     "ToolCall",
     "ToolChoice",
     "ToolMessage",
+    "TopLogprob",
     "Usage",
     "UserMessage",
     "content_text",
@@ -89,6 +92,8 @@ MAX_STOP = 16
 MAX_METADATA_KEYS = 16
 MAX_JSON_DEPTH = 100  # far deeper than any real schema; keeps every later walk shallow
 MAX_INT_DIGITS = 100  # any integer a job needs has far fewer digits
+MAX_CHOICES = 16  # each takes one of the engine's sequences
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
 MAX_REPORTED_ERRORS = 20  # one line, even for a body with thousands of bad messages
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -462,6 +467,12 @@ class ChatJob(_Request):
     allows no free whitespace, only ``", "`` and ``": "`` between items, so a weak model
     cannot spend its budget on blanks (vLLM's ``disable_any_whitespace``); "any" is vLLM's
     default JSON grammar, any whitespace between tokens.
+
+    ``n``: that many choices, each sampled on its own (``seed`` + index with a seed).
+    ``logprobs`` / ``top_logprobs`` (0-20, only with ``logprobs``) are OpenAI's: each choice
+    gets the log probability of each token of its ``content``, and of the most likely
+    tokens at each place. ``parallel_tool_calls`` false: at most one call; generation stops
+    once the first call is complete.
     """
 
     id: Annotated[str, Field(pattern=JOB_ID_PATTERN)] | None = None
@@ -483,6 +494,10 @@ class ChatJob(_Request):
     frequency_penalty: StrictFloat = Field(default=0.0, ge=-2, le=2)
     repetition_penalty: StrictFloat = Field(default=1.0, gt=0, le=2)
     ignore_eos: StrictBool = False
+    n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    parallel_tool_calls: StrictBool = True
 
     thinking: StrictBool = False
     keep_cots: StrictBool = False
@@ -507,6 +522,9 @@ class ChatJob(_Request):
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             message = f"must not exceed max_tokens ({self.max_tokens})"
             problems.append(_Problem(("min_tokens",), message, self.min_tokens))
+        if self.top_logprobs and not self.logprobs:
+            message = "needs logprobs: true"
+            problems.append(_Problem(("top_logprobs",), message, self.top_logprobs))
         _raise_problems(type(self).__name__, problems)
         return self
 
@@ -757,6 +775,26 @@ class ResponseMessage(_Response):
     tool_calls: FrozenList[ResponseToolCall] | None = None
 
 
+class TopLogprob(_Response):
+    """One of the most likely tokens at a position: OpenAI's ``top_logprobs`` item."""
+
+    token: str
+    logprob: float
+    bytes: FrozenList[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token with its log probability and the most likely tokens at its place."""
+
+    top_logprobs: FrozenList[TopLogprob] = ()
+
+
+class ChoiceLogprobs(_Response):
+    """A choice's ``logprobs``: the tokens of its ``content`` (none of reasoning or calls)."""
+
+    content: FrozenList[TokenLogprob] | None = None
+
+
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "timeout", "error"]
 
 
@@ -764,6 +802,7 @@ class Choice(_Response):
     index: int = 0
     message: ResponseMessage
     finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None  # when the job asked for them
 
 
 class CompletionTokensDetails(_Response):

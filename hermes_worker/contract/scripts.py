@@ -9,7 +9,9 @@ Each script is one atomic step of a job's life, so no two parties can interleave
   call), :data:`RELEASE`;
 * the end of retries: :data:`DEAD_LETTER`;
 * the Celery queue: :data:`TAKE_MORE` (a burst of messages in one call) and
-  :data:`RESTORE` (a dead worker's message back on its queue, see ``worker/reaper.py``).
+  :data:`RESTORE` (a dead worker's message back on its queue, see ``worker/reaper.py``);
+* the gateway's tenant quotas: :data:`ADMIT_REQUEST` (requests per minute) and
+  :data:`ADMIT_JOB` (jobs waiting), on the keys of ``gateway/tenants.py``.
 
 Record fields (``store.py``) are named here as bare strings: the scripts are the places that
 write them. Each script's KEYS and ARGV are documented above it; the Python that calls it
@@ -19,6 +21,7 @@ lives beside its caller.
 from __future__ import annotations
 
 from hermes_worker.contract.jobs import TERMINAL_STATUSES
+from hermes_worker.contract.store import ENDS_MAXLEN
 
 # A Lua table literal of the terminal statuses: {'cancelled', 'expired', ...}.
 ENDED = "{" + ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_STATUSES)) + "}"
@@ -47,11 +50,22 @@ end
 """
 )
 
+# Appends a job's id to the ends stream (store.Keys.ends), trimmed to about ENDS_MAXLEN
+# entries: the one wake-up of the job's result waiters. Every script that ends a job calls
+# it in the same call as the record's terminal status, so a waiter cannot miss it between
+# the two (docs/wire-protocol.md, "Waiting for a result").
+_NOTIFY_END = f"""
+local function notify_end(key, id)
+  redis.call('XADD', key, 'MAXLEN', '~', '{ENDS_MAXLEN}', '*', 'id', id)
+end
+"""
+
 # --- producers -----------------------------------------------------------------------------
 
 # KEYS: the job record, the queue list. ARGV: now, the body JSON, the TTL of a live job's
 # keys, the job's Celery message (contract.queue.job_message), the body's digest
-# (body_digest). Queues the message and records the job; a known id is neither queued nor
+# (body_digest), and optionally the tenant that submits it (the gateway's; recorded as
+# ``tenant``). Queues the message and records the job; a known id is neither queued nor
 # recorded again. The message goes first: a script that fails half way keeps what it
 # wrote, and a message without a record is a job from a plain Celery client (it runs), where
 # a record without a message would be a job that never runs.
@@ -62,15 +76,17 @@ end
 redis.call('LPUSH', KEYS[2], ARGV[4])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', '0',
            'queued_at', ARGV[1], 'body', ARGV[2], 'digest', ARGV[5])
+if ARGV[6] and ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'tenant', ARGV[6]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: job record, events stream. ARGV: now, result_ttl_s, the JobResult JSON for a
-# queued job, the job id, the cancel channel, the cancelled event's data JSON.
+# KEYS: job record, events stream, the ends stream. ARGV: now, result_ttl_s, the JobResult
+# JSON for a queued job, the job id, the cancel channel, the cancelled event's data JSON.
 # Returns {outcome, status before}: outcome is not_found, ended, cancelled or cancelling.
 CANCEL = (
     _LAST_SEQ
+    + _NOTIFY_END
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
@@ -88,6 +104,7 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'resu
 redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'cancelled', 'data', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
+notify_end(KEYS[3], ARGV[4])
 return {'cancelled', status}
 """
 )
@@ -196,17 +213,20 @@ return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or ''}
 """
 )
 
-# KEYS: the lease, the job record, the events stream. ARGV: the lease token, the TTL of an
-# ended job's keys, then operations, in order:
+# KEYS: the lease, the job record, the events stream, the ends stream. ARGV: the lease
+# token, the TTL of an ended job's keys, then operations, in order:
 #   'x' seq type data            XADD one event
 #   'h' n field value ...        HSET n fields of the record
-#   'e'                          the job ended: its record and stream expire
+#   'e' id                       the job ended: its record and stream expire, and its id
+#                                goes on the ends stream (its result waiters wake)
 # Nothing is written unless the lease still holds the token: a worker that lost its job
 # (paused past its lease, cut off from Redis) can neither stream into nor end a job that
 # another worker runs now. Returns 1 (written) or 0 (fenced off). A full Redis lets it
 # write all the same: the overshoot is bounded by the running jobs, while submits and
 # claims stay refused, so a full Redis drains itself rather than wedging.
-WRITE = """
+WRITE = (
+    _NOTIFY_END
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 -- A write that needs no memory first: a full Redis (noeviction) then lets the script
 -- finish, so a running job can still write its end, and the memory it holds can expire.
@@ -225,11 +245,13 @@ while i <= #ARGV do
   else
     redis.call('EXPIRE', KEYS[2], ARGV[2])
     redis.call('EXPIRE', KEYS[3], ARGV[2])
-    i = i + 1
+    notify_end(KEYS[4], ARGV[i + 1])
+    i = i + 2
   end
 end
 return 1
 """
+)
 
 # KEYS: n leases, then the n jobs' records. ARGV: the lease TTL (ms), then the n tokens.
 # Renews every lease of a worker in one call. Returns n flags (1 renewed, 0 lost), then n
@@ -258,13 +280,15 @@ if ARGV[2] == 'requeue' then redis.call('HSET', KEYS[2], 'status', 'queued') end
 return 1
 """
 
-# KEYS: job record, events, lease, dead letters. ARGV: now, the TTL of an ended job's keys,
-# the JobResult JSON, the error event's data JSON, the job id. A job out of retries (or
-# poison) fails and joins the dead letters in one step, and only while no attempt holds its
-# lease and it has not ended: {'dead', ''}, {'leased', ''} or {'ended', status}. (An id
-# listed twice, after a requeue, is shown once: producers.control.unique_ids.)
+# KEYS: job record, events, lease, dead letters, the ends stream. ARGV: now, the TTL of an
+# ended job's keys, the JobResult JSON, the error event's data JSON, the job id. A job out
+# of retries (or poison) fails and joins the dead letters in one step, and only while no
+# attempt holds its lease and it has not ended: {'dead', ''}, {'leased', ''} or {'ended',
+# status}. (An id listed twice, after a requeue, is shown once:
+# producers.control.unique_ids.)
 DEAD_LETTER = (
     _LAST_SEQ
+    + _NOTIFY_END
     + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'leased', ''} end
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -276,6 +300,7 @@ redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'error', 'data', 
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('LPUSH', KEYS[4], ARGV[5])
+notify_end(KEYS[5], ARGV[5])
 return {'dead', ''}
 """
 )
@@ -407,5 +432,89 @@ BATCH_LEASE = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+# --- the gateway's tenants -----------------------------------------------------------------
+
+# KEYS: the tenant's request bucket (a hash: tokens, at), the tenant's quota hash (rpm,
+# max_waiting: absent fields take the defaults), the API key's record. ARGV: the default
+# requests per minute, the default jobs waiting. A token bucket per tenant: it holds up to a
+# minute's requests and refills at rpm/60 a second, on Redis's clock (every gateway shares
+# it). Records the key's ``last_used``. Returns {1 admitted or 0 refused, seconds until a
+# request would be admitted, the tenant's jobs-waiting limit}; rpm 0 is no limit.
+ADMIT_REQUEST = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('HSET', KEYS[3], 'last_used', tostring(t[1]))
+local quota = redis.call('HMGET', KEYS[2], 'rpm', 'max_waiting')
+local rpm = tonumber(quota[1] or ARGV[1]) or 0
+local waiting = quota[2] or ARGV[2]
+if rpm <= 0 then return {1, '0', waiting} end
+local rate = rpm / 60
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = rpm
+if bucket[1] and bucket[2] then
+  tokens = math.min(rpm, tonumber(bucket[1]) + math.max(0, now - tonumber(bucket[2])) * rate)
+end
+if tokens < 1 then return {0, tostring((1 - tokens) / rate), waiting} end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], 61)
+return {1, '0', waiting}
+"""
+
+# KEYS: the tenant's waiting set (a sorted set of job record keys, scored by when they were
+# admitted), the record key of the job to admit. ARGV: the tenant's jobs-waiting limit (0:
+# none), how long an admitted job may go without a record (its submit is on its way), the
+# TTL of the set. A known job (a retry joining it) is admitted without counting. The count
+# is read from the records themselves, never kept: once the set is full, every member whose
+# record is not ``queued`` (it started, ended or expired) is taken out first, so a job that
+# starts or ends frees its place whoever ran it, and a dead worker cannot leave a count
+# behind. The members are record keys of any deployment, read here though not in KEYS (one
+# Redis, not a cluster). Returns {1 admitted or 0 refused, jobs waiting}.
+ADMIT_JOB = """
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('ZSCORE', KEYS[1], KEYS[2]) then
+  return {1, redis.call('ZCARD', KEYS[1])}
+end
+local limit = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+if limit <= 0 then return {1, 0} end
+local count = redis.call('ZCARD', KEYS[1])
+if count >= limit then
+  local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  for i = 1, #members, 2 do
+    local status = redis.call('HGET', members[i], 'status')
+    local keep
+    if status then
+      keep = status == 'queued'
+    else
+      keep = redis.call('EXISTS', members[i]) == 1
+        or tonumber(members[i + 1]) > now - tonumber(ARGV[2])
+    end
+    if not keep then redis.call('ZREM', KEYS[1], members[i]) end
+  end
+  count = redis.call('ZCARD', KEYS[1])
+  if count >= limit then return {0, count} end
+end
+redis.call('ZADD', KEYS[1], tostring(now), KEYS[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, count + 1}
+"""
+
+# KEYS: a job's record, the queue list to put its message on. ARGV: the message. Sends a
+# queued job's message again when the one it had is gone (a worker killed between its BRPOP
+# and its record of the message: see hermes_worker/batch/runner.py): only while the job is
+# queued and no delivery of it was ever counted. At the consuming end of the list (it waited
+# its turn already). A copy that was not lost after all is harmless: the first delivery
+# claims the job, the other finds it leased or ended. Returns 1 or 0.
+RESEND = """
+local rec = redis.call('HMGET', KEYS[1], 'status', 'deliveries', 'attempts')
+if rec[1] ~= 'queued' or (tonumber(rec[2] or '0') or 0) > 0
+   or (tonumber(rec[3] or '0') or 0) > 0 then
+  return 0
+end
+redis.call('RPUSH', KEYS[2], ARGV[1])
 return 1
 """

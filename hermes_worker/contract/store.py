@@ -8,7 +8,7 @@ Shared by the worker (writer) and producers (readers), so both sides agree on on
   ``requeued`` (set when a dead letter was put back: its stream already has events),
   ``digest`` (SHA-1 of ``body``: a delivered message must carry that body),
   ``deliveries`` (deliveries that have not come back: past a limit the job is poison),
-  ``cancel_requested``, ``problems``.
+  ``cancel_requested``, ``problems``, ``tenant`` (the gateway tenant that submitted it).
 * ``{prefix}job:{id}:lease`` — present while an attempt runs: the owner's token, kept
   alive by heartbeat. A redelivered copy that finds it waits; one that finds it gone (the
   worker died) runs the job again as the next attempt.
@@ -18,6 +18,11 @@ Shared by the worker (writer) and producers (readers), so both sides agree on on
 * ``{prefix}worker:{name}`` and ``{prefix}workers`` — a worker's vitals and the index of
   workers (``worker/vitals.py``); ``{prefix}worker:{name}:deliveries`` — the Celery
   messages it holds, restored to the queue when it dies (``worker/reaper.py``).
+* ``{prefix}ends`` — a Redis Stream of job ends: each script that ends a job (the
+  worker's last write, a cancel of a queued job, a dead letter) appends ``id`` = the job id
+  in the same call, trimmed to about ``ENDS_MAXLEN`` entries. A result waiter reads it (one
+  blocking XREAD per client for all its waiters) instead of its job's event stream, so it
+  wakes once per job, whatever the tokens.
 * ``{prefix}job:{id}:events`` — a Redis Stream. Each entry has ``seq`` (strictly
   increasing per job), ``type`` and ``data`` (JSON). Readers resume from the last entry id
   they saw. ``done``, ``error`` and ``cancelled`` are terminal: exactly one per attempt.
@@ -57,6 +62,11 @@ TERMINAL_EVENTS: frozenset[str] = frozenset({"done", "error", "cancelled"})
 # While a job is alive its keys still expire, in case every worker vanished for good.
 ALIVE_TTL_S = 7 * 24 * 3600
 TIME_FIELDS = ("queued_at", "started_at", "first_token_at", "finished_at")
+# About this many job ends stay in ``{prefix}ends`` (XADD MAXLEN ~): a reader that falls
+# further behind than that misses the oldest, and finds those jobs' ends by its periodic
+# check of their records instead (producers/client.py, END_CHECK_S). At ~100 bytes an entry,
+# about 1 MB per deployment.
+ENDS_MAXLEN = 10_000
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,11 @@ class Keys:
     def lease(self, job_id: str) -> str:
         """The running attempt's lease: its owner token, with a TTL renewed by heartbeat."""
         return f"{self.prefix}job:{job_id}:lease"
+
+    @property
+    def ends(self) -> str:
+        """A stream of job ends (field ``id``), for result waiters; about ENDS_MAXLEN long."""
+        return f"{self.prefix}ends"
 
     @property
     def cancel_channel(self) -> str:
@@ -98,6 +113,19 @@ class Keys:
     def workers(self) -> str:
         """The sorted set of worker names, scored by last heartbeat (unix seconds)."""
         return f"{self.prefix}workers"
+
+    def batch(self, batch_id: str) -> str:
+        """A batch's record (a hash: hermes_worker/batch/store.py)."""
+        return f"{self.prefix}batch:{batch_id}"
+
+    def batch_runner(self, batch_id: str) -> str:
+        """The lease of the process running a batch: its token, with a TTL."""
+        return f"{self.prefix}batch:{batch_id}:runner"
+
+    @property
+    def batches(self) -> str:
+        """The sorted set of batch ids, scored by creation time (unix seconds)."""
+        return f"{self.prefix}batches"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -52,6 +53,7 @@ from hermes_worker.errors import (
     QueueFull,
 )
 from hermes_worker.gateway import sse
+from hermes_worker.gateway.batches import BatchEndpoints
 from hermes_worker.gateway.errors import (
     NO_RETRY,
     GatewayError,
@@ -61,7 +63,12 @@ from hermes_worker.gateway.errors import (
     result_error,
     too_large,
 )
-from hermes_worker.gateway.metrics import CLIENT_GONE, GatewayMetrics, MetricsMiddleware
+from hermes_worker.gateway.metrics import (
+    CLIENT_GONE,
+    TENANT_SCOPE_KEY,
+    GatewayMetrics,
+    MetricsMiddleware,
+)
 from hermes_worker.gateway.openai_shapes import (
     ChatRequest,
     ChunkStream,
@@ -71,6 +78,7 @@ from hermes_worker.gateway.openai_shapes import (
     job_object,
 )
 from hermes_worker.gateway.routing import Deployment, Router, Target, WorkerDirectory, parse_routes
+from hermes_worker.gateway.tenants import Caller, Tenants, refuse_reserved_metadata
 from hermes_worker.settings import Settings
 from hermes_worker.worker.logs import configure_logging, get_logger
 from producers.client import (
@@ -172,12 +180,14 @@ class Gateway:
 
     redis: Redis
     router: Router
+    tenants: Tenants
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.default = Deployment(settings.queue_name, settings.key_prefix)
         self.routes = parse_routes(settings.gateway_routes, self.default)  # fails early
         self.metrics = GatewayMetrics()
+        self.batch_endpoints = BatchEndpoints(self)  # /v1/files, /v1/batches, a batch runner
         self.clients: dict[Deployment, AsyncHermesClient] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._delayed: set[asyncio.Task[None]] = set()
@@ -194,6 +204,8 @@ class Gateway:
         self.redis = async_client(self.settings.redis_url)
         directory = WorkerDirectory(self.redis, self.settings.gateway_workers_cache_s)
         self.router = Router(self.routes, self.default, directory)
+        self.tenants = Tenants(self.redis, self.settings)
+        self.batch_endpoints.start()
         for deployment in self.router.deployments():
             settings = self.settings.model_copy(
                 update={"queue_name": deployment.queue, "key_prefix": deployment.key_prefix}
@@ -204,6 +216,7 @@ class Gateway:
             queue=self.default.queue,
             key_prefix=self.default.key_prefix,
             routes=sorted(self.routes),
+            auth=self.settings.gateway_auth,
         )
 
     async def stop(self) -> None:
@@ -220,6 +233,7 @@ class Gateway:
             await asyncio.wait(pending, timeout=STOP_TASKS_S)
         for client in self.clients.values():
             await client.aclose()
+        await asyncio.to_thread(self.batch_endpoints.stop)
         await self.redis.aclose()
 
     @contextlib.contextmanager
@@ -247,18 +261,44 @@ class Gateway:
 
     # --- chat completions -------------------------------------------------------------------
 
+    async def _caller(self, request: Request) -> Caller:
+        """Who sent ``request`` (401 without a valid key, 429 over its requests per minute),
+        noted in the request's scope for the metrics."""
+        caller = await self.tenants.admit(request.headers.get("authorization"))
+        request.scope[TENANT_SCOPE_KEY] = caller.tenant
+        return caller
+
+    def _owned(self, chat: ChatRequest, caller: Caller, idempotency_key: str | None) -> ChatRequest:
+        """The request as its tenant may send it: no ``hermes_*`` metadata, and a body ``id``
+        scoped to the tenant (an Idempotency-Key's id already is)."""
+        if not caller.scoped:
+            return chat
+        refuse_reserved_metadata(chat.job)
+        if chat.job_id is None or idempotency_key is not None:
+            return chat
+        job_id = caller.job_id(chat.job_id)
+        chat.job["id"] = job_id
+        return dataclasses.replace(chat, job_id=job_id)
+
     async def chat_completions(self, request: Request) -> Response:
+        caller = await self._caller(request)
         raw = await self._read_body(request)
-        chat = chat_request(decode_body(raw), request.headers.get("idempotency-key"))
+        key = request.headers.get("idempotency-key")
+        chat = chat_request(decode_body(raw), key, scope=caller.scope)
+        chat = self._owned(chat, caller, key)
         target = self.router.resolve(chat.model)
         workers = await self.router.require_workers(target)
         client = self.clients[target.deployment]
         submission = self._validated(chat)
-        handle = await self._submit(client, submission, chat)
+        handle = await self._submit(client, submission, chat, caller)
         model = chat.model or workers[0].model
         mode = "stream" if chat.stream else "background" if chat.background else "wait"
-        self.metrics.jobs.labels(target.label, mode, str(handle.created).lower()).inc()
-        log.info("chat", job_id=handle.id, created=handle.created, mode=mode, model=target.label)
+        created = str(handle.created).lower()
+        self.metrics.jobs.labels(target.label, mode, created, caller.tenant).inc()
+        log.info(
+            "chat", job_id=handle.id, created=handle.created, mode=mode, model=target.label,
+            tenant=caller.tenant,
+        )  # fmt: skip
         headers = {"X-Hermes-Job-Id": handle.id}
         if mode == "background":
             record = await client.redis.hgetall(client.keys.job(handle.id))
@@ -269,7 +309,9 @@ class Gateway:
         if chat.keyed and not chat.background:
             attachment = await self._attach(client, handle.id)
         if chat.stream:
-            return self._stream_response(client, handle, chat, target, model, timeout, attachment)
+            return self._stream_response(
+                client, handle, chat, target, model, timeout, attachment, caller.tenant
+            )
         return await self._answer(request, client, handle, chat, target, model, timeout, attachment)
 
     async def _answer(
@@ -309,25 +351,20 @@ class Gateway:
         raise error
 
     async def _follow(self, handle: AsyncJobHandle, timeout: float | None) -> JobResult:
-        """The job's result once it has ended: its stream is followed through the client's
-        shared reader (one XREAD for every job this gateway waits on), then the record read."""
-        if not handle.created:
-            found = await handle.poll()
-            if found is not None:
-                return found
-        async for _ in handle.stream(timeout=timeout):
-            pass
-        found = await handle.poll()
-        return found if found is not None else await handle.result(timeout=DEADLINE_SLACK_S)
+        """The job's result once it has ended. ``result()`` wakes once per job, not per
+        stream write: the client's hub reads the deployment's ends stream for every request
+        this gateway waits on, in one XREAD (docs/wire-protocol.md, "Waiting for a result")."""
+        return await handle.result(timeout=timeout)
 
     def _stream_response(
         self, client: AsyncHermesClient, handle: AsyncJobHandle, chat: ChatRequest,
         target: Target, model: str, timeout: float | None, attachment: Attachment | None,
+        tenant: str,
     ) -> Response:  # fmt: skip
         """The SSE answer; when it closes, a client that left before the end (the stream did
         not reach its last chunk) has its job cancelled (see :meth:`_client_gone`)."""
         chunks = ChunkStream(handle.id, model, int(time.time()), include_usage=chat.include_usage)
-        gauge = self.metrics.open_streams.labels(CHAT_ROUTE, target.label)
+        gauge = self.metrics.open_streams.labels(CHAT_ROUTE, target.label, tenant)
         gauge.inc()
         self._following += 1
         self._none_following.clear()
@@ -411,15 +448,27 @@ class Gateway:
             raise from_invalid_request(exc, chat.renames) from exc
 
     async def _submit(
-        self, client: AsyncHermesClient, submission: Submission, chat: ChatRequest
-    ) -> AsyncJobHandle:
+        self, client: AsyncHermesClient, submission: Submission, chat: ChatRequest,
+        caller: Caller,
+    ) -> AsyncJobHandle:  # fmt: skip
+        """Submit the job, once its tenant's jobs-waiting quota admits it (429 otherwise)."""
+        record_key = client.keys.job(submission.job_id)
+        await self.tenants.admit_job(caller, record_key)
+        tenant = caller.tenant if caller.scoped else None
         try:
-            handle = await client.submit(submission.body)
-        except InvalidRequest as exc:
-            raise from_invalid_request(exc, chat.renames) from exc
+            handle = await client.submit(submission.body, tenant=tenant)
+        except Exception as exc:
+            self._spawn(self._release(caller, record_key))
+            if isinstance(exc, InvalidRequest):
+                raise from_invalid_request(exc, chat.renames) from exc
+            raise
         if not handle.created:
             await self._check_same_body(client, submission)
         return handle
+
+    async def _release(self, caller: Caller, record_key: str) -> None:
+        with contextlib.suppress(RedisError):
+            await self.tenants.release_job(caller, record_key)
 
     async def _check_same_body(self, client: AsyncHermesClient, submission: Submission) -> None:
         """A known id joins its job only with the same body: the same id with another body
@@ -501,33 +550,43 @@ class Gateway:
 
     # --- jobs -------------------------------------------------------------------------------
 
-    async def _locate(self, job_id: str) -> tuple[AsyncHermesClient, dict[Any, Any]]:
-        """The client of the deployment holding job ``job_id``, and its record; else 404."""
+    async def _locate(
+        self, job_id: str, caller: Caller
+    ) -> tuple[AsyncHermesClient, dict[Any, Any], str]:
+        """The client of the deployment holding job ``job_id``, its record and its id (for a
+        tenant: ``job_id`` itself, or the ``{tenant}:{id}`` of an id it chose); else 404,
+        also for another tenant's job (never 403: whether it exists is not said)."""
         missing = not_found(f"no job {job_id!r} (never submitted, or expired)", "job_not_found")
-        if not JOB_ID.match(job_id):
+        ids = caller.candidates(job_id)
+        if not ids or not JOB_ID.match(job_id):
             raise missing
         by_prefix = {c.keys.prefix: c for c in self.clients.values()}
+        found = [(client, one) for client in by_prefix.values() for one in ids]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for client in by_prefix.values():
-                pipe.hgetall(client.keys.job(job_id))
+            for client, one in found:
+                pipe.hgetall(client.keys.job(one))
             records = await pipe.execute()
-        for client, record in zip(by_prefix.values(), records, strict=True):
-            if record:
-                return client, record
+        for (client, one), record in zip(found, records, strict=True):
+            if record and caller.sees(record):
+                return client, record, one
         raise missing
 
-    async def get_job(self, job_id: str) -> Response:
-        _, record = await self._locate(job_id)
+    async def get_job(self, job_id: str, request: Request) -> Response:
+        caller = await self._caller(request)
+        _, record, job_id = await self._locate(job_id, caller)
         return JSONResponse(job_object(job_id, record))
 
-    async def cancel_job(self, job_id: str) -> Response:
-        client, _ = await self._locate(job_id)
+    async def cancel_job(self, job_id: str, request: Request) -> Response:
+        caller = await self._caller(request)
+        client, _, job_id = await self._locate(job_id, caller)
         outcome = await client.job(job_id).cancel()  # 409 once ended (hermes_error)
+        log.info("cancelled", job_id=job_id, outcome=outcome, tenant=caller.tenant)
         record = await client.redis.hgetall(client.keys.job(job_id))
         return JSONResponse({**job_object(job_id, record), "cancel": outcome})
 
     async def job_events(self, job_id: str, request: Request) -> Response:
-        client, record = await self._locate(job_id)
+        caller = await self._caller(request)
+        client, record, job_id = await self._locate(job_id, caller)
         after = request.headers.get("last-event-id") or request.query_params.get("after") or "0-0"
         if not ENTRY_ID.match(after):
             raise invalid(
@@ -535,13 +594,16 @@ class Gateway:
                 param="Last-Event-ID",
             )
         status = JobStatus(as_text(record.get(b"status", b"queued")))
-        body = self._event_stream(client, client.job(job_id), after, status.is_terminal)
+        body = self._event_stream(
+            client, client.job(job_id), after, status.is_terminal, caller.tenant
+        )
         return sse.EventStreamResponse(body, headers={**sse.HEADERS, "X-Hermes-Job-Id": job_id})
 
     async def _event_stream(
-        self, client: AsyncHermesClient, handle: AsyncJobHandle, after: str, ended: bool
-    ) -> AsyncIterator[bytes]:
-        gauge = self.metrics.open_streams.labels(EVENTS_ROUTE, "-")
+        self, client: AsyncHermesClient, handle: AsyncJobHandle, after: str, ended: bool,
+        tenant: str,
+    ) -> AsyncIterator[bytes]:  # fmt: skip
+        gauge = self.metrics.open_streams.labels(EVENTS_ROUTE, "-", tenant)
         gauge.inc()
         try:
             if ended:  # all of it is written: read it in one go, unless its end is not in yet
@@ -565,10 +627,12 @@ class Gateway:
 
     # --- models, health, metrics ------------------------------------------------------------
 
-    async def list_models(self) -> Response:
+    async def list_models(self, request: Request) -> Response:
+        await self._caller(request)
         return JSONResponse({"object": "list", "data": await self.router.models()})
 
-    async def get_model(self, model: str) -> Response:
+    async def get_model(self, model: str, request: Request) -> Response:
+        await self._caller(request)
         for found in await self.router.models():
             if found["id"] == model:
                 return JSONResponse(found)
@@ -660,6 +724,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_api_route(EVENTS_ROUTE, gateway.job_events, methods=["GET"])
     app.add_api_route("/v1/models", gateway.list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", gateway.get_model, methods=["GET"])
+    gateway.batch_endpoints.register(app)
     app.add_api_route("/healthz", gateway.healthz, methods=["GET"])
     app.add_api_route("/metrics", gateway.prometheus, methods=["GET"])
     app.add_middleware(MetricsMiddleware, metrics=gateway.metrics)

@@ -1,20 +1,19 @@
 """The gateway's Prometheus metrics (``GET /metrics``), one registry per app.
 
-* ``hermes_gateway_requests_total{route, method, status}``: requests answered. ``route`` is
-  the route's template (``/v1/jobs/{job_id}``), never the raw path, so the series stay few;
-  a request the gateway did not route counts under ``unmatched``; 499: the client left
-  before its answer.
+* ``hermes_gateway_requests_total{route, method, status, tenant}``: requests answered.
+  ``route`` is the route's template (``/v1/jobs/{job_id}``), never the raw path, so the
+  series stay few; a request the gateway did not route counts under ``unmatched``; 499: the
+  client left before its answer. ``tenant``: the API key's tenant (``anonymous`` without
+  auth, ``-`` for a request no key admitted); tenants are the operator's, so few.
 * ``hermes_gateway_request_duration_seconds{route, method}``: from the request's arrival to
   its answer's last byte (for a stream: until the stream ended).
-* ``hermes_gateway_open_streams{route, model}``: SSE streams open now; ``model`` is the
-  route's name (or ``default``), never a free-form client value.
-* ``hermes_gateway_jobs_total{model, mode, created}``: chat requests that reached the queue,
+* ``hermes_gateway_open_streams{route, model, tenant}``: SSE streams open now; ``model`` is
+  the route's name (or ``default``), never a free-form client value.
+* ``hermes_gateway_jobs_total{model, mode, created, tenant}``: chat requests that reached the queue,
   by mode (``wait``, ``stream``, ``background``) and whether they made a job (``false``: an
   idempotent retry joined one).
 * ``hermes_gateway_disconnect_cancels_total{model}``: jobs cancelled because their client
   went away.
-
-Tenants (a later slice) add a ``tenant`` label to the requests, streams and jobs.
 """
 
 from __future__ import annotations
@@ -38,6 +37,9 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 UNMATCHED = "unmatched"
 CLIENT_GONE = 499  # nginx's "client closed request"
+# Where a handler notes the request's tenant in its ASGI scope, for the request counter.
+TENANT_SCOPE_KEY = "hermes.tenant"
+NO_TENANT = "-"
 
 
 class GatewayMetrics:
@@ -50,8 +52,8 @@ class GatewayMetrics:
         PlatformCollector(registry=registry)
         self.requests = Counter(
             "hermes_gateway_requests",
-            "HTTP requests answered, by route template, method and status.",
-            ["route", "method", "status"],
+            "HTTP requests answered, by route template, method, status and tenant.",
+            ["route", "method", "status", "tenant"],
             registry=registry,
         )
         self.duration = Histogram(
@@ -63,15 +65,15 @@ class GatewayMetrics:
         )
         self.open_streams = Gauge(
             "hermes_gateway_open_streams",
-            "Server-Sent Event streams open now, by route and model route.",
-            ["route", "model"],
+            "Server-Sent Event streams open now, by route, model route and tenant.",
+            ["route", "model", "tenant"],
             registry=registry,
         )
         self.jobs = Counter(
             "hermes_gateway_jobs",
             "Chat requests that reached the queue, by model route, mode and whether they "
-            "made a new job.",
-            ["model", "mode", "created"],
+            "made a new job, and tenant.",
+            ["model", "mode", "created", "tenant"],
             registry=registry,
         )
         self.disconnect_cancels = Counter(
@@ -81,8 +83,8 @@ class GatewayMetrics:
             registry=registry,
         )
 
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
+    def observe(self, route: str, method: str, status: int, seconds: float, tenant: str) -> None:
+        self.requests.labels(route, method, str(status), tenant).inc()
         self.duration.labels(route, method).observe(seconds)
 
 
@@ -111,4 +113,6 @@ class MetricsMiddleware:
             await self.app(scope, receive, counted_send)
         finally:
             route = getattr(scope.get("route"), "path", None) or UNMATCHED
-            self.metrics.observe(route, scope["method"], status, time.perf_counter() - start)
+            tenant = scope.get(TENANT_SCOPE_KEY, NO_TENANT)
+            seconds = time.perf_counter() - start
+            self.metrics.observe(route, scope["method"], status, seconds, tenant)

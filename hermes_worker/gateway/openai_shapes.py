@@ -8,8 +8,9 @@ job as ``GET /v1/jobs/{id}`` shows it.
 
 What happens to each OpenAI field is in docs/gateway.md; in short: the job's own fields pass
 through (parse_job validates them); ``max_completion_tokens`` is ``max_tokens``; ``null`` means
-"not given", as in OpenAI; fields OpenAI treats as hints are dropped; ``n`` other than 1,
-``logprobs`` and the other fields with no meaning here are refused, naming the field.
+"not given", as in OpenAI; ``n``, ``logprobs``, ``top_logprobs`` and ``parallel_tool_calls``
+are the job's own; fields OpenAI treats as hints are dropped; the fields with no meaning here
+are refused, naming the field.
 """
 
 from __future__ import annotations
@@ -128,42 +129,6 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
     return bool(include)
 
 
-def _one_choice(body: dict[str, Any]) -> None:
-    n = body.pop("n", None)
-    if n is None or (n == 1 and isinstance(n, int) and not isinstance(n, bool)):
-        return
-    raise unsupported("n", "n other than 1 is not supported yet (several choices are coming)")
-
-
-def _no_logprobs(body: dict[str, Any]) -> None:
-    logprobs, top = body.pop("logprobs", None), body.pop("top_logprobs", None)
-    if logprobs not in (None, False):
-        raise unsupported("logprobs", "logprobs are not supported yet (coming)")
-    if top not in (None, 0) or isinstance(top, bool):
-        raise unsupported("top_logprobs", "top_logprobs are not supported yet (coming)")
-
-
-def _parallel_tool_calls(body: dict[str, Any]) -> None:
-    """``parallel_tool_calls``: true is what a job does; false is honoured where a job makes
-    at most one call anyway (no tools, tool_choice "none", "required" or a named function:
-    the worker forces exactly one call), and refused with tool_choice "auto", where Hermes
-    may call several tools in one turn."""
-    value = body.pop("parallel_tool_calls", None)
-    if value is None or value is True:
-        return
-    if not isinstance(value, bool):
-        raise invalid("parallel_tool_calls: Input should be a valid boolean", "parallel_tool_calls")
-    choice = body.get("tool_choice")
-    if not body.get("tools") or choice in ("none", "required") or isinstance(choice, dict):
-        return
-    raise unsupported(
-        "parallel_tool_calls",
-        'parallel_tool_calls: false is supported only with tool_choice "required" or a named '
-        'function (exactly one call), or without tools; with tool_choice "auto" Hermes may '
-        "call several tools in one turn",
-    )
-
-
 def _max_completion_tokens(body: dict[str, Any], renames: dict[str, str]) -> None:
     value = body.pop("max_completion_tokens", None)
     if value is None:
@@ -213,9 +178,6 @@ def chat_request(
     stream = _flag(body, "stream")
     background = _flag(body, "background")
     include_usage = _stream_options(body, stream)
-    _one_choice(body)
-    _no_logprobs(body)
-    _parallel_tool_calls(body)
     renames: dict[str, str] = {}
     _max_completion_tokens(body, renames)
     for name in IGNORED_HINTS:
@@ -284,47 +246,86 @@ def job_object(job_id: str, record: Mapping[bytes | str, bytes | str]) -> dict[s
     }
 
 
+TEXT_FIELDS = ("reasoning_content", "content")
+
+
+@dataclass
+class _ChoiceSent:
+    """What a stream's client holds of one choice, and, while a restarted job is replayed,
+    how much of it the new attempt has repeated."""
+
+    opened: bool = False  # its role chunk went out
+    sent: dict[str, str] = field(default_factory=lambda: dict.fromkeys(TEXT_FIELDS, ""))
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    logprobs: int = 0  # content tokens whose logprobs went out
+    new: dict[str, str] = field(default_factory=lambda: dict.fromkeys(TEXT_FIELDS, ""))
+    new_calls: list[tuple[str, str]] = field(default_factory=list)
+    new_logprobs: int = 0
+
+    @property
+    def visible(self) -> bool:
+        return bool(self.calls) or any(self.sent.values())
+
+    @property
+    def repeated(self) -> bool:
+        """Whether the new attempt wrote all the client holds (and no other)."""
+        return self.new == self.sent and self.new_calls == self.calls
+
+    def restart(self) -> None:
+        self.new, self.new_calls, self.new_logprobs = dict.fromkeys(TEXT_FIELDS, ""), [], 0
+
+
 class ChunkStream:
     """A job's events as ``chat.completion.chunk`` objects (and, at a bad end, an error).
 
     Feed each event to :meth:`feed`, then call :meth:`finish` once the job's stream is over:
-    the last chunk carries ``finish_reason``, then the usage chunk when asked for. A job
-    that did not succeed ends with ``{"error": {...}}`` instead, as OpenAI ends a stream
-    that failed (its SDKs raise it).
+    the last chunk of each choice carries its ``finish_reason``, then the usage chunk when
+    asked for. A job that did not succeed ends with ``{"error": {...}}`` instead, as OpenAI
+    ends a stream that failed (its SDKs raise it). A job of ``n`` choices streams each
+    chunk with its choice's ``index`` (its events name it in ``choice``); each choice opens
+    with its role chunk.
 
     ``restarted`` (a new attempt took over after a worker died or a transient failure)
     has no OpenAI equivalent. Before any visible output it changes nothing. After some,
-    the new attempt's output is compared with what the client already has, text kind by
-    text kind (reasoning, content) and call by call: while it repeats it, nothing is sent;
-    once it goes beyond, only the rest is; so a retried attempt that writes the same output
-    (greedy sampling, a ``seed``, a deterministic engine) streams seamlessly. If it writes
-    something else, the stream ends with an error (code ``job_restarted``) telling the
-    client that what it got is void and where to read the job's final result; the job
+    the new attempt's output is compared with what the client already has, choice by
+    choice, text kind by text kind (reasoning, content) and call by call: while it repeats
+    it, nothing is sent; once it goes beyond, only the rest is (and of the content's
+    logprobs, the entries past those sent); so a retried attempt that writes the same
+    output (greedy sampling, a ``seed``, a deterministic engine) streams seamlessly. If it
+    writes something else, the stream ends with an error (code ``job_restarted``) telling
+    the client that what it got is void and where to read the job's final result; the job
     itself runs on.
     """
 
     def __init__(self, job_id: str, model: str, created: int, *, include_usage: bool) -> None:
         self.job_id, self.model, self.created = job_id, model, created
         self.include_usage = include_usage
-        self.sent: dict[str, str] = {"reasoning_content": "", "content": ""}
-        self.sent_calls: list[tuple[str, str]] = []
-        self.replaying = False  # a restarted job whose new attempt must repeat `sent`
-        self.new: dict[str, str] = {"reasoning_content": "", "content": ""}
-        self.new_calls: list[tuple[str, str]] = []
+        self.choices: dict[int, _ChoiceSent] = {}
+        self.replaying = False  # a restarted job whose new attempt must repeat what was sent
         self.usage: Any = None
         self.terminal: StreamEvent | None = None
         self.failed: dict[str, Any] | None = None  # the error payload that ended the stream
         self.succeeded = False
 
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        logprobs: list[Any] | None = None,
+        index: int = 0,
+    ) -> dict[str, Any]:
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": None if logprobs is None else {"content": logprobs},
+            "finish_reason": finish_reason,
+        }
         out: dict[str, Any] = {
             "id": self.job_id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            ],
+            "choices": [choice],
         }
         if self.include_usage:
             out["usage"] = None
@@ -332,59 +333,82 @@ class ChunkStream:
 
     def first(self) -> dict[str, Any]:
         """The opening chunk: the role, as OpenAI sends it before any output."""
-        return self.chunk({"role": "assistant", "content": ""})
+        return self._open(0)[0]
+
+    def _open(self, index: int) -> list[dict[str, Any]]:
+        """A choice's role chunk, the first time it has something to say."""
+        choice = self.choices.setdefault(index, _ChoiceSent())
+        if choice.opened:
+            return []
+        choice.opened = True
+        return [self.chunk({"role": "assistant", "content": ""}, index=index)]
 
     def feed(self, event: StreamEvent) -> list[dict[str, Any]]:
         """The payloads one event makes (none for most bookkeeping events)."""
         kind, data = event.type, event.data
-        if kind in ("reasoning", "content"):
-            text = data.get("text", "") if isinstance(data, dict) else ""
+        if kind in ("reasoning", "content", "tool_call") and isinstance(data, dict):
+            index = data.get("choice", 0)
+            index = index if isinstance(index, int) else 0
+            if kind == "tool_call":
+                return self._call(index, data)
             name = "reasoning_content" if kind == "reasoning" else "content"
-            return self._text(name, text) if text else []
-        if kind == "tool_call" and isinstance(data, dict):
-            return self._call(data)
+            text = data.get("text", "")
+            return self._text(index, name, text, data.get("logprobs")) if text else []
         if kind == "usage":
             self.usage = data
         elif kind in ("done", "error", "cancelled"):
             self.terminal = event  # the last one ends the stream (see finish)
         elif kind == "restarted":
             self.terminal, self.usage = None, None
-            if self.sent_calls or any(self.sent.values()):
+            if any(choice.visible for choice in self.choices.values()):
                 self.replaying = True
-                self.new = {name: "" for name in self.new}
-                self.new_calls = []
+                for choice in self.choices.values():
+                    choice.restart()
         return []
 
-    def _text(self, name: str, text: str) -> list[dict[str, Any]]:
+    def _text(
+        self, index: int, name: str, text: str, logprobs: list[Any] | None
+    ) -> list[dict[str, Any]]:
+        out = self._open(index)
+        choice = self.choices[index]
         if not self.replaying:
-            self.sent[name] += text
-            return [self.chunk({name: text})]
-        self.new[name] += text
-        new, sent = self.new[name], self.sent[name]
+            choice.sent[name] += text
+            choice.logprobs += len(logprobs or ())
+            return [*out, self.chunk({name: text}, logprobs=logprobs, index=index)]
+        choice.new[name] += text
+        new, sent = choice.new[name], choice.sent[name]
         if len(new) <= len(sent):
-            return [] if sent.startswith(new) else self._diverged()
+            if logprobs is not None:
+                choice.new_logprobs += len(logprobs)
+            return out if sent.startswith(new) else self._diverged()
         if not new.startswith(sent):
             return self._diverged()
-        self.sent[name] = new
-        return [self.chunk({name: new[len(sent) :]})]
+        choice.sent[name] = new
+        if logprobs is not None:  # the tokens the client has not had yet
+            repeated = max(0, choice.logprobs - choice.new_logprobs)
+            choice.new_logprobs += len(logprobs)
+            logprobs = logprobs[repeated:]
+            choice.logprobs += len(logprobs)
+        return [*out, self.chunk({name: new[len(sent) :]}, logprobs=logprobs, index=index)]
 
-    def _call(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+    def _call(self, index: int, data: dict[str, Any]) -> list[dict[str, Any]]:
+        out = self._open(index)
+        choice = self.choices[index]
         function = data.get("function") or {}
         key = (str(function.get("name", "")), str(function.get("arguments", "")))
         if self.replaying:
-            self.new_calls.append(key)
-            index = len(self.new_calls) - 1
-            if index < len(self.sent_calls):
-                return [] if self.sent_calls[index] == key else self._diverged()
-        self.sent_calls.append(key)
-        index = len(self.sent_calls) - 1
+            choice.new_calls.append(key)
+            position = len(choice.new_calls) - 1
+            if position < len(choice.calls):
+                return out if choice.calls[position] == key else self._diverged()
+        choice.calls.append(key)
         call = {
-            "index": index,
+            "index": len(choice.calls) - 1,
             "id": data.get("id"),
             "type": "function",
             "function": {"name": key[0], "arguments": key[1]},
         }
-        return [self.chunk({"tool_calls": [call]})]
+        return [*out, self.chunk({"tool_calls": [call]}, index=index)]
 
     def _diverged(self) -> list[dict[str, Any]]:
         message = (
@@ -401,10 +425,8 @@ class ChunkStream:
         """The closing payloads, once the job's stream is over."""
         if self.failed is not None:
             return []
-        if self.replaying and (
-            self.new != self.sent or self.new_calls != self.sent_calls
-        ):  # the new attempt wrote less than the client already has
-            return self._diverged()
+        if self.replaying and not all(c.repeated for c in self.choices.values()):
+            return self._diverged()  # the new attempt wrote less than the client already has
         end = self.terminal
         if end is None:
             return self.fail(
@@ -413,8 +435,12 @@ class ChunkStream:
             )  # fmt: skip
         if end.type != "done":
             return self.fail(event_error(self.job_id, end.type, end.data))
-        reason = end.data.get("finish_reason", "stop") if isinstance(end.data, dict) else "stop"
-        out = [self.chunk({}, reason)]
+        data = end.data if isinstance(end.data, dict) else {}
+        reasons = data.get("finish_reasons") or [data.get("finish_reason", "stop")]
+        out = []
+        for index, reason in enumerate(reasons):
+            out += self._open(index)
+            out.append(self.chunk({}, reason, index=index))
         if self.include_usage and self.usage is not None:
             out.append({**self.chunk({}), "choices": [], "usage": self.usage})
         self.succeeded = True

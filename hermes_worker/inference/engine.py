@@ -14,14 +14,16 @@ Facts this module is built around (see docs/architecture.md, "The engine"):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
 import xgrammar
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 from vllm import SamplingParams, TokensPrompt
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
@@ -30,7 +32,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from hermes_worker.errors import EngineError, InvalidRequest
-from hermes_worker.inference.engine_api import Delta
+from hermes_worker.inference.engine_api import Delta, token_logprob
 from hermes_worker.inference.kv_cache import vllm_is_cpu_build
 from hermes_worker.inference.sampling import Constraint, GenerationPlan
 from hermes_worker.settings import Settings
@@ -82,7 +84,7 @@ def sampling_params(plan: GenerationPlan, stream_interval: int = 1) -> SamplingP
     Raises :class:`InvalidRequest` for a schema xgrammar cannot compile."""
     structured = None if plan.constraint is None else structured_outputs(plan.constraint)
     return SamplingParams(
-        n=1,
+        n=plan.n,
         max_tokens=plan.max_tokens,
         skip_special_tokens=False,
         spaces_between_special_tokens=False,
@@ -91,6 +93,64 @@ def sampling_params(plan: GenerationPlan, stream_interval: int = 1) -> SamplingP
         structured_outputs=structured,
         **plan.sampling,
     )
+
+
+class TokenBytes:
+    """The bytes of each token id, for OpenAI's ``bytes``: exact where a token holds part of
+    a UTF-8 character, which its text (decoded alone: ``\ufffd`` or nothing) cannot show.
+    Byte-level BPE vocabularies (Llama 3, Hermes 4) spell bytes as characters (GPT-2's
+    table); SentencePiece ones have ``<0xNN>`` byte tokens; other tokens are their text."""
+
+    BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        # A byte-level vocabulary has GPT-2's character for a space ("Ġ") on its own.
+        byte_level = tokenizer is not None and "Ġ" in tokenizer.get_vocab()
+        table = bytes_to_unicode() if byte_level else {}
+        self._byte_level = {char: byte for byte, char in table.items()}
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019  (one per engine, for its lifetime)
+    def __call__(self, token_id: int) -> bytes | None:
+        """The token's bytes; None when the tokenizer cannot say (its text's bytes then)."""
+        if self._tokenizer is None:
+            return None
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str) or not piece:
+            return None
+        if match := self.BYTE_TOKEN.fullmatch(piece):
+            return bytes([int(match.group(1), 16)])
+        if self._byte_level and all(char in self._byte_level for char in piece):
+            return bytes(self._byte_level[char] for char in piece)
+        return None
+
+
+def logprob_entries(
+    token_ids: Sequence[int],
+    positions: Sequence[Mapping[int, Any] | None] | None,
+    top: int,
+    raw: Callable[[int], bytes | None] = lambda _: None,
+) -> list[dict[str, Any]]:
+    """OpenAI's ``logprobs.content`` entries of new tokens from vLLM's logprobs (a mapping of
+    token id to ``Logprob`` per position: the sampled token and the ``top`` most likely);
+    ``raw``: a token id's bytes (:class:`TokenBytes`)."""
+    entries = []
+    for index, token_id in enumerate(token_ids):
+        position = positions[index] if positions is not None and index < len(positions) else None
+        position = position or {}
+        ranked = sorted(position.items(), key=lambda item: item[1].rank or 0)
+        best = [
+            (p.decoded_token or "", p.logprob, raw(tid))
+            for tid, p in ranked
+            if (p.rank or 0) <= top
+        ][:top]
+        chosen = position.get(token_id)
+        if chosen is None:  # vLLM always returns the sampled token; kept safe regardless
+            entries.append(token_logprob("", float("-inf"), best, raw(token_id)))
+        else:
+            text = chosen.decoded_token or ""
+            entries.append(token_logprob(text, chosen.logprob, best, raw(token_id)))
+    return entries
 
 
 # Hermes writes a call as {"name": "f", "arguments": {...}}, json.dumps' separators: the
@@ -140,6 +200,7 @@ class Engine:
     def __init__(self, llm: Any) -> None:
         self._llm = llm
         self.max_model_len: int = llm.model_config.max_model_len
+        self._token_bytes = TokenBytes(llm.tokenizer)
 
     @classmethod
     def start(cls, settings: Settings) -> Engine:
@@ -155,25 +216,34 @@ class Engine:
         *,
         stream_interval: int = 1,
         metadata: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         """Stream the output of one request; closing the iterator early aborts the request.
         ``stream_interval``: see :func:`sampling_params` (1, every step, is vLLM's default).
         ``metadata``: the job's (:class:`~hermes_worker.inference.engine_api.EngineLike`);
         vLLM needs none."""
         prompt = TokensPrompt(prompt_token_ids=token_ids)
         params = sampling_params(plan, stream_interval)
+        top = plan.sampling.get("logprobs")
+        outputs = self._llm.generate(prompt, params, request_id=request_id, priority=priority)
         try:
-            async for out in self._llm.generate(
-                prompt, params, request_id=request_id, priority=priority
-            ):
-                completion = out.outputs[0]
-                yield Delta(
-                    text=completion.text,
-                    num_tokens=len(completion.token_ids),
-                    finished=out.finished,
-                    finish_reason=completion.finish_reason,
-                    num_cached_tokens=out.num_cached_tokens or 0,
-                )
+            # Closed explicitly, so a consumer that stops early aborts the request at once.
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    # n > 1: each output holds the choices with new tokens (vLLM's delta mode)
+                    for completion in out.outputs:
+                        yield Delta(
+                            text=completion.text,
+                            num_tokens=len(completion.token_ids),
+                            finished=out.finished or completion.finished(),
+                            finish_reason=completion.finish_reason,
+                            num_cached_tokens=out.num_cached_tokens or 0,
+                            logprobs=None
+                            if top is None
+                            else logprob_entries(
+                                completion.token_ids, completion.logprobs, top, self._token_bytes
+                            ),
+                            index=completion.index,
+                        )
         except (
             VLLMClientError
         ) as exc:  # the request itself is at fault (e.g. a schema vLLM rejects)

@@ -8,9 +8,9 @@ engine the settings name, when the worker starts it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from hermes_worker.inference.sampling import GenerationPlan
 from hermes_worker.settings import Settings
@@ -25,6 +25,34 @@ class Delta:
     finished: bool
     finish_reason: str | None  # vLLM's: "stop", "length", "abort", or None while running
     num_cached_tokens: int
+    # One entry per new token (:func:`token_logprob`) when the plan asks for logprobs.
+    logprobs: Sequence[dict[str, Any]] | None = None
+    index: int = 0  # the choice it belongs to (a request with several: plan.n)
+
+
+# vLLM's server writes -inf (a token the sampler could not pick) as this: JSON has no -inf.
+MIN_LOGPROB = -9999.0
+
+
+def top_logprob(token: str, logprob: float, raw: bytes | None = None) -> dict[str, Any]:
+    """One ``top_logprobs`` item in OpenAI's shape: the token, its logprob, its bytes
+    (``raw``, exact where a token holds part of a UTF-8 character; else its text's)."""
+    return {
+        "token": token,
+        "logprob": max(logprob, MIN_LOGPROB),
+        "bytes": list(token.encode("utf-8", errors="replace") if raw is None else raw),
+    }
+
+
+def token_logprob(
+    token: str,
+    logprob: float,
+    top: Sequence[tuple[str, float] | tuple[str, float, bytes | None]] = (),
+    raw: bytes | None = None,
+) -> dict[str, Any]:
+    """A generated token's ``logprobs.content`` entry; ``top``: the most likely tokens at its
+    place, most likely first."""
+    return {**top_logprob(token, logprob, raw), "top_logprobs": [top_logprob(*t) for t in top]}
 
 
 class EngineLike(Protocol):
@@ -41,7 +69,7 @@ class EngineLike(Protocol):
         *,
         stream_interval: int = 1,
         metadata: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         """Stream the output of one request; closing the iterator early aborts it.
         :class:`~hermes_worker.errors.EngineError` when the engine fails (retryable),
         :class:`~hermes_worker.errors.InvalidRequest` when the request is at fault.

@@ -126,12 +126,18 @@ class StreamingParser:
     aggregate after ``finish``. An unclosed final call whose text is a well-formed call
     counts as a call without a problem: a ``</tool_call>`` stop string or a stop at the
     end-of-turn token both end output that way.
+
+    ``max_calls`` (OpenAI's ``parallel_tool_calls: false`` is 1): once that many well-formed
+    calls have closed, the output is :attr:`complete` and any text after the last is
+    dropped (a malformed call does not count: it is content).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_calls: int | None = None) -> None:
         self._mode = _Mode.CONTENT
         self._pending = ""  # a suffix held back for the next delta, rescanned in _mode
         self._finished = False
+        self._max_calls = max_calls
+        self._complete = False  # the last call allowed has closed: the rest is not read
         self._result: ParsedCompletion | None = None
         # Aggregate, kept raw so result() follows the definition, not the event stream.
         self._content_raw: list[str] = []
@@ -155,6 +161,8 @@ class StreamingParser:
         """Consume the next piece of output; return the events it made certain."""
         if self._finished:
             raise RuntimeError("StreamingParser.feed() called after finish()")
+        if self._complete:
+            return []
         text = self._pending + delta if self._pending else delta
         self._pending = ""
         self._scan(text, final=False)
@@ -182,6 +190,17 @@ class StreamingParser:
         """Whether the text fed so far ends inside a ``<think>`` block (for token accounting)."""
         return self._mode is _Mode.THINK
 
+    @property
+    def in_content(self) -> bool:
+        """Whether the text fed so far ends in content: outside a think block and a call."""
+        return self._mode is _Mode.CONTENT and not self._complete
+
+    @property
+    def complete(self) -> bool:
+        """True once ``max_calls`` calls have closed: the output needs no more text (what
+        follows is not read), so its generation can stop."""
+        return self._complete
+
     def result(self) -> ParsedCompletion:
         """The whole output, split; only valid after ``finish``."""
         if not self._finished:
@@ -201,7 +220,7 @@ class StreamingParser:
 
     def _scan(self, text: str, final: bool) -> None:
         pos, end = 0, len(text)
-        while pos < end:
+        while pos < end and not self._complete:
             if self._mode is _Mode.CONTENT:
                 pos = self._scan_content(text, pos, final)
             elif self._mode is _Mode.THINK:
@@ -296,6 +315,8 @@ class StreamingParser:
             self._calls.append(verdict)
             self._flush_run()
             self._events.append(ParserEvent(type="tool_call", tool_call=verdict))
+            if len(self._calls) == self._max_calls:
+                self._complete, self._pending = True, ""
         elif closed:
             self._problems.append(f"tool call {self._call_count}: {verdict}")
             self._add_content(CALL_OPEN + raw + CALL_CLOSE)
@@ -353,6 +374,8 @@ class ContentParser:
     """
 
     in_reasoning = False
+    in_content = True
+    complete = False
 
     def __init__(self) -> None:
         self._trim = _Trimmer()

@@ -49,6 +49,7 @@ class GenerationPlan:
     constraint: Constraint | None = None
     forced_prefix: str = ""  # appended to the prompt and fed to the parser first
     forced_suffix: str = ""  # fed to the parser after the last delta
+    n: int = 1  # choices: vLLM samples each on its own
 
     @property
     def json_document(self) -> bool:
@@ -134,6 +135,8 @@ def plan_generation(job: ChatJob, prompt_tokens: int, max_model_len: int) -> Gen
         "frequency_penalty": job.frequency_penalty,
         "repetition_penalty": job.repetition_penalty,
         "ignore_eos": job.ignore_eos,
+        # vLLM's logprobs: None, or how many of the most likely tokens besides the sampled one.
+        "logprobs": (job.top_logprobs or 0) if job.logprobs else None,
     }
     return GenerationPlan(
         max_tokens=token_budget(job, prompt_tokens, max_model_len),
@@ -141,4 +144,5 @@ def plan_generation(job: ChatJob, prompt_tokens: int, max_model_len: int) -> Gen
         constraint=_constraint(job),
         forced_prefix=FORCED_CALL_PREFIX if forced else "",
         forced_suffix=FORCED_CALL_SUFFIX if forced else "",
+        n=job.n,
     )

@@ -11,7 +11,10 @@ before it), and each piece counts as one token. Like vLLM it honours ``max_token
 abort (closing the iterator); the end of the text is ``stop``. It ignores the prompt,
 sampling, stop strings, structured-output constraints, priorities and ``stream_interval``: at
 a set rate each delta holds the tokens due since the last read, as vLLM merges the steps a
-job has not read; without a rate each delta holds one token.
+job has not read; without a rate each delta holds one token. Asked for logprobs, it makes
+up plausible ones (each token the most likely at its place, its logprob a function of its
+text). Asked for ``n`` choices, it writes them side by side, a delta per choice per step,
+choice i the script's ``choices[i]`` (cycled), or its ``text``.
 
 A job picks its own :class:`Script` with the metadata key ``hermes_script``: a JSON object of
 Script fields, over the engine's default script, e.g. ``{"text": "Hi", "fail_after": 2}``.
@@ -23,12 +26,13 @@ import asyncio
 import math
 import os
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hermes_worker.errors import EngineError, InvalidRequest
-from hermes_worker.inference.engine_api import Delta
+from hermes_worker.inference.engine_api import Delta, token_logprob
 from hermes_worker.inference.sampling import GenerationPlan
 from hermes_worker.settings import Settings
 
@@ -54,6 +58,8 @@ class Script(BaseModel):
     # The whole worker process ends at once (os._exit), as a job that crashes its worker.
     exit_after: int | None = Field(default=None, ge=0)
     attempts: int | None = Field(default=None, ge=1)  # faults hit only these first attempts
+    # A request for n choices: choice i writes choices[i % len(choices)] (default: text).
+    choices: list[str] | None = Field(default=None, min_length=1)
 
     def over(self, raw: str) -> Script:
         """This script with the fields of the JSON object ``raw`` (a job's own) replaced."""
@@ -64,6 +70,11 @@ class Script(BaseModel):
             where = "".join(f".{part}" for part in error["loc"])
             raise InvalidRequest(f"metadata.{SCRIPT_KEY}{where}: {error['msg']}") from exc
         return self.model_copy(update=own.model_dump(exclude_unset=True))
+
+    def texts(self, n: int) -> list[str]:
+        """The text of each of ``n`` choices."""
+        texts = self.choices or [self.text]
+        return [texts[index % len(texts)] for index in range(n)]
 
     def for_attempt(self, attempt: int) -> Script:
         """This script as attempt ``attempt`` runs it: without faults past ``attempts``."""
@@ -99,13 +110,14 @@ class ScriptedEngine:
         *,
         stream_interval: int = 1,
         metadata: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         """Write the script's text (see the module's docstring for what is honoured)."""
         raw = (metadata or {}).get(SCRIPT_KEY)
         script = (self.script if raw is None else self.script.over(raw)).for_attempt(
             _attempt(request_id)
         )
-        pieces, reason = _pieces(script.text, plan)
+        runs = [_pieces(text, plan) for text in script.texts(plan.n)]
+        longest = max(len(pieces) for pieces, _ in runs)
         loop = asyncio.get_running_loop()
         start, sent, done = loop.time(), 0, False
         self._running.add(request_id)
@@ -113,13 +125,21 @@ class ScriptedEngine:
             while not done:
                 await self._fault(script, sent)
                 due = _tokens_due(script.tokens_per_s, loop.time() - start, sent)
-                if due == sent and pieces:  # the next token is not due yet
+                if due == sent and longest:  # the next token is not due yet
                     await asyncio.sleep((sent + 1) / script.tokens_per_s - (loop.time() - start))
                     continue
-                end = min(due, _next_fault(script, sent, len(pieces)))
-                text, count, sent = "".join(pieces[sent:end]), end - sent, end
-                done = sent == len(pieces)
-                yield Delta(text, count, done, reason if done else None, 0)
+                end = min(due, _next_fault(script, sent, longest))
+                for index, (pieces, reason) in enumerate(runs):
+                    if sent < len(pieces) or sent == len(pieces) == 0:  # not ended yet
+                        step = pieces[sent:end]
+                        ended = end >= len(pieces)
+                        logprobs = _logprobs(step, plan)
+                        yield Delta(
+                            "".join(step), len(step), ended, reason if ended else None, 0,
+                            logprobs, index,
+                        )  # fmt: skip
+                sent = end
+                done = sent == longest
         finally:
             self._running.discard(request_id)
 
@@ -173,6 +193,21 @@ def _pieces(text: str, plan: GenerationPlan) -> tuple[list[str], str]:
     if repeat or len(pieces) > plan.max_tokens:
         return pieces[: plan.max_tokens], "length"
     return pieces, "stop"
+
+
+def _logprobs(pieces: list[str], plan: GenerationPlan) -> list[dict[str, Any]] | None:
+    """Plausible logprobs of ``pieces`` when the plan asks for them: each token the most
+    likely at its place, its logprob a function of its text (in [-4.9, 0]), and ``top``
+    made-up alternatives after it, each less likely."""
+    top = plan.sampling.get("logprobs")
+    if top is None:
+        return None
+    entries = []
+    for piece in pieces:
+        logprob = -(sum(piece.encode()) % 50) / 10
+        alternatives = [(f"<alt{i}>", logprob - i) for i in range(1, top)]
+        entries.append(token_logprob(piece, logprob, [(piece, logprob), *alternatives][:top]))
+    return entries
 
 
 def _tokens_due(tokens_per_s: float, elapsed_s: float, sent: int) -> int:

@@ -13,11 +13,12 @@ the worker shuts down (the job goes back to the queue for another worker).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
@@ -27,6 +28,7 @@ from redis.exceptions import RedisError
 from hermes_worker.contract.jobs import (
     ChatJob,
     Choice,
+    ChoiceLogprobs,
     CompletionTokensDetails,
     ErrorInfo,
     FinishReason,
@@ -48,9 +50,10 @@ from hermes_worker.errors import (
     JobTimeout,
 )
 from hermes_worker.inference.engine_api import Delta, EngineLike
-from hermes_worker.inference.parsing import ContentParser, ParserEvent, StreamingParser
+from hermes_worker.inference.parsing import ParserEvent
 from hermes_worker.inference.sampling import GenerationPlan
 from hermes_worker.settings import Settings
+from hermes_worker.worker.choices import ChoiceRun
 from hermes_worker.worker.leases import Claimed, Ended, Leased, Leases
 from hermes_worker.worker.stream import JobStream, StreamWriter
 
@@ -60,7 +63,6 @@ log = structlog.stdlib.get_logger(__name__)
 CLAIM_TRIES = 3
 CLAIM_RETRY_S = 1.0
 
-OutputParser = StreamingParser | ContentParser
 StopReason = Literal["cancel", "timeout", "lease_lost", "shutdown"]
 FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 # The one place where an error becomes a job status and a terminal event.
@@ -110,8 +112,6 @@ class Attempt:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cached_tokens: int = 0
-    finish_reason: str | None = None
-    call_ids: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -357,31 +357,31 @@ async def _run_claimed(
         {"attempt": attempt.number, "worker": ctx.worker, "prompt_tokens": attempt.prompt_tokens},
         soon=True,  # with the next regular flush, or at once with the first output
     )
-    parser: OutputParser = ContentParser() if prepared.plan.json_document else StreamingParser()
+    runs = ChoiceRun.all_of(prepared.job, prepared.plan)
     by_deadline = deadline is not None and deadline - time.time() < ctx.max_generation_s
     limit = deadline - time.time() if by_deadline and deadline else ctx.max_generation_s
     try:
-        reason = await _generate_under_control(ctx, attempt, prepared, parser, limit)
+        reason = await _generate_under_control(ctx, attempt, prepared, runs, limit)
     except HermesError as exc:
         if exc.retryable:
             raise
-        return await finish(ctx, attempt, parser, exc)
+        return await finish(ctx, attempt, runs, exc)
     except (RedisError, asyncio.CancelledError):
         raise
     except Exception as exc:  # a bug must still end the job, and the worker keeps serving
         log.exception("job %s: unexpected failure", attempt.job_id)
-        return await finish(ctx, attempt, parser, InternalError(f"{type(exc).__name__}: {exc}"))
+        return await finish(ctx, attempt, runs, InternalError(f"{type(exc).__name__}: {exc}"))
     if reason is None:
-        return await finish(ctx, attempt, parser, None)
+        return await finish(ctx, attempt, runs, None)
     if reason == "cancel":
-        return await finish(ctx, attempt, parser, JobCancelled("cancelled while running"))
+        return await finish(ctx, attempt, runs, JobCancelled("cancelled while running"))
     if reason == "timeout":
         message = (
             "the job's deadline was reached during generation"
             if by_deadline
             else f"generation reached the worker's limit of {ctx.max_generation_s:g} s"
         )
-        return await finish(ctx, attempt, parser, JobTimeout(message))
+        return await finish(ctx, attempt, runs, JobTimeout(message))
     log.warning("job %s stopped (%s): handing it back", attempt.job_id, reason)
     if reason == "lease_lost":  # another attempt writes this stream now: ours would mix in
         ctx.writer.discard(attempt.stream)
@@ -397,13 +397,13 @@ def _inject_fault(job: ChatJob, attempt: int) -> None:
 
 
 async def _generate_under_control(
-    ctx: JobContext, attempt: Attempt, prepared: PreparedJob, parser: OutputParser, limit: float
+    ctx: JobContext, attempt: Attempt, prepared: PreparedJob, runs: list[ChoiceRun], limit: float
 ) -> StopReason | None:
     """Generate with a handle for cancel / deadline / shutdown; returns why it stopped early."""
     control = Control()
     ctx.controls[attempt.job_id] = control
     timer = asyncio.get_running_loop().call_later(max(limit, 0), control.stop, "timeout")
-    control.task = asyncio.create_task(_generate(ctx, attempt, prepared, parser))
+    control.task = asyncio.create_task(_generate(ctx, attempt, prepared, runs))
     try:
         await control.task
     except asyncio.CancelledError:
@@ -417,32 +417,40 @@ async def _generate_under_control(
 
 
 async def _generate(
-    ctx: JobContext, attempt: Attempt, prepared: PreparedJob, parser: OutputParser
+    ctx: JobContext, attempt: Attempt, prepared: PreparedJob, runs: list[ChoiceRun]
 ) -> None:
-    _send(ctx, attempt, parser.feed(prepared.plan.forced_prefix))
+    for run in runs:
+        _send(ctx, attempt, run, run.parser.feed(prepared.plan.forced_prefix))
     request_id = f"{prepared.job_id}:{attempt.number}"
-    pace, max_tokens = ctx.pace, prepared.plan.max_tokens
+    # The pace compares the tokens so far with the most the job can get: every choice's.
+    pace, max_tokens = ctx.pace, prepared.plan.max_tokens * len(runs)
     running = len(ctx.controls)
     interval = pace.stream_interval(running, ctx.job_rate.per_s())
     ctx.stream_interval = interval
-    async for delta in ctx.engine.generate(
+    deltas = ctx.engine.generate(
         request_id,
         prepared.token_ids,
         prepared.plan,
         prepared.job.priority,
         stream_interval=interval,
         metadata=prepared.job.metadata,
-    ):
-        _account(ctx, attempt, delta, parser)
-        if delta.finished:
-            attempt.finish_reason = delta.finish_reason
-            attempt.cached_tokens = delta.num_cached_tokens
-        elif pause := pace.pause_s(len(ctx.controls), attempt, max_tokens, time.time()):
-            await asyncio.sleep(pause)  # the engine goes on; its steps meanwhile merge
-    _send(ctx, attempt, parser.feed(prepared.plan.forced_suffix))
+    )
+    async with contextlib.aclosing(deltas):  # leaving early aborts the engine's request
+        async for delta in deltas:
+            run = runs[delta.index]
+            _account(ctx, attempt, run, delta)
+            if delta.finished:
+                run.finish_reason = delta.finish_reason
+                attempt.cached_tokens = delta.num_cached_tokens
+            elif all(r.done for r in runs):  # the last allowed calls closed: stop the engine
+                break
+            elif pause := pace.pause_s(len(ctx.controls), attempt, max_tokens, time.time()):
+                await asyncio.sleep(pause)  # the engine goes on; its steps meanwhile merge
+    for run in runs:
+        _send(ctx, attempt, run, run.parser.feed(prepared.plan.forced_suffix))
 
 
-def _account(ctx: JobContext, attempt: Attempt, delta: Delta, parser: OutputParser) -> None:
+def _account(ctx: JobContext, attempt: Attempt, run: ChoiceRun, delta: Delta) -> None:
     ctx.output_reads += 1
     now = time.monotonic()
     if attempt.read_at is not None:  # from its first token on: how fast a job generates
@@ -452,18 +460,23 @@ def _account(ctx: JobContext, attempt: Attempt, delta: Delta, parser: OutputPars
         attempt.read_at = now
     if attempt.first_token_at is None and delta.num_tokens:
         attempt.first_token_at = time.time()  # into the record with the result (one write)
-    was_reasoning = parser.in_reasoning
+    parser = run.parser
+    was_reasoning, was_content = parser.in_reasoning, parser.in_content
     events = parser.feed(delta.text)
+    if run.logprobs is not None and delta.logprobs:
+        kinds = {event.type for event in events}
+        content_only = was_content and parser.in_content and kinds <= {"content"}
+        run.logprobs.read(delta.logprobs, content_only, "content" in kinds)
     # A delta that touches a think block counts as reasoning: exact to the delta, which is
     # one token when the job is not paced, and about a beat's worth when it is.
     if was_reasoning or parser.in_reasoning:
         attempt.reasoning_tokens += delta.num_tokens
     attempt.completion_tokens += delta.num_tokens
     ctx.writer.generated(attempt.stream, delta.num_tokens)
-    _send(ctx, attempt, events)
+    _send(ctx, attempt, run, events)
 
 
-def _send(ctx: JobContext, attempt: Attempt, events: list[ParserEvent]) -> None:
+def _send(ctx: JobContext, attempt: Attempt, run: ChoiceRun, events: list[ParserEvent]) -> None:
     for event in events:
         # The first output after the first token goes at once (time to first token); text
         # before it (a forced prefix) goes with it.
@@ -472,11 +485,14 @@ def _send(ctx: JobContext, attempt: Attempt, events: list[ParserEvent]) -> None:
         if event.tool_call is not None:
             call_id = f"call_{uuid.uuid4().hex[:24]}"
             data = _tool_call(call_id, event.tool_call.name, event.tool_call.arguments)
-            data["index"] = len(attempt.call_ids)
-            attempt.call_ids.append(call_id)
-            ctx.writer.emit(attempt.stream, "tool_call", data, urgent=True)
+            data["index"] = len(run.call_ids)
+            run.call_ids.append(call_id)
+            ctx.writer.emit(attempt.stream, "tool_call", run.event(data), urgent=True)
         else:
-            ctx.writer.emit(attempt.stream, event.type, {"text": event.text}, urgent=urgent)
+            text: dict[str, Any] = {"text": event.text}
+            if event.type == "content" and run.logprobs is not None:
+                text["logprobs"] = run.logprobs.take()
+            ctx.writer.emit(attempt.stream, event.type, run.event(text), urgent=urgent)
 
 
 def _tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
@@ -496,29 +512,37 @@ def _usage(attempt: Attempt) -> Usage:
 
 
 def _choice(
-    ctx: JobContext, attempt: Attempt, parser: OutputParser, error: HermesError | None
+    ctx: JobContext, attempt: Attempt, run: ChoiceRun, error: HermesError | None
 ) -> tuple[Choice, tuple[str, ...]]:
     """The output so far as a choice (all of it on success, the partial output otherwise)."""
+    parser = run.parser
     if not parser.finished:
-        _send(ctx, attempt, parser.finish())  # release held-back text, so stream == result
+        _send(ctx, attempt, run, parser.finish())  # release held-back text: stream == result
     parsed = parser.result()
     calls = [
         ResponseToolCall.model_validate(_tool_call(call_id, call.name, call.arguments))
-        for call_id, call in zip(attempt.call_ids, parsed.tool_calls, strict=True)
+        for call_id, call in zip(run.call_ids, parsed.tool_calls, strict=True)
     ]
     finish: FinishReason
     if error is not None:
         finish = error.type if error.type in ("cancelled", "timeout") else "error"  # type: ignore[assignment]
     else:
-        finish = "tool_calls" if calls else FINISH_REASONS.get(attempt.finish_reason or "", "stop")
+        finish = "tool_calls" if calls else FINISH_REASONS.get(run.finish_reason or "", "stop")
     message = ResponseMessage(
         content=parsed.content, reasoning_content=parsed.reasoning, tool_calls=calls or None
     )
-    return Choice(index=0, message=message, finish_reason=finish), parsed.problems
+    logprobs = None
+    if run.logprobs is not None:
+        logprobs = ChoiceLogprobs.model_validate({"content": run.logprobs.content})
+    choice = Choice(index=run.index, message=message, finish_reason=finish, logprobs=logprobs)
+    problems = parsed.problems
+    if run.tagged:
+        problems = tuple(f"choice {run.index}: {problem}" for problem in problems)
+    return choice, problems
 
 
 async def finish(
-    ctx: JobContext, attempt: Attempt, parser: OutputParser | None, error: HermesError | None
+    ctx: JobContext, attempt: Attempt, runs: list[ChoiceRun] | None, error: HermesError | None
 ) -> JobStatus | None:
     """Write the attempt's one terminal state; partial output is kept whatever the ending.
     None when the lease was lost first: the end was not written (another worker owns the
@@ -529,9 +553,10 @@ async def finish(
     choices: tuple[Choice, ...] = ()
     problems: tuple[str, ...] = ()
     usage = None
-    if parser is not None:
-        choice, problems = _choice(ctx, attempt, parser, error)
-        choices = (choice,)
+    if runs is not None:
+        built = [_choice(ctx, attempt, run, error) for run in runs]
+        choices = tuple(choice for choice, _ in built)
+        problems = tuple(problem for _, found in built for problem in found)
         usage = _usage(attempt)
         ctx.writer.emit(attempt.stream, "usage", usage.model_dump(mode="json"))
     result = JobResult(
@@ -546,6 +571,8 @@ async def finish(
     event = EVENT_FOR_STATUS.get(status, "error")
     if status is JobStatus.SUCCEEDED:
         data: dict[str, Any] = {"finish_reason": choices[0].finish_reason}
+        if len(choices) > 1:
+            data["finish_reasons"] = [choice.finish_reason for choice in choices]
     else:
         data = error.to_dict() if error is not None else {}
     fields: dict[str, Any] = {

@@ -125,7 +125,10 @@ class Leases:
         """Fail the job and list it in the dead letters unless an attempt holds it or it
         has ended: ``dead``, ``leased`` or the status it ended with."""
         keys = self._keys
-        script_keys = [keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.dead_letters]
+        script_keys = [
+            keys.job(job_id), keys.events(job_id), keys.lease(job_id), keys.dead_letters,
+            keys.ends,
+        ]  # fmt: skip
         data_json = json.dumps(data, ensure_ascii=False)
         args: list[str | int | float] = [repr(now), ttl_s, result_json, data_json, job_id]
         outcome, status = await self._dead_letter(keys=script_keys, args=args)

@@ -118,8 +118,19 @@ class StreamWriter:
         if stream.fenced:
             return
         last = stream.ops[-1] if stream.ops else None
-        if type_ in TEXT_EVENTS and last and last[0] == "xadd" and last[1] == type_:
-            last[2] = {"text": last[2]["text"] + data["text"]}
+        if (
+            type_ in TEXT_EVENTS
+            and last
+            and last[0] == "xadd"
+            and last[1] == type_
+            and last[2].get("choice") == data.get("choice")  # a job of several choices
+        ):
+            joined = {"text": last[2]["text"] + data["text"]}
+            if "choice" in data:
+                joined["choice"] = data["choice"]
+            if "logprobs" in data:  # a job that asked for them: its content's tokens, in order
+                joined["logprobs"] = [*last[2].get("logprobs", ()), *data["logprobs"]]
+            last[2] = joined
         else:
             stream.ops.append(["xadd", type_, data])
         stream.soon = stream.soon or soon
@@ -286,12 +297,15 @@ class StreamWriter:
             elif op[0] == "sync":
                 finished.append(op[1])
             else:  # end of the job: every key of a job expires after it ends
-                args.append("e")
+                args += ["e", stream.job_id]
                 finished.append(op[1])
         if len(args) == 2:
             return finished, False
         job_id = stream.job_id
-        keys = [self._keys.lease(job_id), self._keys.job(job_id), self._keys.events(job_id)]
+        keys = [
+            self._keys.lease(job_id), self._keys.job(job_id), self._keys.events(job_id),
+            self._keys.ends,
+        ]  # fmt: skip
         # Awaiting a script on a pipeline only queues it (and its SCRIPT LOAD if needed).
         await self._write(keys=keys, args=args, client=pipe)
         return finished, True

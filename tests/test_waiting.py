@@ -1,0 +1,379 @@
+"""Waiting for a result costs a constant number of Redis commands and one connection per
+client, whatever the tokens: ``result()`` wakes on the deployment's ends stream
+(``{prefix}ends``), which every script that ends a job appends to, not on the job's event
+stream. Real Redis, a real ``hermes-worker run --engine scripted`` process; one test (marked
+``engine``) on the session's vLLM worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.asyncio import Redis as AsyncRedis
+from worker_fixtures import (
+    WorkerProcess,
+    clean_redis,
+    patient_redis,
+    start_worker,
+    stop_worker,
+    unique_settings,
+    wait_ready,
+)
+
+import producers.client as client_module
+from hermes_worker.contract.jobs import JobStatus
+from hermes_worker.contract.store import Keys, async_client
+from hermes_worker.settings import Settings
+from hermes_worker.testing.scripted_engine import SCRIPT_KEY
+from producers.client import AsyncHermesClient, HermesClient
+
+STORY = "Once upon a time a queue met an engine, and they streamed happily ever after."
+# Fast enough for short tests, slow enough that a job's stream gets a write every few tokens.
+TOKENS_PER_S = "100"
+
+
+def job(max_tokens: int) -> dict[str, Any]:
+    """A scripted job that generates exactly ``max_tokens`` tokens."""
+    return {
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "metadata": {SCRIPT_KEY: json.dumps({"text": STORY})},
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+    }
+
+
+@pytest.fixture(scope="module")
+def scripted(
+    test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """A scripted worker that writes a job's stream every few tokens and runs 256 jobs at once."""
+    settings = unique_settings()
+    log_path = tmp_path_factory.mktemp("waiting-worker") / "worker.log"
+    process = start_worker(
+        settings,
+        test_model_dir,
+        log_path,
+        cli_args=("--engine", "scripted", "--tokens-per-s", TOKENS_PER_S),
+        HERMES_STREAM_FLUSH_MS="10",
+        HERMES_STREAM_MIN_TOKENS="1",
+        HERMES_CONCURRENCY="256",
+        HERMES_MAX_NUM_SEQS="256",
+    )
+    try:
+        wait_ready(process, timeout=60)
+        yield process
+    finally:
+        stop_worker(process)
+        clean_redis(settings)
+
+
+class CountingAsyncRedis(AsyncRedis):
+    """An asyncio client that counts the commands it sends (pipelines aside)."""
+
+    commands = 0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.commands += 1
+        return await super().execute_command(*args, **options)
+
+
+class CountingRedis(redis.Redis):
+    commands = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.commands += 1
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+def checks_within(elapsed: float) -> int:
+    """How many periodic checks of its record a waiter makes in ``elapsed`` seconds."""
+    done, total = 0, 0.0
+    for wait_s in client_module.end_checks():
+        total += wait_s
+        if total > elapsed:
+            return done
+        done += 1
+    return done
+
+
+def stream_entries(settings: Settings, job_ids: list[str]) -> int:
+    keys, r = Keys(settings.key_prefix), patient_redis(settings.redis_url)
+    return sum(int(r.xlen(keys.events(job_id))) for job_id in job_ids)
+
+
+def test_an_async_result_wait_wakes_once_per_job_not_per_token(scripted: WorkerProcess) -> None:
+    settings = scripted.settings
+
+    async def scenario() -> tuple[list[Any], int, int, float]:
+        counting = CountingAsyncRedis.from_url(settings.redis_url)
+        async with AsyncHermesClient(settings, redis=counting) as client:
+            # Given 8 jobs of 200 tokens, each streamed in many writes
+            handles = [await client.submit(job(200)) for _ in range(8)]
+            commands, reads, start = counting.commands, client.hub.reads, time.monotonic()
+            # When the producer awaits every result, without reading a stream
+            results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+            elapsed = time.monotonic() - start
+            spent = counting.commands - commands, client.hub.reads - reads
+        await counting.aclose()
+        return results, *spent, elapsed
+
+    results, commands, reads, elapsed = asyncio.run(scenario())
+    # Then each job ran its 200 tokens in many stream writes (what a stream reader wakes on)
+    assert all(r.job.status is JobStatus.SUCCEEDED for r in results)
+    assert all(r.usage is not None and r.usage.completion_tokens == 200 for r in results)
+    writes = stream_entries(settings, [r.id for r in results])
+    assert writes >= 8 * 20
+    # But the waits woke once per job at most: one shared XREAD per batch of ends (plus one
+    # per quiet 2 s), and a few commands a job (its record checked before and after, and
+    # now and then: end_checks)
+    assert reads <= 8 + 2 + elapsed / client_module.BLOCK_CHUNK_S
+    assert commands <= 8 * (3 + checks_within(elapsed)) + reads + 1, (commands, writes)
+    # And every end is on the ends stream, written with the result
+    ends = patient_redis(settings.redis_url).xrange(Keys(settings.key_prefix).ends)
+    assert {r.id for r in results} <= {fields[b"id"].decode() for _, fields in ends}
+
+
+def test_a_blocking_result_wait_wakes_once_per_job_from_many_threads(
+    scripted: WorkerProcess,
+) -> None:
+    settings = scripted.settings
+    counting = CountingRedis.from_url(settings.redis_url)
+    assert isinstance(counting, CountingRedis)
+    with HermesClient(settings, redis=counting) as client:
+        # Given 8 jobs of 200 tokens
+        handles = [client.submit(job(200)) for _ in range(8)]
+        commands, start = counting.commands, time.monotonic()
+        # When 8 threads each wait for one result
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda h: h.result(timeout=60), handles))
+        elapsed = time.monotonic() - start
+        commands, reads = counting.commands - commands, client.ends.reads
+    counting.close()
+    # Then they shared one reader, woken once per end, and a few commands a job
+    assert all(r.job.status is JobStatus.SUCCEEDED for r in results)
+    assert stream_entries(settings, [r.id for r in results]) >= 8 * 20
+    assert reads <= 8 + 2 + elapsed / client_module.BLOCK_CHUNK_S
+    assert commands <= 8 * (3 + checks_within(elapsed)) + reads + 1
+
+
+def blocked_connections(settings: Settings, name: str) -> tuple[int, int]:
+    """(connections named ``name``, those blocked in a command) from CLIENT LIST."""
+    listed = patient_redis(settings.redis_url).client_list()
+    mine = [c for c in listed if c.get("name") == name]
+    return len(mine), sum(1 for c in mine if "b" in c.get("flags", ""))
+
+
+def test_two_hundred_waiters_share_one_blocking_connection(scripted: WorkerProcess) -> None:
+    settings = scripted.settings
+    name = f"waiting-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> tuple[list[Any], list[tuple[int, int]], int, int]:
+        redis_client = async_client(f"{settings.redis_url}?client_name={name}")
+        async with AsyncHermesClient(settings, redis=redis_client) as client:
+            # Given 200 jobs of 4 s each (400 tokens at 100/s), all running at once
+            handles = [await client.submit(job(400)) for _ in range(200)]
+            # When 200 requests await their results
+            waits = [asyncio.create_task(h.result(timeout=120)) for h in handles]
+            seen, most = [], 0
+            while not all(w.done() for w in waits):
+                await asyncio.sleep(0.1)
+                waiting = sum(len(ws) for ws in client.hub._ends.values())
+                most = max(most, waiting)
+                if waiting >= len(waits) // 2:  # most waits are registered, none ended
+                    seen.append(await asyncio.to_thread(blocked_connections, settings, name))
+            results = await asyncio.gather(*waits)
+            reads = client.hub.reads
+        await redis_client.aclose()
+        return results, seen, reads, most
+
+    results, seen, reads, most = asyncio.run(scenario())
+    assert all(r.job.status is JobStatus.SUCCEEDED for r in results)
+    # Then, while a hundred or more waited at once, one connection at most was blocked (the
+    # hub's XREAD; none for the moment between two reads), and the client held no more
+    # connections than its pool's bound
+    assert most >= 100 and seen, f"at most {most} waits registered at once"
+    assert all(blocked <= 1 for _, blocked in seen) and any(b == 1 for _, b in seen), seen
+    assert all(total <= 64 for total, _ in seen), seen
+    assert reads <= 200 + 10
+
+
+def test_an_end_written_before_the_wait_began_is_seen_at_once(scripted: WorkerProcess) -> None:
+    settings = scripted.settings
+    with HermesClient(settings) as client:
+        # Given a job that has ended
+        handle = client.submit(job(5))
+        handle.result(timeout=30)
+    counting = CountingRedis.from_url(settings.redis_url)
+    assert isinstance(counting, CountingRedis)
+    with HermesClient(settings, redis=counting) as fresh:
+        # When another client, that never watched the ends stream, awaits its result
+        start = time.monotonic()
+        result = fresh.job(handle.id).result(timeout=30)
+        elapsed = time.monotonic() - start
+        # Then it comes at once, from one read of the record
+        assert result.job.status is JobStatus.SUCCEEDED
+        assert elapsed < 0.5
+        assert counting.commands == 1 and fresh.ends.reads == 0
+    counting.close()
+
+
+def end_by_hand(r: redis.Redis, settings: Settings, job_id: str, *, trimmed: bool) -> None:
+    """End a queued job: its result and terminal event, and either no notification (as a
+    worker older than the ends stream does) or one trimmed away in the same transaction (as
+    a reader that lagged more than ENDS_MAXLEN ends behind loses it)."""
+    keys = Keys(settings.key_prefix)
+    result = {
+        "id": job_id,
+        "created": int(time.time()),
+        "model": "hermes-4",
+        "choices": [],
+        "job": {"id": job_id, "status": "succeeded", "attempts": 1},
+    }
+    with r.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.job(job_id), mapping={"status": "succeeded", "result": json.dumps(result)})
+        pipe.xadd(keys.events(job_id), {"seq": "1", "type": "done", "data": "{}"})
+        if trimmed:
+            pipe.xadd(keys.ends, {"id": job_id})
+            pipe.xtrim(keys.ends, maxlen=0)
+        pipe.execute()
+
+
+@pytest.fixture
+def idle_deployment() -> Iterator[Settings]:
+    """A deployment no worker serves: its jobs stay queued until a test ends them."""
+    settings = unique_settings()
+    yield settings
+    clean_redis(settings)
+
+
+def test_a_missed_notification_is_found_by_the_periodic_check(
+    idle_deployment: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = idle_deployment
+    monkeypatch.setattr(client_module, "END_CHECK_S", 0.5)
+    r = patient_redis(settings.redis_url)
+
+    async def scenario() -> tuple[Any, float, int]:
+        async with AsyncHermesClient(settings) as client:
+            # Given a queued job whose result a producer awaits
+            handle = await client.submit(job(5))
+            wait = asyncio.create_task(handle.result(timeout=20))
+            await asyncio.sleep(0.2)
+            # When it ends without a notification on the ends stream
+            start = time.monotonic()
+            await asyncio.to_thread(end_by_hand, r, settings, handle.id, trimmed=False)
+            result = await wait
+            return result, time.monotonic() - start, int(r.xlen(Keys(settings.key_prefix).ends))
+
+    result, elapsed, ends = asyncio.run(scenario())
+    # Then the wait still ends, at its next check of the record
+    assert ends == 0
+    assert result.job.status is JobStatus.SUCCEEDED
+    assert elapsed < 0.5 + 1.5
+
+
+def test_a_blocking_wait_finds_a_trimmed_notification_by_the_periodic_check(
+    idle_deployment: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = idle_deployment
+    monkeypatch.setattr(client_module, "END_CHECK_S", 0.5)
+    r = patient_redis(settings.redis_url)
+    keys = Keys(settings.key_prefix)
+    with HermesClient(settings) as client:
+        # Given a queued job whose result a thread awaits
+        handle = client.submit(job(5))
+        box: list[Any] = []
+        waiter = threading.Thread(target=lambda: box.append(handle.result(timeout=20)))
+        waiter.start()
+        time.sleep(0.2)
+        # When the job ends and its notification is trimmed away before it could be read
+        start = time.monotonic()
+        end_by_hand(r, settings, handle.id, trimmed=True)
+        waiter.join(20)
+        elapsed = time.monotonic() - start
+    # Then the wait still ends, at its next check of the record
+    assert int(r.xlen(keys.ends)) == 0
+    assert box and box[0].job.status is JobStatus.SUCCEEDED
+    assert elapsed < 0.5 + 1.5
+
+
+def test_a_cancel_of_a_queued_job_wakes_its_waiter_at_once(idle_deployment: Settings) -> None:
+    settings = idle_deployment
+
+    async def scenario() -> tuple[Any, float]:
+        async with AsyncHermesClient(settings) as client:
+            # Given a queued job whose result a producer awaits
+            handle = await client.submit(job(5))
+            wait = asyncio.create_task(handle.result(timeout=20))
+            await asyncio.sleep(0.3)
+            # When another producer cancels it
+            start = time.monotonic()
+            with HermesClient(settings) as other:
+                assert other.job(handle.id).cancel() == "cancelled"
+            result = await wait
+            return result, time.monotonic() - start
+
+    result, elapsed = asyncio.run(scenario())
+    # Then the wait ends on the cancel's notification, well before a periodic check
+    assert result.job.status is JobStatus.CANCELLED
+    assert elapsed < client_module.END_CHECK_S / 2
+
+
+# --- the real engine ---------------------------------------------------------------------------
+
+
+@pytest.mark.engine
+def test_real_engine_jobs_wake_their_waiters_once_and_a_cancel_ends_a_running_one(
+    worker: WorkerProcess,
+) -> None:
+    """The session's vLLM worker (tests/worker_fixtures.py): its ends reach the ends stream,
+    a cancelled running job's too."""
+    settings = worker.settings
+    keys = Keys(settings.key_prefix)
+    ask = {"messages": [{"role": "user", "content": "Tell me a story."}], "ignore_eos": True}
+
+    async def scenario() -> tuple[list[Any], int, float, Any, float]:
+        async with AsyncHermesClient(settings, redis=patient_async(settings)) as client:
+            # Given 4 jobs of 96 tokens on the real engine
+            handles = [await client.submit({**ask, "max_tokens": 96}) for _ in range(4)]
+            reads, start = client.hub.reads, time.monotonic()
+            # When the producer awaits their results
+            results = await asyncio.gather(*(h.result(timeout=300) for h in handles))
+            reads, elapsed = client.hub.reads - reads, time.monotonic() - start
+            # And awaits a long job that another producer cancels once it runs
+            long = await client.submit({**ask, "max_tokens": 1500})
+            wait = asyncio.create_task(long.result(timeout=300))
+            while (await long.status()).status is not JobStatus.RUNNING:
+                await asyncio.sleep(0.05)
+            cancelled_at = time.monotonic()
+            with HermesClient(settings) as other:
+                assert other.job(long.id).cancel() == "cancelling"
+            ended = await wait
+            return results, reads, elapsed, ended, time.monotonic() - cancelled_at
+
+    results, reads, elapsed, cancelled, cancel_s = asyncio.run(scenario())
+    # Then each job ran, and the waits woke about once per job, not once per stream write
+    assert all(r.job.status is JobStatus.SUCCEEDED for r in results), results
+    assert all(r.usage is not None and r.usage.completion_tokens == 96 for r in results)
+    assert reads <= 4 + 2 + elapsed / client_module.BLOCK_CHUNK_S
+    # And the cancelled job's end, written by the worker, woke its waiter well before a
+    # periodic check would have
+    assert cancelled.job.status is JobStatus.CANCELLED
+    assert cancel_s < client_module.END_CHECK_S
+    ends = {f[b"id"].decode() for _, f in patient_redis(settings.redis_url).xrange(keys.ends)}
+    assert {r.id for r in results} | {cancelled.id} <= ends
+
+
+def patient_async(settings: Settings) -> AsyncRedis:
+    """An asyncio client that waits out a Redis starved of CPU beside the engine."""
+    return AsyncRedis.from_url(settings.redis_url, socket_timeout=60, socket_connect_timeout=60)
