@@ -55,6 +55,7 @@ class Tenants:
     settings: Settings  # the gateway's
     gateway: ServiceProcess
     log_path: Path
+    worker_log: Path | None = None
 
     def keys(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``hermes-worker keys ARGS`` on the gateway's Redis and key prefix."""
@@ -125,7 +126,7 @@ def tenants(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     try:
         wait_ready(worker, timeout=60)
         wait_gateway(gateway, url)
-        yield Tenants(url, served, gateway, log_path)
+        yield Tenants(url, served, gateway, log_path, logs / "worker.log")
     finally:
         gateway.stop(10)
         stop_worker(worker)
@@ -359,6 +360,17 @@ def test_metrics_and_logs_name_the_tenant(tenants: Tenants) -> None:
              if line.startswith("{")]  # fmt: skip
     (chat,) = [line for line in lines if line.get("job_id") == job_id and line["msg"] == "chat"]
     assert chat["tenant"] == tenant
+    # And so do the worker's lines of its job (the tenant is in the job's record)
+    assert tenants.worker_log is not None
+    end = time.monotonic() + 10
+    while True:
+        worker_lines = [json.loads(line) for line in tenants.worker_log.read_text().splitlines()
+                        if line.startswith("{")]  # fmt: skip
+        ended = [x for x in worker_lines if x.get("job_id") == job_id and x["msg"] == "job ended"]
+        if ended or time.monotonic() > end:
+            break
+        time.sleep(0.1)
+    assert [x.get("tenant") for x in ended] == [tenant], ended
 
 
 # --- least privilege ----------------------------------------------------------------------------

@@ -184,13 +184,13 @@ return 1
 
 # KEYS: job record, lease, events. ARGV: lease token, lease TTL (ms), now, worker name, the
 # TTL of a live job's keys. Returns {'ended', status}, {'leased', lease ms left} or
-# {'claimed', attempt, queued_at, last seq, cancel_requested}. Sent again with the same
+# {'claimed', attempt, queued_at, last seq, cancel_requested, tenant}. Sent again with the same
 # token when a reply was lost, it finds its own lease and answers with the same attempt.
 CLAIM = (
     _LAST_SEQ
     + """
 local rec = redis.call('HMGET', KEYS[1], 'status', 'queued_at', 'cancel_requested',
-                       'attempts', 'requeued')
+                       'attempts', 'requeued', 'tenant')
 local status = rec[1]
 if status and ended(status) then return {'ended', status} end
 local before = tonumber(rec[4] or '0') or 0
@@ -209,7 +209,8 @@ end
 -- Events exist only after an earlier attempt (or before a requeue): continue their seq.
 local seq = 0
 if before > 0 or rec[5] then seq = last_seq(KEYS[3]) end
-return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or ''}
+return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or '',
+        rec[6] or ''}
 """
 )
 

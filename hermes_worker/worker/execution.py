@@ -105,6 +105,7 @@ class Attempt:
     started_at: float
     stream: JobStream
     cancel_requested: bool = False
+    tenant: str | None = None  # the gateway tenant that submitted the job
     output_sent: bool = False  # an event with generated output has been emitted
     prompt_tokens: int = 0
     first_token_at: float | None = None
@@ -289,6 +290,7 @@ class JobContext:
         stream = JobStream(job_id, next_seq=claimed.last_seq + 1, token=token)
         attempt = Attempt(job_id, claimed.attempt, token, claimed.queued_at, now, stream)
         attempt.cancel_requested = claimed.cancel_requested
+        attempt.tenant = claimed.tenant
         if attempt.number > 1:  # an earlier attempt died: readers drop its partial output
             self.writer.emit(stream, "restarted", {"attempt": attempt.number}, urgent=True)
         return attempt
@@ -318,6 +320,8 @@ async def run_attempt(ctx: JobContext, prepared: PreparedJob) -> JobStatus | Non
     requeue = ended = False
     # Every log line of this attempt names it (this task has a context of its own).
     structlog.contextvars.bind_contextvars(job_id=attempt.job_id, attempt=attempt.number)
+    if attempt.tenant is not None:  # a gateway tenant's job: its lines name the tenant
+        structlog.contextvars.bind_contextvars(tenant=attempt.tenant)
     try:
         status = await _run_claimed(ctx, attempt, prepared)
         requeue, ended = status is None, status is not None

@@ -38,6 +38,7 @@ class Claimed:
     queued_at: float
     last_seq: int
     cancel_requested: bool
+    tenant: str | None = None  # the gateway tenant that submitted it (its record's)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class Leases:
             queued_at=float(reply[2]),
             last_seq=int(reply[3]),
             cancel_requested=bool(reply[4]),
+            tenant=(reply[5] if len(reply) > 5 else "") or None,
         )
 
     async def renew(self, held: dict[str, str]) -> tuple[set[str], set[str]]:
