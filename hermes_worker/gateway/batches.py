@@ -28,7 +28,13 @@ from hermes_worker.errors import (
     FileNotFound,
     InvalidRequest,
 )
-from hermes_worker.gateway.errors import GatewayError, from_invalid_request, invalid, not_found
+from hermes_worker.gateway.errors import (
+    NO_RETRY,
+    GatewayError,
+    from_invalid_request,
+    invalid,
+    not_found,
+)
 from producers.batches import Batches
 from producers.client import HermesClient
 
@@ -227,7 +233,7 @@ def _too_large(limit: int) -> GatewayError:
         f"file: over the {limit}-byte limit of a batch input file",
         param="file",
         code="request_too_large",
-        headers={"x-should-retry": "false"},
+        headers=NO_RETRY,
     )
 
 
