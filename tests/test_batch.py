@@ -21,10 +21,8 @@ from worker_fixtures import (
     WorkerProcess,
     clean_redis,
     patient_redis,
-    start_worker,
-    stop_worker,
+    running_scripted_worker,
     unique_settings,
-    wait_ready,
 )
 
 from hermes_worker.batch.files import FileStore
@@ -44,21 +42,9 @@ def batch_worker(
     test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
     """A scripted worker (``--engine scripted``), no retries: a failing line fails at once."""
-    settings = unique_settings()
     log_path = tmp_path_factory.mktemp("batch-worker") / "worker.log"
-    process = start_worker(
-        settings,
-        test_model_dir,
-        log_path,
-        cli_args=("--engine", "scripted", "--tokens-per-s", "400"),
-        HERMES_MAX_RETRIES="0",
-    )
-    try:
-        wait_ready(process, timeout=60)
+    with running_scripted_worker(test_model_dir, log_path, 400, HERMES_MAX_RETRIES="0") as process:
         yield process
-    finally:
-        stop_worker(process)
-        clean_redis(settings)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from worker_fixtures import (
     WorkerProcess,
     clean_redis,
     patient_redis,
+    scripted_args,
     start_worker,
     stop_worker,
     unique_settings,
@@ -48,7 +49,6 @@ from hermes_worker.settings import Settings
 from hermes_worker.testing.scripted_engine import SCRIPT_KEY
 from producers.control import queue_lists
 
-SCRIPTED = ("--engine", "scripted", "--tokens-per-s", "200")
 STORY = "Once upon a time a queue met an engine, and they streamed happily ever after."
 REASONING = "The user says hi."
 CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
@@ -164,7 +164,11 @@ def stack(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     logs = tmp_path_factory.mktemp("gateway")
     backlog = f"{settings.queue_name}-backlog"
     worker = start_worker(
-        settings, test_model_dir, logs / "worker.log", cli_args=SCRIPTED, HERMES_MAX_RETRIES="1"
+        settings,
+        test_model_dir,
+        logs / "worker.log",
+        cli_args=scripted_args(200),
+        HERMES_MAX_RETRIES="1",
     )
     served = gateway_settings(settings, backlog)
     gateway = start_gateway(served, logs / "gateway.log")

@@ -25,12 +25,8 @@ import redis
 from test_client import queued_messages, task_args
 from worker_fixtures import (
     WorkerProcess,
-    clean_redis,
     patient_redis,
-    start_worker,
-    stop_worker,
-    unique_settings,
-    wait_ready,
+    running_scripted_worker,
 )
 
 from hermes_worker.contract.jobs import JobStatus
@@ -554,25 +550,15 @@ def test_a_bad_script_fails_the_job_as_an_invalid_request(harness: Harness) -> N
 
 # --- real worker processes on the scripted engine ----------------------------------------------
 
-SCRIPTED = ("--engine", "scripted", "--tokens-per-s", "200")
-
 
 @pytest.fixture(scope="module")
 def scripted_worker(
     test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
     """``hermes-worker run --engine scripted --tokens-per-s 200``, one retry per job."""
-    settings = unique_settings()
     log_path = tmp_path_factory.mktemp("scripted-worker") / "worker.log"
-    process = start_worker(
-        settings, test_model_dir, log_path, cli_args=SCRIPTED, HERMES_MAX_RETRIES="1"
-    )
-    try:
-        wait_ready(process, timeout=60)
+    with running_scripted_worker(test_model_dir, log_path, 200, HERMES_MAX_RETRIES="1") as process:
         yield process
-    finally:
-        stop_worker(process)
-        clean_redis(settings)
 
 
 def client_of(worker: WorkerProcess) -> HermesClient:

@@ -23,6 +23,7 @@ from worker_fixtures import (
     WorkerProcess,
     clean_redis,
     patient_redis,
+    scripted_args,
     start_worker,
     stop_worker,
     unique_settings,
@@ -66,7 +67,7 @@ class Fleet:
                 self.settings,
                 self.model,
                 self.logs / f"{name}.log",
-                cli_args=("--engine", "scripted", "--tokens-per-s", "0"),
+                cli_args=scripted_args(0),
                 HERMES_WORKER_NAME=name,
                 **self.env,
             )

@@ -25,7 +25,7 @@ import pytest
 import redis
 from celery.exceptions import Reject, Retry
 from test_client import Worker
-from worker_fixtures import WorkerProcess, start_worker, stop_worker, wait_ready
+from worker_fixtures import WorkerProcess, scripted_args, start_worker, stop_worker, wait_ready
 
 from hermes_worker.cli.services import LocalRedis
 from hermes_worker.contract.jobs import JobResult, JobStatus
@@ -69,7 +69,7 @@ def worker(
         settings,
         test_model_dir,
         tmp_path_factory.mktemp("lossy-worker") / "worker.log",
-        cli_args=("--engine", "scripted", "--tokens-per-s", str(TOKENS_PER_S)),
+        cli_args=scripted_args(TOKENS_PER_S),
         HERMES_CONCURRENCY="4",
         HERMES_LEASE_TTL_S=str(LEASE_TTL_S),
         HERMES_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),

@@ -24,10 +24,8 @@ from worker_fixtures import (
     WorkerProcess,
     clean_redis,
     patient_redis,
-    start_worker,
-    stop_worker,
+    running_scripted_worker,
     unique_settings,
-    wait_ready,
 )
 
 import producers.client as client_module
@@ -57,24 +55,17 @@ def scripted(
     test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
     """A scripted worker that writes a job's stream every few tokens and runs 256 jobs at once."""
-    settings = unique_settings()
     log_path = tmp_path_factory.mktemp("waiting-worker") / "worker.log"
-    process = start_worker(
-        settings,
+    with running_scripted_worker(
         test_model_dir,
         log_path,
-        cli_args=("--engine", "scripted", "--tokens-per-s", TOKENS_PER_S),
+        TOKENS_PER_S,
         HERMES_STREAM_FLUSH_MS="10",
         HERMES_STREAM_MIN_TOKENS="1",
         HERMES_CONCURRENCY="256",
         HERMES_MAX_NUM_SEQS="256",
-    )
-    try:
-        wait_ready(process, timeout=60)
+    ) as process:
         yield process
-    finally:
-        stop_worker(process)
-        clean_redis(settings)
 
 
 class CountingAsyncRedis(AsyncRedis):

@@ -165,6 +165,27 @@ def metered_worker(model: Path, log_path: Path, **extra: str) -> Iterator[Worker
         clean_redis(settings)
 
 
+def scripted_args(tokens_per_s: float | str) -> tuple[str, ...]:
+    """``hermes-worker run`` arguments for the scripted engine at ``tokens_per_s``."""
+    return ("--engine", "scripted", "--tokens-per-s", str(tokens_per_s))
+
+
+@contextlib.contextmanager
+def running_scripted_worker(
+    model: Path, log_path: Path, tokens_per_s: float | str, **extra: str
+) -> Iterator[WorkerProcess]:
+    """A ready ``hermes-worker run --engine scripted --tokens-per-s N`` with keys of its own
+    (``extra``: its own HERMES_* settings); stopped and its keys removed afterwards."""
+    settings = unique_settings()
+    process = start_worker(settings, model, log_path, scripted_args(tokens_per_s), **extra)
+    try:
+        wait_ready(process, timeout=60)
+        yield process
+    finally:
+        stop_worker(process)
+        clean_redis(settings)
+
+
 @pytest.fixture(scope="session")
 def worker(
     test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
