@@ -13,10 +13,11 @@ from typing import Any
 
 import openai
 import pytest
-from test_gateway import SCRIPTED, USER, script, start_gateway, wait_gateway
+from test_gateway import USER, script, start_gateway, wait_gateway
 from worker_fixtures import (
     WorkerProcess,
     clean_redis,
+    scripted_args,
     start_worker,
     stop_worker,
     unique_settings,
@@ -45,7 +46,7 @@ class Stack:
 def stack(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = unique_settings()
     logs = tmp_path_factory.mktemp("gateway-batches")
-    worker = start_worker(settings, test_model_dir, logs / "worker.log", cli_args=SCRIPTED)
+    worker = start_worker(settings, test_model_dir, logs / "worker.log", scripted_args(200))
     served = settings.model_copy(
         update={
             "gateway_port": free_port(),

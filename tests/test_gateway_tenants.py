@@ -21,12 +21,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from test_gateway import SCRIPTED, USER, script, sse_events, wait_gateway
+from test_gateway import USER, script, sse_events, wait_gateway
 from test_redis_security import SecureRedis, assert_nothing_denied
 from worker_fixtures import (
     WORKER_REDIS_URL,
     clean_redis,
     patient_redis,
+    scripted_args,
     start_worker,
     stop_worker,
     unique_settings,
@@ -101,7 +102,7 @@ def tenants(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     settings = unique_settings()
     logs = tmp_path_factory.mktemp("gateway-tenants")
     backlog = f"{settings.queue_name}-backlog"
-    worker = start_worker(settings, test_model_dir, logs / "worker.log", cli_args=SCRIPTED)
+    worker = start_worker(settings, test_model_dir, logs / "worker.log", scripted_args(200))
     served = settings.model_copy(
         update={
             "gateway_port": free_port(),
@@ -388,7 +389,7 @@ def test_the_gateway_and_keys_need_no_more_than_the_gateway_user(
     server.reset_denials()
     deployment = Settings(redis_url=server.url("worker", tls=False), key_prefix="hermes:",
                           queue_name="hermes")  # fmt: skip
-    worker = start_worker(deployment, test_model_dir, tmp_path / "worker.log", cli_args=SCRIPTED)
+    worker = start_worker(deployment, test_model_dir, tmp_path / "worker.log", scripted_args(200))
     served = Settings(redis_url=server.url("gateway", tls=False), gateway_port=free_port(),
                       files_dir=str(tmp_path / "files"))  # fmt: skip
     gateway = ServiceProcess.spawn(
