@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import AutoTokenizer
 
 from hermes_worker.contract.jobs import parse_job
 from hermes_worker.inference.kv_cache import kv_cache_need, model_config
@@ -16,6 +15,15 @@ from hermes_worker.inference.parsing import parse_completion
 from hermes_worker.inference.template import PromptRenderer
 from hermes_worker.settings import Settings
 from hermes_worker.testing.model import CONTROL_TOKENS, TAG_TOKENS
+
+
+def auto_tokenizer(model: Path) -> Any:
+    """The checkpoint's tokenizer as vLLM and users load it (``AutoTokenizer``). Imported
+    here, not at the top: transformers' AutoTokenizer brings torch (~8 s of CPU), which
+    every pytest-xdist worker would pay at collection."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
 
 
 def test_config_is_a_llama_with_head_dim_64(test_model_dir: Path) -> None:
@@ -28,7 +36,7 @@ def test_config_is_a_llama_with_head_dim_64(test_model_dir: Path) -> None:
 
 def test_generation_config_carries_hermes_sampling_and_both_eos(test_model_dir: Path) -> None:
     generation = json.loads((test_model_dir / "generation_config.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(test_model_dir)
+    tokenizer = auto_tokenizer(test_model_dir)
     assert (generation["temperature"], generation["top_p"], generation["top_k"]) == (0.6, 0.95, 20)
     assert set(generation["eos_token_id"]) == {
         tokenizer.convert_tokens_to_ids("<|eot_id|>"),
@@ -38,7 +46,7 @@ def test_generation_config_carries_hermes_sampling_and_both_eos(test_model_dir: 
 
 @pytest.mark.parametrize("token", CONTROL_TOKENS + TAG_TOKENS)
 def test_every_hermes_token_is_one_id(test_model_dir: Path, token: str) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(test_model_dir)
+    tokenizer = auto_tokenizer(test_model_dir)
     ids = tokenizer.encode(f"a{token}b", add_special_tokens=False)
     assert tokenizer.convert_tokens_to_ids(token) in ids
     assert tokenizer.decode(ids) == f"a{token}b"
@@ -46,7 +54,7 @@ def test_every_hermes_token_is_one_id(test_model_dir: Path, token: str) -> None:
 
 def test_tags_survive_skipping_special_tokens(test_model_dir: Path) -> None:
     # The tags must reach the parser even if a caller skips special tokens; control tokens go.
-    tokenizer = AutoTokenizer.from_pretrained(test_model_dir)
+    tokenizer = auto_tokenizer(test_model_dir)
     ids = tokenizer.encode("<think>x</think><tool_call>{}</tool_call><|eot_id|>")
     assert tokenizer.decode(ids, skip_special_tokens=True) == (
         "<think>x</think><tool_call>{}</tool_call>"
@@ -54,7 +62,7 @@ def test_tags_survive_skipping_special_tokens(test_model_dir: Path) -> None:
 
 
 def test_any_text_encodes_byte_level(test_model_dir: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(test_model_dir)
+    tokenizer = auto_tokenizer(test_model_dir)
     text = 'Grüße, 東京 🌧 {"k": [1, 2]}\t\n'
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
 
