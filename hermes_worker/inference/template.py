@@ -38,6 +38,7 @@ from hermes_worker.inference.special_tokens import (
     special_token_texts,
 )
 from hermes_worker.inference.templates import fallback_template
+from hermes_worker.inference.tokenizer import load_tokenizer
 
 
 class Tokenizer(Protocol):
@@ -176,30 +177,6 @@ def _pick_template(chat_template: Any, has_tools: bool) -> str | None:
     return str(chat_template) if chat_template else None
 
 
-# Tokenizer classes that are tokenizer.json alone (Llama 3 and Hermes 4 name the first;
-# transformers 5 writes the second): loaded without AutoTokenizer, whose import pulls in
-# torch (5-6 s per CLI command or worker start, against 1.5 s).
-_PLAIN_FAST_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
-
-
-def _load_tokenizer(model: Path) -> Any:
-    if (model / "tokenizer.json").is_file() and _tokenizer_class(model) in _PLAIN_FAST_TOKENIZERS:
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(model), local_files_only=True)
-    from transformers import AutoTokenizer  # heavy import, kept off the producer path
-
-    return AutoTokenizer.from_pretrained(str(model), local_files_only=True)
-
-
-def _tokenizer_class(model: Path) -> str | None:
-    config = model / "tokenizer_config.json"
-    name = (
-        json.loads(config.read_text("utf-8")).get("tokenizer_class") if config.is_file() else None
-    )
-    return name if isinstance(name, str) else None
-
-
 class PromptRenderer:
     """Renders jobs for one tokenizer; build once per worker, reuse for every job (from any
     thread: tokenizing takes a lock of the renderer's own)."""
@@ -217,7 +194,7 @@ class PromptRenderer:
     def from_pretrained(cls, model: str | Path, *, force_fallback: bool = False) -> PromptRenderer:
         """Load the tokenizer (and its chat template) of a local checkpoint directory."""
         try:
-            tokenizer = _load_tokenizer(Path(model))
+            tokenizer = load_tokenizer(Path(model))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load a tokenizer from {model}: {exc}") from exc
         return cls(tokenizer, force_fallback=force_fallback)
