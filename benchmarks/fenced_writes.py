@@ -4,9 +4,10 @@ XADD.
 Every stream write of an attempt goes through ``contract.scripts.WRITE``, which checks that
 the job's lease still holds the attempt's token before it writes (docs/reliability.md,
 "Fenced writes"). This starts a private ``redis-server`` and writes ``--writes`` events of a
-16-token text, ``--jobs`` jobs per pipeline as the stream writer batches them, once as bare
-``XADD`` and once through the script, alternating over ``--rounds``, and prints the Redis
-CPU (``INFO cpu``) per write of each.
+16-token text, ``--jobs`` jobs per flush, as bare ``XADD`` (a pipeline), through the script
+once per job (a pipeline of calls, as the stream writer did before 2026-12-04) and through
+one call of the script for the flush's jobs (``batched``: as the writer does now),
+alternating over ``--rounds``, and prints the Redis CPU (``INFO cpu``) per write of each.
 
     python benchmarks/fenced_writes.py --writes 20000 --jobs 64 --rounds 2
 """
@@ -30,21 +31,28 @@ def redis_cpu_s(client: redis.Redis) -> float:
 
 
 def write_all(client: redis.Redis, way: str, writes: int, jobs: int) -> float:
-    """Redis CPU seconds for ``writes`` events written ``way`` (``xadd`` or ``script``)."""
+    """Redis CPU seconds for ``writes`` events written ``way`` (``xadd``, ``script`` or
+    ``batched``)."""
     fenced = client.register_script(scripts.WRITE)
     client.set("lease", "token")
     client.delete(*(f"events:{j}" for j in range(jobs)))
     before = redis_cpu_s(client)
     for batch in range(writes // jobs):
         pipe = client.pipeline(transaction=False)
+        keys: list[str] = ["ends"]
+        args: list[object] = [60]
         for job in range(jobs):
             fields = encode_event(batch + 1, "content", {"text": "word " * 16})
             if way == "xadd":
                 pipe.xadd(f"events:{job}", fields)  # type: ignore[arg-type]
-            else:
-                keys = ["lease", f"record:{job}", f"events:{job}"]
-                args = ["token", 60, "x", fields["seq"], fields["type"], fields["data"]]
+                continue
+            keys += ["lease", f"record:{job}", f"events:{job}"]
+            args += ["token", 4, "x", fields["seq"], fields["type"], fields["data"]]
+            if way == "script":
                 fenced(keys=keys, args=args, client=pipe)
+                keys, args = ["ends"], [60]
+        if way == "batched":
+            fenced(keys=keys, args=args, client=pipe)
         pipe.execute()
     return redis_cpu_s(client) - before
 
@@ -60,7 +68,7 @@ def main() -> None:
         try:
             client = redis.Redis.from_url(server.url)
             for turn in range(args.rounds):
-                for way in ("xadd", "script"):
+                for way in ("xadd", "script", "batched"):
                     used = write_all(client, way, args.writes, args.jobs)
                     per_write_us = used / args.writes * 1e6
                     print(f"round {turn + 1} {way:6s} {per_write_us:5.1f} us of Redis CPU a write")

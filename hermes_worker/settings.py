@@ -23,7 +23,24 @@ class Settings(BaseSettings):
         description="Where prepared models (prepare-model) are kept; default "
         "~/.cache/hermes-worker/models.",
     )
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Broker and job store.")
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Broker and job store: redis://, rediss:// (TLS), unix://, or "
+        "sentinel://host:port[,host:port...]/db?master=NAME for a master that Redis Sentinel "
+        "fails over (docs/reliability.md, Failover).",
+    )
+    redis_wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="A producer's submit returns only once this many replicas hold the job "
+        "(Redis WAIT after the submit, on its connection); fewer within "
+        "redis_wait_timeout_ms fail the submit with NotReplicated (the job is recorded on "
+        "the master: submit it again with its id). 0: no wait, a failover can lose a "
+        "submit acknowledged in the last moments before it.",
+    )
+    redis_wait_timeout_ms: int = Field(
+        default=1000, gt=0, description="How long a submit waits for redis_wait_replicas."
+    )
     key_prefix: str = Field(default="hermes:", description="Prefix of every Redis key we own.")
     result_ttl_s: int = Field(
         default=24 * 3600, gt=0, description="Job keys expire this long after the job ends."
@@ -265,6 +282,13 @@ class Settings(BaseSettings):
         default=100.0,
         ge=0,
         description="The scripted engine's tokens per second for each job (0: no pause).",
+    )
+    scripted_engine_tokens_per_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="The scripted engine's tokens per second shared by all its jobs, as a "
+        "GPU's batch shares its throughput (each job gets at most scripted_tokens_per_s; 0: "
+        "no shared budget, every job at scripted_tokens_per_s).",
     )
     tensor_parallel_size: int = Field(default=1, gt=0, description="GPUs per engine.")
     pipeline_parallel_size: int = Field(default=1, gt=0, description="Pipeline stages.")

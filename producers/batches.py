@@ -15,9 +15,9 @@ which every process that creates or runs batches shares.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,14 +103,11 @@ class Batches:
         """Wait for a batch to end and return it. ``run``: run it in this process meanwhile
         (a runner elsewhere that holds it keeps it; this one takes over if that one dies).
         ``TimeoutError`` after ``timeout`` seconds; the batch goes on either way."""
-        stop = threading.Event()
-        thread = None
+        running: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if run:
-            service = BatchService(self.client, self.files)
-            thread = threading.Thread(target=service.run, args=(stop, batch_id), daemon=True)
-            thread.start()
+            running = BatchService(self.client, self.files).in_background(batch_id)
         end = None if timeout is None else time.monotonic() + timeout
-        try:
+        with running:
             while True:
                 batch = self.store.get(batch_id)
                 if batch["status"] in ENDED:
@@ -118,10 +115,6 @@ class Batches:
                 if end is not None and time.monotonic() >= end:
                     raise TimeoutError(f"batch {batch_id} did not end within {timeout} s")
                 time.sleep(self.client.settings.batch_poll_s)
-        finally:
-            stop.set()
-            if thread is not None:
-                thread.join(timeout=30)
 
     def results(self, batch_id: str, *, errors: bool = True) -> Iterator[dict[str, Any]]:
         """The lines written so far: the output file's, then (``errors``) the error file's."""

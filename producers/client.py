@@ -49,6 +49,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hermes_worker.contract import scripts
+from hermes_worker.contract.clock import redis_time
 from hermes_worker.contract.jobs import ChatJob, ErrorInfo, JobInfo, JobResult, JobStatus, parse_job
 from hermes_worker.contract.queue import job_message, make_celery
 from hermes_worker.contract.store import (
@@ -60,6 +61,8 @@ from hermes_worker.contract.store import (
     async_client,
     body_digest,
     body_json,
+    call_replicated,
+    call_replicated_async,
     decode_event,
     job_info_from_record,
     result_from_record,
@@ -178,7 +181,8 @@ class Submission:
         self, keys: Keys, app: Celery, queue: str, tenant: str | None = None
     ) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of :data:`scripts.SUBMIT` (``tenant``: who submits, through the
-        gateway; recorded in the job's record)."""
+        gateway; recorded in the job's record). The script stamps ``queued_at`` on Redis's
+        clock; this host's now goes along unrecorded (the script's ARGV as they were)."""
         queue_key, message = job_message(app, self.body, self.job_id, self.priority, queue)
         digest = body_digest(self.body_json)
         args = [repr(time.time()), self.body_json, str(ALIVE_TTL_S), message, digest]
@@ -463,6 +467,8 @@ class HermesClient:
         # Built here, not on first use, so threads sharing the client share one app.
         self.celery = celery if celery is not None else make_celery(self.settings)
         self._submit = self.redis.register_script(scripts.SUBMIT)
+        # A submit's wait for replicas (HERMES_REDIS_WAIT_REPLICAS; 0: none).
+        self._wait = (self.settings.redis_wait_replicas, self.settings.redis_wait_timeout_ms)
         self._cancel = self.redis.register_script(scripts.CANCEL)
         self._requeue = self.redis.register_script(scripts.REQUEUE)
         self._queue_lists = queue_lists(self.settings)
@@ -481,7 +487,7 @@ class HermesClient:
         sub = prepare_submission(job, self.settings.max_body_bytes)
         self._check_depth(self.keys.job(sub.job_id))
         keys, args = sub.submit_call(self.keys, self.celery, self.settings.queue_name)
-        created = bool(self._submit(keys=keys, args=args))
+        created = bool(call_replicated(self.redis, self._submit, keys, args, *self._wait))
         if created:
             self._gate.submitted()
         return JobHandle(self, sub.job_id, created=created)
@@ -621,12 +627,15 @@ class JobHandle:
         runs), ``"cancelling"`` if it runs (its worker stops it and ends it, keeping the
         output so far). :class:`JobNotFound` without a record, :class:`JobAlreadyEnded`
         once it has ended."""
-        record = self._redis.hgetall(self._keys.job(self.id))
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(self._keys.job(self.id))
+        pipe.time()  # its end is stamped on Redis's clock, not this host's
+        record, now = pipe.execute()
         if not record:
             raise _not_found(self.id)
-        client = self._client
+        client, now = self._client, redis_time(now)
         args = cancel_args(
-            self.id, record, time.time(), client.settings.result_ttl_s, self._keys.cancel_channel
+            self.id, record, now, client.settings.result_ttl_s, self._keys.cancel_channel
         )
         keys = [self._keys.job(self.id), self._keys.events(self.id), self._keys.ends]
         reply = client._cancel(keys=keys, args=args)
@@ -755,6 +764,8 @@ class AsyncHermesClient:
         # Built here, not on first use, so threads sharing the client share one app.
         self.celery = celery if celery is not None else make_celery(self.settings)
         self._submit = self.redis.register_script(scripts.SUBMIT)
+        # A submit's wait for replicas (HERMES_REDIS_WAIT_REPLICAS; 0: none).
+        self._wait = (self.settings.redis_wait_replicas, self.settings.redis_wait_timeout_ms)
         self._cancel = self.redis.register_script(scripts.CANCEL)
         self._requeue = self.redis.register_script(scripts.REQUEUE)
         self._queue_lists = queue_lists(self.settings)
@@ -774,7 +785,9 @@ class AsyncHermesClient:
         sub = prepare_submission(job, self.settings.max_body_bytes)
         await self._check_depth(self.keys.job(sub.job_id))
         keys, args = sub.submit_call(self.keys, self.celery, self.settings.queue_name, tenant)
-        created = bool(await self._submit(keys=keys, args=args))
+        created = bool(
+            await call_replicated_async(self.redis, self._submit, keys, args, *self._wait)
+        )
         if created:
             self._gate.submitted()
         return AsyncJobHandle(self, sub.job_id, created=created)
@@ -927,12 +940,15 @@ class AsyncJobHandle:
 
     async def cancel(self) -> str:
         """Cancel the job: ``"cancelled"`` or ``"cancelling"`` (see :meth:`JobHandle.cancel`)."""
-        record = await self._redis.hgetall(self._keys.job(self.id))
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(self._keys.job(self.id))
+        pipe.time()  # its end is stamped on Redis's clock, not this host's
+        record, now = await pipe.execute()
         if not record:
             raise _not_found(self.id)
-        client = self._client
+        client, now = self._client, redis_time(now)
         args = cancel_args(
-            self.id, record, time.time(), client.settings.result_ttl_s, self._keys.cancel_channel
+            self.id, record, now, client.settings.result_ttl_s, self._keys.cancel_channel
         )
         keys = [self._keys.job(self.id), self._keys.events(self.id), self._keys.ends]
         return cancel_outcome(self.id, await client._cancel(keys=keys, args=args))

@@ -211,7 +211,7 @@ def test_the_admin_checks_each_user_against_its_role(acl_redis: SecureRedis) -> 
     worker = acl_levels(report)["acl worker"]
     assert worker["level"] == "fail"
     denied = {d["command"].split()[0] for d in worker["facts"]["denied"]}
-    assert {"BRPOP", "ZADD", "TIME"} <= denied
+    assert {"BRPOP", "PEXPIRE", "HSETNX"} <= denied
     # And a user that does not exist is a failure too
     code, report = doctor(url, "--role", "worker=nobody")
     assert code == 1 and "no Redis user 'nobody'" in acl_levels(report)["acl worker"]["message"]

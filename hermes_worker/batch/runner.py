@@ -141,7 +141,8 @@ class BatchRunner:
                 status = record["status"]
                 if status in ENDED:
                     return True
-                if status == "cancelling" or time.time() >= int(record["expires_at"]):
+                # The completion window ends on Redis's clock, which every runner shares.
+                if status == "cancelling" or self.batches.now() >= int(record["expires_at"]):
                     self._wind_down(batch_id, record, progress, output, errors, stop)
                     return not stop.is_set()
                 self._feed(batch_id, record, progress, output, errors)
@@ -222,7 +223,8 @@ class BatchRunner:
             )
         except BadLine:  # validated before: only a file changed under the batch gets here
             return None
-        request.job["deadline"] = float(record["expires_at"])  # the completion window
+        # The completion window, on Redis's clock: the worker compares it with Redis's now.
+        request.job["deadline"] = float(record["expires_at"])
         return request
 
     # --- feeding and collecting -----------------------------------------------------------
@@ -432,6 +434,19 @@ class BatchService:
             stop.wait(max(poll_s, 1.0) if only is None else poll_s)
         for thread in self.threads.values():
             thread.join(timeout=10)
+
+    @contextlib.contextmanager
+    def in_background(self, only: str | None = None) -> Iterator[threading.Event]:
+        """:meth:`run` in a thread of its own for the ``with`` block; setting the event it
+        yields stops it early, leaving the block stops it and waits for it."""
+        stop = threading.Event()
+        thread = threading.Thread(target=self.run, args=(stop, only), daemon=True)
+        thread.start()
+        try:
+            yield stop
+        finally:
+            stop.set()
+            thread.join(timeout=30)
 
     def _start(self, batch_id: str, stop: threading.Event) -> threading.Thread:
         def run() -> None:

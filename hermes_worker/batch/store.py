@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 from typing import Any
 
 from redis import Redis
 
 from hermes_worker.contract import scripts
+from hermes_worker.contract.clock import redis_time
 from hermes_worker.contract.store import Keys
 from hermes_worker.errors import BatchAlreadyEnded, BatchNotFound, InvalidRequest
 
@@ -66,6 +66,11 @@ class BatchStore:
         self.keys = keys
         self._status = redis.register_script(scripts.BATCH_STATUS)
 
+    def now(self) -> int:
+        """Redis's now, whole unix seconds: a batch's times are on Redis's clock, which
+        every gateway and runner shares (contract/clock.py)."""
+        return int(redis_time(self.redis.time()))
+
     def create(
         self,
         *,
@@ -80,7 +85,7 @@ class BatchStore:
     ) -> dict[str, Any]:
         window_s = window_seconds(completion_window)
         batch_id = batch_id or new_batch_id()
-        now = int(time.time())
+        now = self.now()
         fields: dict[Any, Any] = {
             "id": batch_id,
             "status": "validating",
@@ -147,12 +152,12 @@ class BatchStore:
         return [i for i, s in zip(ids, pipe.execute(), strict=True) if _text(s) in ACTIVE]
 
     def move(self, batch_id: str, to: str, *, allowed: tuple[str, ...], **fields: Any) -> bool:
-        """Set ``status`` to ``to`` (stamping ``{to}_at``) and ``fields``, only while the
-        status is one of ``allowed``; whether it moved."""
+        """Set ``status`` to ``to`` (stamping ``{to}_at`` on Redis's clock) and ``fields``,
+        only while the status is one of ``allowed``; whether it moved."""
         flat: list[str] = []
         for name, value in fields.items():
             flat += [name, value if isinstance(value, str) else json.dumps(value)]
-        args = [to, str(int(time.time())), ",".join(allowed), *flat]
+        args = [to, "", ",".join(allowed), *flat]  # "": the script reads Redis's clock
         return bool(self._status(keys=[self.keys.batch(batch_id)], args=args))
 
     def cancel(self, batch_id: str) -> dict[str, Any]:

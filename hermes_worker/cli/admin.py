@@ -37,9 +37,9 @@ def _settings(queue: str | None = None) -> Settings:
 
 
 def _redis(settings: Settings) -> Redis:
-    from redis import Redis
+    from hermes_worker.contract.store import sync_client
 
-    return Redis.from_url(settings.redis_url)
+    return sync_client(settings.redis_url)
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -139,11 +139,13 @@ queue_option = click.option(
 def stats(queue: str | None, as_json: bool) -> None:
     """Queue depth per priority, running jobs, live workers, jobs finished / failed lately."""
     from hermes_worker.cli import fleet
+    from hermes_worker.contract.clock import redis_time
 
     settings = _settings(queue)
     with _redis(settings) as r:
         depth = fleet.queue_depth(r, settings)
         workers = fleet.live_workers(r, settings.key_prefix)
+        now = redis_time(r.time())  # heartbeats are on Redis's clock, not this host's
     data = fleet.stats_json(depth, workers, settings.queue_name)
     if as_json:
         _echo_json(data)
@@ -160,7 +162,7 @@ def stats(queue: str | None, as_json: bool) -> None:
         f"failed {_per_window(jobs['failed'])} in the last {', '.join(WINDOWS)}; "
         f"{jobs['tokens_per_s_1m']:.1f} tokens/s over the last minute"
     )
-    _print(table, summary, _workers_table(workers, time.time()))
+    _print(table, summary, _workers_table(workers, now))
 
 
 @click.command()
@@ -169,14 +171,16 @@ def stats(queue: str | None, as_json: bool) -> None:
 def workers(as_json: bool) -> None:
     """Live workers (a heartbeat within three intervals): model, load, uptime, recent jobs."""
     from hermes_worker.cli import fleet
+    from hermes_worker.contract.clock import redis_time
 
     settings = _settings()
     with _redis(settings) as r:
         found = fleet.live_workers(r, settings.key_prefix)
+        now = redis_time(r.time())  # heartbeats are on Redis's clock, not this host's
     if as_json:
         _echo_json([w.to_json() for w in found])
     else:
-        _print(_workers_table(found, time.time()))
+        _print(_workers_table(found, now))
 
 
 @click.command()

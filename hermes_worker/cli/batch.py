@@ -101,27 +101,22 @@ def _run_with_progress(batches: Batches, batch_id: str) -> dict[str, Any]:
     from hermes_worker.worker.logs import configure_logging
 
     configure_logging("WARNING")  # on stderr, and only what goes wrong: stdout is the answer
-    stop = threading.Event()
-    service = BatchService(batches.client, batches.files)
-    thread = threading.Thread(target=service.run, args=(stop, batch_id), daemon=True)
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    thread.start()
     started = time.monotonic()
     interactive = sys.stderr.isatty()
-    try:
-        while True:
-            current = batches.retrieve(batch_id)
-            _progress(current, time.monotonic() - started, interactive)
-            if current["status"] in ENDED or stop.is_set():
-                break
-            time.sleep(0.5 if interactive else 5.0)
-    except KeyboardInterrupt:
-        stop.set()
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        signal.signal(signal.SIGTERM, previous)
-        click.echo("", err=True)
+    with BatchService(batches.client, batches.files).in_background(batch_id) as stop:
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while True:
+                current = batches.retrieve(batch_id)
+                _progress(current, time.monotonic() - started, interactive)
+                if current["status"] in ENDED or stop.is_set():
+                    break
+                stop.wait(0.5 if interactive else 5.0)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            click.echo("", err=True)
     current = batches.retrieve(batch_id)
     if current["status"] not in ENDED:
         raise OneLine(

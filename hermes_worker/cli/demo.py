@@ -36,6 +36,7 @@ from hermes_worker.cli.options import env_var, given, settings_options
 from hermes_worker.cli.services import WorkerProcess, redis_for, shielded
 from hermes_worker.contract.jobs import JobResult, JobStatus
 from hermes_worker.contract.queue import delete_deployment_keys
+from hermes_worker.contract.store import sync_client
 from hermes_worker.errors import DemoFailed, HermesError, ModelLoadError, ServiceError
 from hermes_worker.inference.kv_cache import kv_cache_need, model_config, vllm_is_cpu_build
 from hermes_worker.settings import Settings
@@ -298,7 +299,7 @@ def run_demo(console: Console, options: DemoOptions, workdir: Path) -> None:
 
 def _forget_keys(redis_url: str, env: dict[str, str]) -> None:
     """Delete the demo's keys on a shared server (they would expire anyway)."""
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    client = sync_client(redis_url, socket_timeout=5)
     with contextlib.suppress(redis.RedisError):
         delete_deployment_keys(client, env["HERMES_KEY_PREFIX"], env["HERMES_QUEUE_NAME"])
     client.close()

@@ -15,9 +15,10 @@ one or a job record that vanishes leaves nothing behind to say the job existed. 
   snapshot (all of them without one).
 * **acl ROLE**: the commands, keys and channels a worker, a producer, an admin or the gateway needs
   (``deploy/redis/users.acl``, docs/security.md), checked for a Redis user with ``ACL DRYRUN``.
-* **clock**: Redis ``TIME`` against this host's clock. Producers and workers compare their
-  clocks through Redis (``queued_at`` against a job's deadline, kombu's visibility sweep), so
-  each host should be close to Redis's.
+* **clock**: Redis ``TIME`` against this host's clock. Job times, timeouts, leases and
+  heartbeats are on Redis's clock; what still compares hosts' clocks is an absolute
+  ``deadline`` a producer gives and kombu's visibility sweep, so each host should be close
+  to Redis's.
 
 Each check ends ``ok``, ``warn``, ``fail`` (this would lose or break jobs) or ``unknown``
 (the connected user may not ask, or this Redis cannot say), with one line saying why.
@@ -47,7 +48,7 @@ from redis.retry import Retry
 
 from hermes_worker.cli.errors import one_line_errors
 from hermes_worker.contract.queue import PRIORITY_STEPS, queue_list
-from hermes_worker.contract.store import Keys, as_text
+from hermes_worker.contract.store import Keys, as_text, sync_client
 from hermes_worker.errors import UnsafeRedis
 from hermes_worker.settings import Settings
 
@@ -188,6 +189,7 @@ def role_needs(role: Role, settings: Settings) -> list[Need]:
         Need(("HGET", job, "status"), "status"),
         Need(("HMGET", job, "status", "body"), "requeue"),
         Need(("HSET", job, "status", "x"), "submit, cancel"),
+        Need(("TIME",), "queued_at and cancels on Redis's clock"),
         Need(("HDEL", job, "status"), "requeue"),
         Need(("HGETALL", job), "status, result"),
         Need(("SADD", binding, "b"), "kombu's queue binding"),
@@ -471,9 +473,9 @@ def clock_finding(skew_s: float | None, rtt_s: float = 0.0, why_unknown: str = "
         way = "ahead of" if skew_s > 0 else "behind"
         return Finding(
             "clock", "warn",
-            f"Redis's clock is {abs(skew_s):.1f} s {way} this host's: deadlines (counted from "
-            "the producer's clock), job timings and kombu's visibility sweep compare clocks "
-            "of different hosts; keep every host on NTP", facts,
+            f"Redis's clock is {abs(skew_s):.1f} s {way} this host's: an absolute deadline a "
+            "producer gives and kombu's visibility sweep compare clocks of different hosts "
+            "(job times and timeouts are on Redis's); keep every host on NTP", facts,
         )  # fmt: skip
     return Finding("clock", "ok", f"within {max(abs(skew_s), rtt_s / 2):.3f} s of Redis", facts)
 
@@ -724,9 +726,8 @@ def redact(url: str) -> str:
     if parts.password is None:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    hosts = parts.netloc.rpartition("@")[2]  # a sentinel URL's are a list: host:port,...
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def _database(url: str) -> str:
@@ -737,7 +738,7 @@ def _database(url: str) -> str:
 def open_client(url: str, timeout_s: float = TIMEOUT_S) -> Redis:
     """A client for the checks: one try again at most (redis-py's default tries again for
     seconds, which would hold up a worker's start when Redis is away)."""
-    return Redis.from_url(
+    return sync_client(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,

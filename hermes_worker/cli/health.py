@@ -16,8 +16,6 @@ the default name checked here is ``<this host>:1``.
 from __future__ import annotations
 
 import json
-import time
-from typing import Any
 
 import click
 
@@ -41,17 +39,23 @@ def check(vitals: dict[str, str], now: float, max_age_s: float) -> str | None:
     return None
 
 
-def read_vitals(settings: Settings, worker: str, timeout_s: float) -> dict[str, str]:
-    from redis import Redis
+def read_vitals(settings: Settings, worker: str, timeout_s: float) -> tuple[dict[str, str], float]:
+    """The worker's vitals hash, and Redis's now: the heartbeat is on Redis's clock
+    (``worker/heartbeat.py``), so this host's own clock must not age it."""
+    from hermes_worker.contract.clock import redis_time
+    from hermes_worker.contract.store import sync_client
 
-    client = Redis.from_url(
+    client = sync_client(
         settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
     )
     try:
-        raw: dict[Any, Any] = client.hgetall(Keys(settings.key_prefix).worker(worker))
+        pipe = client.pipeline(transaction=False)
+        pipe.hgetall(Keys(settings.key_prefix).worker(worker))
+        pipe.time()
+        raw, now = pipe.execute()
     finally:
         client.close()
-    return {as_text(k): as_text(v) for k, v in raw.items()}
+    return {as_text(k): as_text(v) for k, v in raw.items()}, redis_time(now)
 
 
 @click.command("health")
@@ -78,10 +82,10 @@ def health(worker: str | None, max_age: float | None, timeout: float) -> None:
     name = worker or worker_name(settings, pid=1)  # the worker sharing this container
     limit = max_age if max_age is not None else settings.lease_ttl_s
     try:
-        vitals = read_vitals(settings, name, timeout)
+        vitals, now = read_vitals(settings, name, timeout)
     except RedisError as exc:
         raise _Unhealthy(f"worker {name}: redis_error: {type(exc).__name__}: {exc}") from exc
-    problem = check(vitals, time.time(), limit)
+    problem = check(vitals, now, limit)
     if problem is not None:
         raise _Unhealthy(f"worker {name}: {problem}")
     click.echo(json.dumps({"worker": name, **vitals}))

@@ -26,12 +26,11 @@ QUOTA_HELP = "0: no limit; default: the gateway's"
 
 
 def _store() -> KeyStore:
-    from redis import Redis
-
+    from hermes_worker.contract.store import sync_client
     from hermes_worker.gateway.tenants import KeyStore
 
     settings = Settings()
-    return KeyStore(Redis.from_url(settings.redis_url), settings.gateway_key_prefix)
+    return KeyStore(sync_client(settings.redis_url), settings.gateway_key_prefix)
 
 
 def _quota(rpm: int | None, max_waiting: int | None) -> Quota:

@@ -17,6 +17,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Flags whose name is not the field's (a shorter or older spelling users already type).
 FLAG_NAMES: Mapping[str, str] = {
     "scripted_tokens_per_s": "--tokens-per-s",
+    "scripted_engine_tokens_per_s": "--engine-tokens-per-s",
     "enable_prefix_caching": "--prefix-caching/--no-prefix-caching",
     "enforce_eager": "--enforce-eager/--compile",
 }

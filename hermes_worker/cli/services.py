@@ -22,12 +22,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import redis
 
 from hermes_worker.cli.options import env_var
+from hermes_worker.contract.store import sync_client
 from hermes_worker.errors import ServiceError
 from hermes_worker.settings import Settings
 
@@ -53,7 +54,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
     """True when a Redis server answers PING at ``url``."""
-    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    client = sync_client(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -78,6 +79,7 @@ class LocalRedis:
     port: int
     append_only: bool = False
     process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()  # more redis-server arguments (``--replicaof``, ...)
 
     @property
     def url(self) -> str:
@@ -104,7 +106,7 @@ class LocalRedis:
         args += ["--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")]
         # Every write on disk before its reply, so a restart loses nothing acknowledged.
         aof = ["yes", "--appendfsync", "always"] if self.append_only else ["no"]
-        args += ["--appendonly", *aof]
+        args += ["--appendonly", *aof, *self.extra_args]
         self.process = subprocess.Popen(args, start_new_session=True, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not redis_answers(self.url, timeout=0.5):
@@ -119,6 +121,230 @@ class LocalRedis:
         if self.process is not None:
             _terminate(self.process, timeout)
             self.process = None
+
+
+SENTINEL_MASTER = "hermes"  # the name a SentinelGroup's sentinels monitor their master under
+
+
+@dataclass
+class SentinelGroup:
+    """A master, its replicas and sentinels watching them, each a ``redis-server`` this
+    process started on a free loopback port (nothing persists): a Redis that fails over,
+    for the tests (tests/test_sentinel.py) and to try ``sentinel://`` URLs
+    (docs/reliability.md, "Failover"). ``servers[0]`` is the first master.
+
+    The sentinels take a master for down after ``down_after_ms`` without an answer and
+    need two of them to agree (a quorum of 2 of 3), as a production setup would."""
+
+    directory: Path
+    servers: list[LocalRedis]
+    sentinels: list[LocalRedis]
+    master_name: str = SENTINEL_MASTER
+
+    @property
+    def url(self) -> str:
+        """The ``sentinel://`` URL of the group's master (database 0)."""
+        hosts = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+        return f"sentinel://{hosts}/0?master={self.master_name}"
+
+    @classmethod
+    def start(
+        cls, directory: Path, *, replicas: int = 1, sentinels: int = 3,
+        down_after_ms: int = 1000, master_name: str = SENTINEL_MASTER,
+    ) -> SentinelGroup:  # fmt: skip
+        """Start the servers, wait until each replica is in sync and every sentinel knows
+        the master and its replicas; ServiceError when that does not happen in time."""
+        group = cls(directory, [], [], master_name)
+        try:
+            group.servers.append(LocalRedis.start(directory / "master"))
+            master_port = group.servers[0].port
+            for number in range(1, replicas + 1):
+                replica = LocalRedis(
+                    directory / f"replica{number}",
+                    free_port(),
+                    extra_args=("--replicaof", "127.0.0.1", str(master_port)),
+                )
+                replica.run()
+                group.servers.append(replica)
+            group.wait_synced(replicas)
+            for number in range(1, sentinels + 1):
+                quorum = min(2, sentinels)
+                where = directory / f"sentinel{number}"
+                group.sentinels.append(
+                    _start_sentinel(where, master_name, master_port, quorum, down_after_ms)
+                )
+            group.wait_watched(replicas, sentinels)
+        except BaseException:
+            group.stop()
+            raise
+        return group
+
+    def sentinel_client(self, number: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.sentinels[number].port, socket_timeout=5)
+
+    def master_port(self) -> int:
+        """The port of the server the first sentinel names master now."""
+        client = self.sentinel_client()
+        try:
+            return _master_port(client, self.master_name)
+        finally:
+            client.close()
+
+    def server(self, port: int) -> LocalRedis:
+        return next(server for server in self.servers if server.port == port)
+
+    def wait_synced(self, replicas: int, timeout: float = 20.0) -> None:
+        """Until the master has ``replicas`` replicas online."""
+        port = self.servers[0].port
+
+        def synced() -> bool:
+            client = redis.Redis(port=port, socket_timeout=2)
+            try:
+                info = client.info("replication")
+                return int(info.get("connected_slaves", 0)) >= replicas and all(
+                    info[f"slave{i}"]["state"] == "online" for i in range(replicas)
+                )
+            finally:
+                client.close()
+
+        _wait_for(synced, timeout, "the replicas did not sync with the master")
+
+    def wait_watched(self, replicas: int, sentinels: int, timeout: float = 20.0) -> None:
+        """Until every sentinel knows the master, its replicas and the other sentinels."""
+
+        def watched() -> bool:
+            for number in range(len(self.sentinels)):
+                client = self.sentinel_client(number)
+                try:
+                    state: Any = client.sentinel_master(self.master_name)
+                finally:
+                    client.close()
+                known_replicas = int(state.get("num-slaves", 0))
+                known_sentinels = int(state.get("num-other-sentinels", 0)) + 1
+                if known_replicas < replicas or known_sentinels < sentinels:
+                    return False
+            return True
+
+        _wait_for(watched, timeout, "the sentinels did not find each other and the replicas")
+
+    def failover(self, timeout: float = 20.0) -> int:
+        """``SENTINEL FAILOVER``: a replica is promoted (the master is demoted to a replica
+        of it) without waiting for the master to fail; returns once every sentinel names
+        the new master and it takes writes. The new master's port."""
+        old = self.master_port()
+        client = self.sentinel_client()
+        try:
+            client.execute_command("SENTINEL", "FAILOVER", self.master_name)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+        return self.wait_new_master(old, timeout)
+
+    def wait_new_master(self, old_port: int, timeout: float = 30.0) -> int:
+        """Until every sentinel names a master other than ``old_port`` and it answers as
+        master; its port."""
+        found: list[int] = []
+
+        def promoted() -> bool:
+            ports = set()
+            for number, sentinel in enumerate(self.sentinels):
+                if sentinel.process is None:
+                    continue
+                client = self.sentinel_client(number)
+                try:
+                    ports.add(_master_port(client, self.master_name))
+                finally:
+                    client.close()
+            if len(ports) != 1 or old_port in ports:
+                return False
+            port = ports.pop()
+            client = redis.Redis(port=port, socket_timeout=2)
+            try:
+                if client.info("replication")["role"] != "master":
+                    return False
+            finally:
+                client.close()
+            found.append(port)
+            return True
+
+        _wait_for(promoted, timeout, "no new master was named")
+        return found[-1]
+
+    def wait_replica(self, port: int, timeout: float = 30.0) -> None:
+        """Until the server on ``port`` (a former master, back) is a replica in sync."""
+
+        def demoted() -> bool:
+            client = redis.Redis(port=port, socket_timeout=2)
+            try:
+                info = client.info("replication")
+            finally:
+                client.close()
+            return bool(info["role"] == "slave" and info["master_link_status"] == "up")
+
+        _wait_for(demoted, timeout, f"the server on port {port} did not become a replica")
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, *self.servers]:
+            server.stop()
+
+
+def _master_port(sentinel: redis.Redis, master_name: str) -> int:
+    """The port of the master a sentinel names for ``master_name``."""
+    address: Any = sentinel.sentinel_get_master_addr_by_name(master_name)
+    return int(address[1])
+
+
+def _start_sentinel(
+    directory: Path, master_name: str, master_port: int, quorum: int, down_after_ms: int
+) -> LocalRedis:
+    """``redis-server sentinel.conf --sentinel`` on a free port (a sentinel rewrites its
+    configuration file: each has one of its own)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = directory / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+        f"logfile {directory / 'sentinel.log'}\n"
+        f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n"
+        f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
+        f"sentinel failover-timeout {master_name} 10000\n"
+        f"sentinel parallel-syncs {master_name} 1\n"
+    )
+    sentinel = _SentinelProcess(directory, port, config=config)
+    sentinel.run()
+    return sentinel
+
+
+@dataclass
+class _SentinelProcess(LocalRedis):
+    """A sentinel: ``redis-server CONFIG --sentinel``, started and stopped as a LocalRedis."""
+
+    config: Path | None = None
+
+    def run(self, timeout: float = 10.0) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None or self.config is None:
+            raise ServiceError("redis-server is not installed (scripts/setup)")
+        args = [exe, str(self.config), "--sentinel"]
+        self.process = subprocess.Popen(args, start_new_session=True, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not redis_answers(self.url, timeout=0.5):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ServiceError(f"redis-sentinel on port {self.port} did not come up")
+            time.sleep(0.05)
+
+
+def _wait_for(check: Callable[[], bool], timeout: float, failure: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (redis.RedisError, OSError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{failure} within {timeout:g} s")
+        time.sleep(0.1)
 
 
 @dataclass

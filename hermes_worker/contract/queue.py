@@ -6,7 +6,9 @@ submit by sending a Celery message for ``hermes.chat`` whose single argument is 
 
 ``HERMES_REDIS_URL`` is the one source of Redis credentials and TLS for Celery and for our own
 clients: ``redis://user:password@host:6379/0``, or ``rediss://…?ssl_ca_certs=/path/ca.crt``
-for TLS (the ``ssl_*`` query parameters are redis-py's, see :func:`broker_ssl`).
+for TLS (the ``ssl_*`` query parameters are redis-py's, see :func:`broker_ssl`), or
+``sentinel://h1:26379,h2:26379,h3:26379/0?master=NAME`` for a master that Sentinel fails
+over (``store.SentinelURL``: the broker gets kombu's form of it).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from celery import Celery
 from redis import Redis
 from redis.connection import parse_url
 
+from hermes_worker.contract.store import SentinelURL
 from hermes_worker.settings import Settings
-from hermes_worker.worker.transport import TRANSPORT
+from hermes_worker.worker.transport import SENTINEL_TRANSPORT, TRANSPORT
 
 TASK_NAME = "hermes.chat"
 # The Redis transport emulates priorities with one list per step; ten steps give every
@@ -39,7 +42,7 @@ UNACKED_INDEX_KEY = "unacked_index"
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings both producers and workers use."""
-    return {
+    config: dict[str, Any] = {
         "broker_url": settings.redis_url,
         # kombu's Redis transport, but one that survives raw garbage pushed on the queue.
         "broker_transport": TRANSPORT,
@@ -81,6 +84,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
     }
+    sentinel = SentinelURL.parse(settings.redis_url)
+    if sentinel is not None:
+        # The same master through kombu's Sentinel channel: its URL form, the master's name
+        # as a transport option, the sentinels' credentials (docs/reliability.md, "Failover").
+        config["broker_url"] = sentinel.kombu_url()
+        config["broker_transport"] = SENTINEL_TRANSPORT
+        options = config["broker_transport_options"]
+        options["master_name"] = sentinel.master
+        options["sentinel_kwargs"] = sentinel.sentinel_kwargs({})
+    return config
 
 
 def broker_ssl(redis_url: str) -> dict[str, Any] | None:

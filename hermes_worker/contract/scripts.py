@@ -60,26 +60,40 @@ local function notify_end(key, id)
 end
 """
 
+# Redis's now as unix seconds with six decimals, the way the record's times are written
+# (a Lua number would print four): the one clock every host shares (contract/clock.py).
+_NOW = """
+local function now_text()
+  local t = redis.call('TIME')
+  return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+end
+"""
+
 # --- producers -----------------------------------------------------------------------------
 
-# KEYS: the job record, the queue list. ARGV: now, the body JSON, the TTL of a live job's
-# keys, the job's Celery message (contract.queue.job_message), the body's digest
-# (body_digest), and optionally the tenant that submits it (the gateway's; recorded as
-# ``tenant``). Queues the message and records the job; a known id is neither queued nor
-# recorded again. The message goes first: a script that fails half way keeps what it
-# wrote, and a message without a record is a job from a plain Celery client (it runs), where
-# a record without a message would be a job that never runs.
-SUBMIT = """
+# KEYS: the job record, the queue list. ARGV: the producer's now (not recorded; kept so
+# that the ARGV stay as they were), the body JSON, the TTL of a live job's keys, the job's
+# Celery message (contract.queue.job_message), the body's digest (body_digest), and
+# optionally the tenant that submits it (the gateway's; recorded as ``tenant``). Queues the
+# message and records the job, ``queued_at`` on Redis's clock (a producer's own may be off,
+# and a job's ``timeout_s`` counts from it); a known id is neither queued nor recorded
+# again. The message goes first: a script that fails half way keeps what it wrote, and a
+# message without a record is a job from a plain Celery client (it runs), where a record
+# without a message would be a job that never runs.
+SUBMIT = (
+    _NOW
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
 redis.call('LPUSH', KEYS[2], ARGV[4])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', '0',
-           'queued_at', ARGV[1], 'body', ARGV[2], 'digest', ARGV[5])
+           'queued_at', now_text(), 'body', ARGV[2], 'digest', ARGV[5])
 if ARGV[6] and ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'tenant', ARGV[6]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
+)
 
 # KEYS: job record, events stream, the ends stream. ARGV: now, result_ttl_s, the JobResult
 # JSON for a queued job, the job id, the cancel channel, the cancelled event's data JSON.
@@ -182,27 +196,35 @@ return 1
 
 # --- an attempt ----------------------------------------------------------------------------
 
-# KEYS: job record, lease, events. ARGV: lease token, lease TTL (ms), now, worker name, the
-# TTL of a live job's keys. Returns {'ended', status}, {'leased', lease ms left} or
-# {'claimed', attempt, queued_at, last seq, cancel_requested, tenant}. Sent again with the same
-# token when a reply was lost, it finds its own lease and answers with the same attempt.
+# KEYS: job record, lease, events. ARGV: lease token, lease TTL (ms), the worker's now (not
+# recorded; kept so that the ARGV stay as they were), worker name, the TTL of a live job's
+# keys. Returns {'ended', status}, {'leased', lease ms left} or {'claimed', attempt,
+# queued_at, last seq, cancel_requested, tenant, started_at, now}. ``started_at`` (and
+# ``queued_at`` of a job without a record) are Redis's now; ``now`` lets the worker measure
+# its offset from Redis's clock (contract/clock.py) for the times it writes later. Sent
+# again with the same token when a reply was lost, it finds its own lease and answers with
+# the same attempt, started when the first claim started it.
 CLAIM = (
     _LAST_SEQ
+    + _NOW
     + """
+local now = now_text()
 local rec = redis.call('HMGET', KEYS[1], 'status', 'queued_at', 'cancel_requested',
-                       'attempts', 'requeued', 'tenant')
+                       'attempts', 'requeued', 'tenant', 'started_at')
 local status = rec[1]
 if status and ended(status) then return {'ended', status} end
 local before = tonumber(rec[4] or '0') or 0
-local queued_at = rec[2] or ARGV[3]
+local queued_at = rec[2] or now
+local started_at = now
 if redis.call('GET', KEYS[2]) == ARGV[1] then
   -- Our own claim again: the reply to the first one was lost (a timeout). Same attempt.
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
   before = math.max(before - 1, 0)
+  started_at = rec[7] or now
 elseif not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {'leased', tostring(redis.call('PTTL', KEYS[2]))}
 else
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[3], 'worker', ARGV[4],
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', now, 'worker', ARGV[4],
              'attempts', tostring(before + 1), 'queued_at', queued_at)
   redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
@@ -210,47 +232,65 @@ end
 local seq = 0
 if before > 0 or rec[5] then seq = last_seq(KEYS[3]) end
 return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or '',
-        rec[6] or ''}
+        rec[6] or '', started_at, now}
 """
 )
 
-# KEYS: the lease, the job record, the events stream, the ends stream. ARGV: the lease
-# token, the TTL of an ended job's keys, then operations, in order:
+# KEYS: the ends stream, then for each job its lease, record and events stream. ARGV: the
+# TTL of an ended job's keys, then for each job, in KEYS' order: its lease token, the number
+# of arguments of its operations, and its operations, in order:
 #   'x' seq type data            XADD one event
 #   'h' n field value ...        HSET n fields of the record
 #   'e' id                       the job ended: its record and stream expire, and its id
 #                                goes on the ends stream (its result waiters wake)
-# Nothing is written unless the lease still holds the token: a worker that lost its job
-# (paused past its lease, cut off from Redis) can neither stream into nor end a job that
-# another worker runs now. Returns 1 (written) or 0 (fenced off). A full Redis lets it
+# One call writes for every job a worker's flush holds: one command, not one per job (each
+# call costs Redis more than the few writes a job's flush makes). Nothing of a job is
+# written unless its lease still holds the token: a worker that lost its job (paused past
+# its lease, cut off from Redis) can neither stream into nor end a job that another worker
+# runs now. Returns a flag per job: 1 (written) or 0 (fenced off). A full Redis lets it
 # write all the same: the overshoot is bounded by the running jobs, while submits and
 # claims stay refused, so a full Redis drains itself rather than wedging.
 WRITE = (
     _NOTIFY_END
     + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
--- A write that needs no memory first: a full Redis (noeviction) then lets the script
--- finish, so a running job can still write its end, and the memory it holds can expire.
-redis.call('HDEL', KEYS[2], '')
-local i = 3
-while i <= #ARGV do
-  local op = ARGV[i]
-  if op == 'x' then
-    redis.call('XADD', KEYS[3], '*', 'seq', ARGV[i + 1], 'type', ARGV[i + 2],
-               'data', ARGV[i + 3])
-    i = i + 4
-  elseif op == 'h' then
-    local n = tonumber(ARGV[i + 1])
-    redis.call('HSET', KEYS[2], unpack(ARGV, i + 2, i + 1 + 2 * n))
-    i = i + 2 + 2 * n
+local out = {}
+local dirty = false
+local a = 2
+for j = 0, (#KEYS - 1) / 3 - 1 do
+  local lease, record, events = KEYS[2 + 3 * j], KEYS[3 + 3 * j], KEYS[4 + 3 * j]
+  local last = a + 1 + tonumber(ARGV[a + 1])
+  if redis.call('GET', lease) ~= ARGV[a] then
+    out[j + 1] = 0
   else
-    redis.call('EXPIRE', KEYS[2], ARGV[2])
-    redis.call('EXPIRE', KEYS[3], ARGV[2])
-    notify_end(KEYS[4], ARGV[i + 1])
-    i = i + 2
+    out[j + 1] = 1
+    if not dirty then
+      -- A write that needs no memory first: a full Redis (noeviction) then lets the script
+      -- finish, so a running job can still write its end, and the memory it holds can expire.
+      redis.call('HDEL', record, '')
+      dirty = true
+    end
+    local i = a + 2
+    while i <= last do
+      local op = ARGV[i]
+      if op == 'x' then
+        redis.call('XADD', events, '*', 'seq', ARGV[i + 1], 'type', ARGV[i + 2],
+                   'data', ARGV[i + 3])
+        i = i + 4
+      elseif op == 'h' then
+        local n = tonumber(ARGV[i + 1])
+        redis.call('HSET', record, unpack(ARGV, i + 2, i + 1 + 2 * n))
+        i = i + 2 + 2 * n
+      else
+        redis.call('EXPIRE', record, ARGV[1])
+        redis.call('EXPIRE', events, ARGV[1])
+        notify_end(KEYS[1], ARGV[i + 1])
+        i = i + 2
+      end
+    end
   end
+  a = last + 1
 end
-return 1
+return out
 """
 )
 
@@ -409,9 +449,10 @@ return 0
 
 # --- batches (hermes_worker/batch/) -----------------------------------------------------------
 
-# KEYS: the batch's record. ARGV: the new status, now (unix seconds), the statuses it may
-# leave (comma-separated), then field, value pairs to set with it. Moves a batch only from
-# an allowed status, stamping <status>_at. Returns 1 or 0.
+# KEYS: the batch's record. ARGV: the new status, the caller's now (not recorded; kept so
+# that the ARGV stay as they were), the statuses it may leave (comma-separated), then field,
+# value pairs to set with it. Moves a batch only from an allowed status, stamping
+# <status>_at with Redis's now (whole unix seconds). Returns 1 or 0.
 BATCH_STATUS = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return 0 end
@@ -420,7 +461,7 @@ for status in string.gmatch(ARGV[3], '[^,]+') do
   if status == current then allowed = true end
 end
 if not allowed then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[1] .. '_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[1] .. '_at', redis.call('TIME')[1])
 for i = 4, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end

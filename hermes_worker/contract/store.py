@@ -34,16 +34,31 @@ Every Lua script that writes these keys is in ``scripts.py``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis import BlockingConnectionPool as SyncBlockingPool
 from redis import Redis as SyncRedis
 from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
+from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelManagedConnection
+from redis.commands.core import AsyncScript
+from redis.commands.core import Script as SyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.sentinel import MasterNotFoundError
+from redis.sentinel import Sentinel as SyncSentinel
+from redis.sentinel import SentinelConnectionPool as SyncSentinelPool
+from redis.sentinel import SentinelManagedConnection as SyncSentinelConnection
 
 from hermes_worker.contract.jobs import JobInfo, JobResult, JobStatus
 
@@ -202,15 +217,296 @@ def result_from_record(record: Mapping[bytes | str, bytes | str]) -> JobResult |
 # once (a worker claiming 128 jobs, a producer submitting 128): ours waits for a free one.
 MAX_CONNECTIONS = 64
 POOL_WAIT_S = 30.0
+SENTINEL_SCHEME = "sentinel"
+SENTINEL_PORT = 26379  # a sentinel's port when the URL gives none
+# A sentinel that does not answer within this is skipped for the next one (redis-py asks
+# them in turn for the master's address).
+SENTINEL_TIMEOUT_S = 5.0
+# Our pools ask the sentinels who is master at most this often (see _SyncBlockingSentinelPool).
+MASTER_CHECK_S = 1.0
 
 
-def sync_client(url: str, max_connections: int = MAX_CONNECTIONS) -> SyncRedis:
-    """A blocking client whose pool makes callers wait for a connection, never fail."""
-    pool = SyncBlockingPool.from_url(url, max_connections=max_connections, timeout=POOL_WAIT_S)
-    return SyncRedis.from_pool(pool)
+@dataclass(frozen=True)
+class SentinelURL:
+    """A Redis master found through Sentinel, as ``HERMES_REDIS_URL`` names it::
+
+        sentinel://[[user]:password@]host:port[,host:port...][/db]?master=NAME
+
+    ``host:port`` are the sentinels (port 26379 when left out), ``master`` (or kombu's
+    ``master_name``) the name they monitor it under (``sentinel monitor NAME ...``), the
+    user and password the master's
+    (as in a ``redis://`` URL). A ``sentinel_password`` (and ``sentinel_username``) query
+    parameter is for sentinels that require one. kombu writes the same thing as
+    ``sentinel://h1:p1/db;sentinel://h2:p2`` plus the transport option ``master_name``:
+    :meth:`kombu_url` gives that form, so one setting serves the broker and our clients.
+    TLS to a sentinel-managed master is not supported (use ``rediss://`` without Sentinel)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    userinfo: str = ""  # "user:password" as written in the URL (percent-encoded)
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL | None:
+        """The URL's parts; None for a URL of another scheme, ValueError for a bad one."""
+        parts = urlsplit(url)
+        if parts.scheme != SENTINEL_SCHEME:
+            return None
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        sentinels = tuple(_host_port(host) for host in hosts.split(",") if host)
+        query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+        master = query.get("master") or query.get("master_name")
+        if not sentinels or not master:
+            raise ValueError(
+                f"a sentinel URL names its sentinels and ?master=NAME: {_redacted(url)}"
+            )
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError(f"a sentinel URL's path is a database number: {_redacted(url)}")
+        return cls(
+            sentinels,
+            master,
+            int(path or 0),
+            userinfo,
+            query.get("sentinel_username"),
+            query.get("sentinel_password"),
+        )
+
+    def master_kwargs(self) -> dict[str, Any]:
+        """redis-py's connection arguments for the master: database and credentials."""
+        user, _, password = self.userinfo.partition(":")
+        kwargs: dict[str, Any] = {"db": self.db}
+        if user:
+            kwargs["username"] = unquote(user)
+        if password:
+            kwargs["password"] = unquote(password)
+        return kwargs
+
+    def sentinel_kwargs(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """redis-py's connection arguments for the sentinels: the socket options of
+        ``options`` (as redis-py's own default), SENTINEL_TIMEOUT_S where they set no
+        timeout, and the sentinels' credentials."""
+        kwargs: dict[str, Any] = {
+            "socket_timeout": SENTINEL_TIMEOUT_S,
+            "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+        }
+        kwargs.update((k, v) for k, v in options.items() if k.startswith("socket_"))
+        if self.sentinel_username:
+            kwargs["username"] = self.sentinel_username
+        if self.sentinel_password:
+            kwargs["password"] = self.sentinel_password
+        return kwargs
+
+    def kombu_url(self) -> str:
+        """kombu's form of this URL (its ``SentinelChannel``): one ``sentinel://`` URL per
+        sentinel joined by ``;``, the first carrying the credentials and the database."""
+        auth = f"{self.userinfo}@" if self.userinfo else ""
+        hosts = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels]
+        first, *rest = hosts
+        urls = [f"{SENTINEL_SCHEME}://{auth}{first}/{self.db}"]
+        return ";".join(urls + [f"{SENTINEL_SCHEME}://{host}" for host in rest])
 
 
-def async_client(url: str, max_connections: int = MAX_CONNECTIONS) -> AsyncRedis:
+def _host_port(text: str) -> tuple[str, int]:
+    """``host[:port]`` (``[v6]:port`` too) as a sentinel's address."""
+    parts = urlsplit(f"//{text}")
+    if not parts.hostname:
+        raise ValueError(f"not a host[:port]: {text!r}")
+    return parts.hostname, parts.port or SENTINEL_PORT
+
+
+def _redacted(url: str) -> str:
+    """``url`` without the password of its user part."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hosts}").geturl()
+
+
+class NotReplicated(RedisTimeoutError):
+    """A write reached the master, but fewer replicas than asked for (WAIT) confirmed it in
+    time: a failover now could lose it. Written all the same; idempotent calls (a submit
+    with its id) can be made again."""
+
+
+def call_replicated(
+    client: SyncRedis, script: SyncScript, keys: list[str], args: list[str],
+    replicas: int, timeout_ms: int,
+) -> Any:  # fmt: skip
+    """``script(keys, args)``, and with ``replicas``, ``WAIT replicas timeout_ms`` after it
+    on the same connection (one round trip, a pipeline): :class:`NotReplicated` when fewer
+    replicas acknowledged it. A script the server lacks (a new master after a failover) is
+    loaded first, by redis-py's pipeline."""
+    if not replicas:
+        return script(keys=keys, args=args)
+    with client.pipeline(transaction=False) as pipe:
+        script(keys=keys, args=args, client=pipe)
+        pipe.wait(replicas, timeout_ms)
+        reply, acknowledged = pipe.execute()
+    return _replicated(reply, int(acknowledged), replicas, timeout_ms)
+
+
+async def call_replicated_async(
+    client: AsyncRedis, script: AsyncScript, keys: list[str], args: list[str],
+    replicas: int, timeout_ms: int,
+) -> Any:  # fmt: skip
+    """The asyncio twin of :func:`call_replicated`."""
+    if not replicas:
+        return await script(keys=keys, args=args)
+    async with client.pipeline(transaction=False) as pipe:
+        await script(keys=keys, args=args, client=pipe)
+        pipe.wait(replicas, timeout_ms)
+        reply, acknowledged = await pipe.execute()
+    return _replicated(reply, int(acknowledged), replicas, timeout_ms)
+
+
+def _replicated(reply: Any, acknowledged: int, replicas: int, timeout_ms: int) -> Any:
+    if acknowledged < replicas:
+        raise NotReplicated(
+            f"{acknowledged} of {replicas} replicas confirmed the write within {timeout_ms} ms "
+            "(HERMES_REDIS_WAIT_REPLICAS): written on the master, may be lost by a failover"
+        )
+    return reply
+
+
+# Errors of a server that takes no writes now: a master short of the replicas its
+# min-replicas-to-write asks for, a replica cut off from its master. (READONLY, from a
+# server that is a replica now, redis-py's Sentinel connection already takes for a lost
+# connection.)
+WRITES_REFUSED = ("NOREPLICAS", "MASTERDOWN")
+
+
+class SentinelConnection(SyncSentinelConnection):
+    """redis-py's connection to a Sentinel-managed master, which takes a master's refusal
+    of writes for a lost connection: closed, and the next one asks the sentinels again.
+
+    A master the sentinels have just replaced, or a new one whose replicas have not joined
+    yet, refuses writes when it runs with ``min-replicas-to-write`` (docs/reliability.md,
+    "Failover"); as a ResponseError that refusal ends a call for good (a worker's Celery
+    consumer stopped consuming), as a ConnectionError every layer waits and tries again.
+    Nothing was written: a script is refused at its first write, a transaction whole."""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if not str(exc).startswith(WRITES_REFUSED):
+                raise
+            self.disconnect()  # type: ignore[no-untyped-call]
+            raise RedisConnectionError(f"the master refuses writes: {exc}") from exc
+
+
+class AsyncSentinelConnection(AsyncSentinelManagedConnection):
+    """The asyncio twin of :class:`SentinelConnection`."""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if not str(exc).startswith(WRITES_REFUSED):
+                raise
+            await self.disconnect()
+            raise RedisConnectionError(f"the master refuses writes: {exc}") from exc
+
+
+class _SyncBlockingSentinelPool(SyncSentinelPool, SyncBlockingPool):
+    """redis-py's Sentinel pool (connections made to whichever server the sentinels name
+    master now) with the blocking pool's wait for a free connection, and one more check.
+
+    redis-py asks the sentinels only when it opens a connection, and an open connection to
+    a master that was failed over while it still runs (a switch-over, a master frozen then
+    back) keeps working: writes go on landing there, acknowledged, until the sentinels
+    demote it (they look at it every 10 s) and its data is replaced by the new master's.
+    Measured (tests/test_sentinel.py): a producer lost every submit of those seconds. So
+    the pool asks the sentinels at most every MASTER_CHECK_S as connections are taken: on a
+    change the idle connections are closed, and those in use are closed as they come back.
+    """
+
+    _checked_at = 0.0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - self._checked_at >= MASTER_CHECK_S:
+            self._checked_at = now
+            with contextlib.suppress(MasterNotFoundError):  # the connection will say
+                self.get_master_address()  # type: ignore[no-untyped-call]
+        return super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+
+class _AsyncBlockingSentinelPool(AsyncSentinelPool, AsyncBlockingPool):
+    """The asyncio twin of :class:`_SyncBlockingSentinelPool`."""
+
+    _checked_at = 0.0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - self._checked_at >= MASTER_CHECK_S:
+            self._checked_at = now
+            with contextlib.suppress(MasterNotFoundError):
+                await self.get_master_address()  # type: ignore[no-untyped-call]
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def release(self, connection: Any) -> None:
+        # redis-py's asyncio pool keeps a connection to the old master that comes back.
+        master = self.master_address
+        if master is not None and (connection.host, connection.port) != master:
+            await connection.disconnect()
+        await super().release(connection)
+
+
+def sync_client(url: str, max_connections: int = MAX_CONNECTIONS, **options: Any) -> SyncRedis:
+    """The one way our code connects to Redis: a blocking client whose pool makes callers
+    wait for a connection, never fail. ``url``: ``redis://``, ``rediss://``, ``unix://`` (as
+    redis-py reads them) or ``sentinel://`` (:class:`SentinelURL`): then every connection
+    asks the sentinels for the master's address, and after a failover the pool's idle
+    connections are dropped and new ones go to the new master. ``options``: redis-py's
+    connection arguments (``socket_timeout``, ``retry``, ...)."""
+    sentinel = SentinelURL.parse(url)
+    if sentinel is None:
+        pool = SyncBlockingPool.from_url(
+            url, max_connections=max_connections, timeout=POOL_WAIT_S, **options
+        )
+        return SyncRedis.from_pool(pool)
+    manager = SyncSentinel(  # type: ignore[no-untyped-call]
+        list(sentinel.sentinels),
+        sentinel_kwargs=sentinel.sentinel_kwargs(options),
+        **sentinel.master_kwargs(),
+        **options,
+    )
+    client: SyncRedis = manager.master_for(  # type: ignore[no-untyped-call]
+        sentinel.master,
+        redis_class=SyncRedis,
+        connection_pool_class=_SyncBlockingSentinelPool,
+        connection_class=SentinelConnection,
+        max_connections=max_connections,
+        timeout=POOL_WAIT_S,
+    )
+    return client
+
+
+def async_client(url: str, max_connections: int = MAX_CONNECTIONS, **options: Any) -> AsyncRedis:
     """The asyncio twin of :func:`sync_client`."""
-    pool = AsyncBlockingPool.from_url(url, max_connections=max_connections, timeout=POOL_WAIT_S)
-    return AsyncRedis.from_pool(pool)
+    sentinel = SentinelURL.parse(url)
+    if sentinel is None:
+        pool = AsyncBlockingPool.from_url(
+            url, max_connections=max_connections, timeout=POOL_WAIT_S, **options
+        )
+        return AsyncRedis.from_pool(pool)
+    manager = AsyncSentinel(  # type: ignore[no-untyped-call]
+        list(sentinel.sentinels),
+        sentinel_kwargs=sentinel.sentinel_kwargs(options),
+        **sentinel.master_kwargs(),
+        **options,
+    )
+    client: AsyncRedis = manager.master_for(
+        sentinel.master,
+        redis_class=AsyncRedis,
+        connection_pool_class=_AsyncBlockingSentinelPool,
+        connection_class=AsyncSentinelConnection,
+        max_connections=max_connections,
+        timeout=POOL_WAIT_S,
+    )
+    return client

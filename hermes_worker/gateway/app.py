@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from hermes_worker.contract.clock import redis_time
 from hermes_worker.contract.jobs import JOB_ID_PATTERN, JobResult, JobStatus
 from hermes_worker.contract.store import as_text, async_client, body_digest
 from hermes_worker.errors import (
@@ -118,14 +119,22 @@ def attach_key(client: AsyncHermesClient, job_id: str) -> str:
     return f"{client.keys.job(job_id)}:gateway"
 
 
-def wait_timeout(body: dict[str, Any]) -> float | None:
+def has_deadline(body: dict[str, Any]) -> bool:
+    return isinstance(body.get("deadline"), int | float)
+
+
+def wait_timeout(body: dict[str, Any], now: float | None) -> float | None:
     """How long to wait for a job: until its deadline (``timeout_s`` / ``deadline``) plus
-    DEADLINE_SLACK_S, or for ever (the client's own timeout, or its leaving, ends it)."""
+    DEADLINE_SLACK_S, or for ever (the client's own timeout, or its leaving, ends it).
+    ``now`` is Redis's (needed for a ``deadline``): the worker compares the deadline with
+    Redis's clock, so this gateway's own clock must not shorten or stretch the wait."""
     limits = []
     if isinstance(body.get("timeout_s"), int | float):
         limits.append(float(body["timeout_s"]))
-    if isinstance(body.get("deadline"), int | float):
-        limits.append(float(body["deadline"]) - time.time())
+    if has_deadline(body):
+        if now is None:
+            raise ValueError("a deadline is waited for against Redis's now")
+        limits.append(float(body["deadline"]) - now)
     return max(0.0, min(limits)) + DEADLINE_SLACK_S if limits else None
 
 
@@ -304,7 +313,9 @@ class Gateway:
             record = await client.redis.hgetall(client.keys.job(handle.id))
             headers["Location"] = f"/v1/jobs/{handle.id}"
             return JSONResponse(job_object(handle.id, record), 202, headers=headers)
-        timeout = wait_timeout(submission.body)
+        # An absolute deadline is on Redis's clock: one TIME to know how far off it is.
+        now = redis_time(await client.redis.time()) if has_deadline(submission.body) else None
+        timeout = wait_timeout(submission.body, now)
         attachment = None
         if chat.keyed and not chat.background:
             attachment = await self._attach(client, handle.id)

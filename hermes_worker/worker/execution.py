@@ -25,6 +25,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from hermes_worker.contract.clock import RedisClock
 from hermes_worker.contract.jobs import (
     ChatJob,
     Choice,
@@ -237,6 +238,9 @@ class JobContext:
         # When each held lease was last known good (monotonic time the claim or the renewal
         # that proved it was sent): past its TTL less a beat, the job stops (heartbeat.py).
         self.proven: dict[str, float] = {}
+        # Redis's now without a round trip: the times this worker writes and the deadlines it
+        # checks are on Redis's clock (contract/clock.py), measured at each claim and beat.
+        self.clock = RedisClock()
         writer.on_fenced = self.lease_lost
         # Called with every result this worker writes (metrics, vitals); must not raise or block.
         self.observers: list[Callable[[JobResult], None]] = []
@@ -259,14 +263,14 @@ class JobContext:
         worker is shutting down while another one holds the job."""
         token = f"{self.worker}:{uuid.uuid4().hex[:12]}"
         while not self.shutting_down:
-            now, sent = time.time(), time.monotonic()
-            outcome = await self._claim_once(job_id, token, now)
+            sent = time.monotonic()
+            outcome = await self._claim_once(job_id, token, self.clock.now())
             if isinstance(outcome, Ended):
                 return JobStatus(outcome.status)
             if isinstance(outcome, Claimed):
                 self.held[job_id] = token
                 self.proven[job_id] = sent
-                return self._attempt(job_id, token, now, outcome)
+                return self._attempt(job_id, token, outcome)
             # A live lease: the job runs elsewhere. Wait for it to end or for its worker to die.
             await asyncio.sleep(min(max(outcome.ttl_ms, 50) / 1000, self.leases.ttl_ms / 3000))
         return None
@@ -278,7 +282,11 @@ class JobContext:
         tries = 1
         while True:
             try:
-                return await self.leases.claim(job_id, token, now, self.worker)
+                sent = time.monotonic()
+                outcome = await self.leases.claim(job_id, token, now, self.worker)
+                if isinstance(outcome, Claimed):  # the claim's reply carries Redis's now
+                    self.clock.observe(outcome.now, sent, time.monotonic())
+                return outcome
             except RedisError as exc:
                 if tries == CLAIM_TRIES:
                     raise
@@ -286,9 +294,10 @@ class JobContext:
                 log.warning("job %s: claim failed (%s); sending it again", job_id, exc)
                 await asyncio.sleep(CLAIM_RETRY_S)
 
-    def _attempt(self, job_id: str, token: str, now: float, claimed: Claimed) -> Attempt:
+    def _attempt(self, job_id: str, token: str, claimed: Claimed) -> Attempt:
         stream = JobStream(job_id, next_seq=claimed.last_seq + 1, token=token)
-        attempt = Attempt(job_id, claimed.attempt, token, claimed.queued_at, now, stream)
+        started_at = claimed.started_at
+        attempt = Attempt(job_id, claimed.attempt, token, claimed.queued_at, started_at, stream)
         attempt.cancel_requested = claimed.cancel_requested
         attempt.tenant = claimed.tenant
         if attempt.number > 1:  # an earlier attempt died: readers drop its partial output
@@ -304,7 +313,7 @@ class JobContext:
             queued_at=attempt.queued_at,
             started_at=attempt.started_at,
             first_token_at=attempt.first_token_at,
-            finished_at=time.time(),
+            finished_at=self.clock.now(),
             problems=problems,
         )
 
@@ -362,8 +371,10 @@ async def _run_claimed(
         soon=True,  # with the next regular flush, or at once with the first output
     )
     runs = ChoiceRun.all_of(prepared.job, prepared.plan)
-    by_deadline = deadline is not None and deadline - time.time() < ctx.max_generation_s
-    limit = deadline - time.time() if by_deadline and deadline else ctx.max_generation_s
+    # The deadline is on Redis's clock (queued_at + timeout_s, or the body's deadline).
+    left = None if deadline is None else deadline - ctx.clock.now()
+    by_deadline = left is not None and left < ctx.max_generation_s
+    limit = left if by_deadline and left is not None else ctx.max_generation_s
     try:
         reason = await _generate_under_control(ctx, attempt, prepared, runs, limit)
     except HermesError as exc:
@@ -448,7 +459,7 @@ async def _generate(
                 attempt.cached_tokens = delta.num_cached_tokens
             elif all(r.done for r in runs):  # the last allowed calls closed: stop the engine
                 break
-            elif pause := pace.pause_s(len(ctx.controls), attempt, max_tokens, time.time()):
+            elif pause := pace.pause_s(len(ctx.controls), attempt, max_tokens, ctx.clock.now()):
                 await asyncio.sleep(pause)  # the engine goes on; its steps meanwhile merge
     for run in runs:
         _send(ctx, attempt, run, run.parser.feed(prepared.plan.forced_suffix))
@@ -463,7 +474,7 @@ def _account(ctx: JobContext, attempt: Attempt, run: ChoiceRun, delta: Delta) ->
     elif delta.num_tokens:
         attempt.read_at = now
     if attempt.first_token_at is None and delta.num_tokens:
-        attempt.first_token_at = time.time()  # into the record with the result (one write)
+        attempt.first_token_at = ctx.clock.now()  # into the record with the result (one write)
     parser = run.parser
     was_reasoning, was_content = parser.in_reasoning, parser.in_content
     events = parser.feed(delta.text)
@@ -623,7 +634,7 @@ async def dead_letter(ctx: JobContext, job_id: str, error: HermesError) -> str:
     ``leased`` when an attempt holds the job; or, when it has ended, its status (nothing is
     written then)."""
     record = await ctx.redis.hgetall(ctx.keys.job(job_id))
-    now = time.time()
+    now = ctx.clock.now()
     info = job_info_from_record(job_id, record).model_copy(
         update={"status": JobStatus.FAILED, "finished_at": now}
     )

@@ -34,7 +34,9 @@ log = structlog.stdlib.get_logger(__name__)
 
 
 async def publish_vitals(ctx: JobContext, vitals: Vitals, ttl_s: float) -> None:
-    now = time.time()
+    """Write the vitals hash and the index's score on Redis's clock, measuring this worker's
+    offset from it again (one ``TIME``): readers on any host compare them with Redis's now."""
+    now = await ctx.clock.sync(ctx.redis)
     fields = vitals.fields(
         now,
         running=len(ctx.controls),

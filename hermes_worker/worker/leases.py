@@ -24,7 +24,7 @@ lease: ``SET {job}:lease <token> NX PX ttl``, renewed by the runtime's heartbeat
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
@@ -34,11 +34,17 @@ from hermes_worker.contract.store import ALIVE_TTL_S, Keys, as_text
 
 @dataclass(frozen=True)
 class Claimed:
+    """A claimed job. Its times are on Redis's clock: ``started_at`` when the attempt's
+    first claim was made, ``now`` when this one was (the worker's offset from Redis's
+    clock is measured with it; not part of the attempt's identity)."""
+
     attempt: int
     queued_at: float
     last_seq: int
     cancel_requested: bool
     tenant: str | None = None  # the gateway tenant that submitted it (its record's)
+    started_at: float = 0.0
+    now: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,8 @@ class Leases:
     async def claim(
         self, job_id: str, token: str, now: float, worker: str
     ) -> Claimed | Ended | Leased:
+        """Claim the job for ``token``. ``now`` (this worker's) is not recorded: the claim
+        stamps the attempt on Redis's clock (``Claimed.started_at``)."""
         keys = [self._keys.job(job_id), self._keys.lease(job_id), self._keys.events(job_id)]
         args: list[str | int] = [token, self.ttl_ms, repr(now), worker, ALIVE_TTL_S]
         reply = [as_text(v) for v in await self._claim(keys=keys, args=args)]
@@ -82,7 +90,9 @@ class Leases:
             queued_at=float(reply[2]),
             last_seq=int(reply[3]),
             cancel_requested=bool(reply[4]),
-            tenant=(reply[5] if len(reply) > 5 else "") or None,
+            tenant=reply[5] or None,
+            started_at=float(reply[6]),
+            now=float(reply[7]),
         )
 
     async def renew(self, held: dict[str, str]) -> tuple[set[str], set[str]]:

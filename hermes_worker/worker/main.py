@@ -201,6 +201,7 @@ def _keep_our_logging(**_: Any) -> None:
     "metrics_port",
     "engine",
     "scripted_tokens_per_s",
+    "scripted_engine_tokens_per_s",
     "redis_check",
 )
 @click.option("--loglevel", default="INFO", show_default=True)

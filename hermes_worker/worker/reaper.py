@@ -23,7 +23,6 @@ back the same way before it exits (:meth:`Reaper.restore`), without waiting to b
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
@@ -31,6 +30,7 @@ import structlog
 from redis.asyncio import Redis
 
 from hermes_worker.contract import scripts
+from hermes_worker.contract.clock import redis_time
 from hermes_worker.contract.queue import (
     PRIORITY_STEPS,
     UNACKED_INDEX_KEY,
@@ -74,16 +74,17 @@ class Reaper:
         self.restored = 0  # messages this worker put back (metrics, tests)
 
     async def sweep(self) -> int:
-        """Restore the messages of every dead worker; how many went back."""
+        """Restore the messages of every dead worker; how many went back. The heartbeats'
+        scores are on Redis's clock (``heartbeat.publish_vitals``), and so is the now they
+        are compared with: a worker whose clock is off neither looks dead nor finds others so."""
         keys = self._keys
-        stale = await self._redis.zrangebyscore(
-            keys.workers, "-inf", time.time() - self.dead_after_s
-        )
+        now = redis_time(await self._redis.time())
+        stale = await self._redis.zrangebyscore(keys.workers, "-inf", now - self.dead_after_s)
         count = 0
         for raw in stale:
             name = as_text(raw)  # type: ignore[arg-type]  # no scores asked: names only
             if name == self._worker or await self._redis.exists(keys.worker(name)):
-                continue  # itself, or alive (a clock behind ours wrote an old score)
+                continue  # itself, or alive (a heartbeat late by less than its hash's TTL)
             count += await self.restore(name)
             forget_keys = [keys.workers, keys.worker(name), keys.deliveries(name)]
             await self._forget(keys=forget_keys, args=[name])

@@ -14,12 +14,14 @@ pipeline wakes the consumers' XREADs, so fewer, fuller pipelines cost everyone l
 
 Per job, operations reach Redis in the order they were made. A job's end
 (:meth:`StreamWriter.close`) goes through the same queue and is awaited: the record
-(status, result) is written before the terminal event in the same pipeline, and Redis runs
-a pipeline in order, so a reader that sees the terminal event always finds the result.
+(status, result) is written before the terminal event in the same script call, which runs
+whole and in order, so a reader that sees the terminal event always finds the result.
 
-Every write is fenced by the attempt's lease: a flush writes each job's operations with
-one script (``contract.scripts.WRITE``) that checks the lease still holds the attempt's
-token. A worker that lost a job's lease (paused past it, cut off from Redis while another
+Every write is fenced by the attempt's lease: a flush writes the operations of all its jobs
+with one script call (``contract.scripts.WRITE``) that checks, job by job, that the lease
+still holds the attempt's token (one call per flush, not one per job: the call itself cost
+Redis more than a job's few writes in it, and a busy worker flushes a hundred jobs at a
+time). A worker that lost a job's lease (paused past it, cut off from Redis while another
 worker took the job over) writes nothing more for it, not even its end: the job is then
 stopped here (``on_fenced``) and its end, if it had come, reports that it was not written.
 """
@@ -93,6 +95,8 @@ class StreamWriter:
         # engine a few ms apart share one pipeline instead of one each (every pipeline wakes
         # the consumers' XREADs). The flusher still wakes when the first is really due.
         self._slack_s = flush_s / 4
+        # Text that reaches max_flush_s comes due on a common grid (see _grid).
+        self._grid_s = max(flush_s, self._max_flush_s / 5)
         self._ttl_s = ttl_s
         self._dirty: dict[str, JobStream] = {}
         self._wake = asyncio.Event()
@@ -202,10 +206,22 @@ class StreamWriter:
             self._urgent.set()
 
     def _due(self, stream: JobStream, now: float) -> bool:
-        age = now - (stream.since if stream.since is not None else now) + self._slack_s
-        if stream.urgent or age >= self._max_flush_s:
+        since = stream.since if stream.since is not None else now
+        if stream.urgent or now - self._grid(since) + self._slack_s >= self._max_flush_s:
             return True
+        age = now - since + self._slack_s
         return age >= self._flush_s and (stream.soon or stream.tokens >= self._min_tokens)
+
+    def _grid(self, since: float) -> float:
+        """``since`` rounded down to the grid (``max_flush_s`` / 5, at least ``flush_s``:
+        100 ms by default): text that reaches its ``max_flush_s`` comes due on a common
+        grid, up to a grid step early, never late. A busy worker hands its jobs' text over
+        one job after another, over tens of ms; without the grid each came due a little
+        after the one before, and the flusher woke for a handful of jobs at a time (256
+        jobs at a GPU's pace, 7.8 tokens/s each: 26 writes a second, 19 of them for text
+        due by age; with the grid 15, then ~10), each waking every consumer that follows
+        one of them (benchmarks/fleet.py)."""
+        return since - since % self._grid_s if self._grid_s > 0 else since
 
     def _next_due_s(self, now: float) -> float:
         """How long until the next pending job could be due (at most ``flush_s``: its
@@ -213,7 +229,7 @@ class StreamWriter:
         wait = self._flush_s
         for stream in self._dirty.values():
             since = stream.since if stream.since is not None else now
-            wait = min(wait, since + self._max_flush_s - now)
+            wait = min(wait, self._grid(since) + self._max_flush_s - now)
         return max(wait, 0.001)
 
     async def _run(self) -> None:
@@ -235,21 +251,28 @@ class StreamWriter:
             del self._dirty[stream.job_id]
         if self._dirty:
             self._wake.set()  # the rest stays pending: the loop comes back for it
-        pipe = self._redis.pipeline(transaction=False)
         finished: list[tuple[JobStream, asyncio.Future[bool]]] = []
         taken: list[tuple[JobStream, list[list[Any]]]] = []
-        written: list[JobStream] = []  # the streams whose script is in the pipeline, in order
+        written: list[JobStream] = []  # the streams the call writes for, in order
+        keys: list[str] = [self._keys.ends]
+        args: list[Any] = [self._ttl_s]
         try:
             await self._skip_landed([s for s in batch if s.unsure])
             for stream in batch:
                 ops = stream.taken()
                 taken.append((stream, ops))
-                futures, queued = await self._queue_ops(pipe, stream, ops)
+                futures = self._add_ops(keys, args, stream, ops)
                 finished.extend((stream, future) for future in futures)
-                if queued:
+                if len(keys) > 1 + 3 * len(written):
                     written.append(stream)
-            replies = await pipe.execute() if written else []
-            self.commands_sent += len(written)
+            replies: list[Any] = []
+            if written:
+                # On a pipeline of its own: awaiting a script there only queues it (and its
+                # SCRIPT LOAD if needed), and a lost reply is told apart from a refusal.
+                pipe = self._redis.pipeline(transaction=False)
+                await self._write(keys=keys, args=args, client=pipe)
+                replies = (await pipe.execute())[-1]
+                self.commands_sent += 1
         except RedisError as exc:
             self.failed_flushes += 1
             # Keep the ops, in order, ahead of anything newer, and try again on the next tick
@@ -278,37 +301,33 @@ class StreamWriter:
         if self.on_fenced is not None:
             self.on_fenced(stream.job_id)
 
-    async def _queue_ops(
-        self, pipe: Any, stream: JobStream, ops: list[list[Any]]
-    ) -> tuple[list[asyncio.Future[bool]], bool]:
-        """Queue one script call on ``pipe`` writing these ops under the stream's token;
-        returns the futures to resolve once written, and whether anything was queued."""
-        args: list[Any] = [stream.token, self._ttl_s]
+    def _add_ops(
+        self, keys: list[str], args: list[Any], stream: JobStream, ops: list[list[Any]]
+    ) -> list[asyncio.Future[bool]]:
+        """Add the stream's keys and these ops, under its token, to the script call's
+        ``keys`` and ``args`` (nothing when no op writes); returns the futures to resolve
+        once written."""
+        own: list[Any] = []
         finished: list[asyncio.Future[bool]] = []
         for op in ops:
             if op[0] == "xadd":
                 fields = encode_event(stream.next_seq, op[1], op[2])
-                args += ["x", fields["seq"], fields["type"], fields["data"]]
+                own += ["x", fields["seq"], fields["type"], fields["data"]]
                 stream.next_seq += 1
             elif op[0] == "hset":
-                args += ["h", len(op[1])]
+                own += ["h", len(op[1])]
                 for name, value in op[1].items():
-                    args += [name, value]
+                    own += [name, value]
             elif op[0] == "sync":
                 finished.append(op[1])
             else:  # end of the job: every key of a job expires after it ends
-                args += ["e", stream.job_id]
+                own += ["e", stream.job_id]
                 finished.append(op[1])
-        if len(args) == 2:
-            return finished, False
-        job_id = stream.job_id
-        keys = [
-            self._keys.lease(job_id), self._keys.job(job_id), self._keys.events(job_id),
-            self._keys.ends,
-        ]  # fmt: skip
-        # Awaiting a script on a pipeline only queues it (and its SCRIPT LOAD if needed).
-        await self._write(keys=keys, args=args, client=pipe)
-        return finished, True
+        if own:
+            job_id = stream.job_id
+            keys += [self._keys.lease(job_id), self._keys.job(job_id), self._keys.events(job_id)]
+            args += [stream.token, len(own), *own]
+        return finished
 
     def _requeue(self, taken: list[tuple[JobStream, list[list[Any]]]]) -> None:
         for stream, ops in taken:

@@ -62,6 +62,7 @@ from kombu.utils.json import dumps, loads
 from redis.exceptions import RedisError, ResponseError
 
 from hermes_worker.contract import scripts
+from hermes_worker.contract.store import SentinelConnection
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -341,3 +342,33 @@ class Transport(kombu_redis.Transport):
 
 
 TRANSPORT = f"{__name__}:Transport"
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """Our channel on kombu's Sentinel channel: its pool asks the sentinels for the master
+    on every new connection (a ``sentinel://`` HERMES_REDIS_URL, contract/queue.py)."""
+
+    # A master that refuses writes counts as a lost connection (store.SentinelConnection):
+    # Celery takes a refused BRPOP, or a refused queue binding as it reconnects, as fatal
+    # and stops consuming for good (seen in tests/test_sentinel.py, min-replicas-to-write).
+    connection_class = SentinelConnection
+    from_transport_options = (  # type: ignore[assignment]
+        *Channel.from_transport_options,
+        *(
+            name
+            for name in kombu_redis.SentinelChannel.from_transport_options
+            if name not in Channel.from_transport_options
+        ),
+    )
+
+
+class SentinelTransport(Transport):
+    """:class:`Transport` through Sentinel. After a failover the consumer's connection
+    breaks (Sentinel closes the demoted master's clients) and Celery reconnects, to the new
+    master; the messages it held are in the unacked hash, restored by the sweep."""
+
+    Channel = SentinelChannel
+    default_port = kombu_redis.SentinelTransport.default_port  # type: ignore[assignment]
+
+
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"

@@ -113,7 +113,8 @@ class Vitals:
     def __init__(self, worker: str, model: str, queue: str, *, interval_s: float) -> None:
         self.worker, self.model, self.queue = worker, model, queue
         self.interval_s = interval_s
-        self.started_at = time.time()
+        self.started_at = time.time()  # this host's clock (Prometheus' start time)
+        self._started = time.monotonic()  # the uptime: a duration on this host
         self.recent = RecentResults()
         self.finished_total = 0
         self.failed_total = 0
@@ -133,13 +134,16 @@ class Vitals:
     def fields(
         self, now: float, *, running: int, unfinished: int, load: EngineLoad
     ) -> dict[FieldT, EncodableT]:
-        """The vitals hash: identity, load, and jobs finished (any status) / failed per window."""
+        """The vitals hash: identity, load, and jobs finished (any status) / failed per window.
+        ``now`` is Redis's (contract/clock.py): readers on other hosts compare the heartbeat
+        with Redis's now; ``started_at`` is ``now`` less the uptime this host measured."""
+        uptime_s = time.monotonic() - self._started
         fields: dict[FieldT, EncodableT] = {
             "model": self.model,
             "queue": self.queue,
-            "started_at": self.started_at,
+            "started_at": now - uptime_s,
             "heartbeat_at": now,
-            "uptime_s": round(now - self.started_at, 3),
+            "uptime_s": round(uptime_s, 3),
             "heartbeat_interval_s": self.interval_s,
             "running": running,
             "engine_unfinished": unfinished,
@@ -205,7 +209,7 @@ class WorkerVitals:
 
     @property
     def uptime_s(self) -> float | None:
-        """Seconds from start to the last heartbeat (both on the worker's clock)."""
+        """Seconds from start to the last heartbeat (both on Redis's clock)."""
         if self.started_at is None or self.heartbeat_at is None:
             return None
         return self.heartbeat_at - self.started_at

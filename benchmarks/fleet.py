@@ -1,0 +1,466 @@
+"""A fleet of simulated GPU workers on one Redis: what Redis spends per token, per job, per worker.
+
+Each simulated worker is a real ``hermes-worker run`` process on the scripted engine
+(``--engine scripted``, no model): its Celery consumer, lease claims and renewals, stream
+writer, heartbeats and vitals are the production code, only the engine is a stand-in that
+writes at a GPU node's pace: ``--slots`` jobs (256) sharing ``--engine-tokens-per-s``
+tokens a second (2,000: about Hermes 4 405B in FP8 on 8 H100s), one token per running job per
+engine step (``scripted_engine_tokens_per_s``, see hermes_worker/testing/scripted_engine.py).
+All workers take jobs from one queue, as a fleet does. Beside each worker runs a service, a
+process of its own (so that no client's reads wait for another's CPU): an
+``AsyncHermesClient`` (its hub: one XREAD for the streams it reads and the ends it awaits)
+with one lane per slot, each submitting a ``--job-tokens`` job (500, ``ignore_eos``) as soon
+as its last one has ended, so the fleet's slots stay full. A ``--stream-share`` of
+the lanes (a quarter) reads each job's stream as a chat UI does, then its result; the others
+only await the result (the ends stream), as a batch producer or the gateway's ``stream:
+false`` does. The first job of each lane is shorter (1 to ``--job-tokens`` tokens), as if
+the fleet had been running: the jobs end spread out from the start.
+
+Redis is a ``redis-server`` of the benchmark's own on a free port (so nothing else's load
+counts; or ``--redis-url``). For each fleet size in ``--workers`` (1,2,4: as many as the
+machine can drive at full pace) the workers start, the load runs ``--warmup-s``, then over
+``--window-s`` it measures Redis's CPU (``INFO cpu``, user + system), its commands (``INFO
+commandstats``: calls and microseconds per command; commands a Lua script runs are counted
+too, and inside the script's own time), the tokens generated (counted in the streamed jobs'
+text as it arrives: every job gets one token per engine step, so they are a fair sample),
+the jobs ended, the CPU of the workers and of the services, and the services' XREADs. A
+worker that fell behind its pace would under-report Redis's cost: the table gives each
+level's tokens a second per worker against the target. The derived figures: Redis CPU per
+1,000 tokens, per job and per worker-second, and the fleet at which Redis would use half a
+core (0.5 s / s over Redis CPU per token times the target pace). Redis's cost grows linearly
+with the fleet only as long as the per-worker figure stays flat from level to level: the
+table shows it per level, and the XREADs per client-second beside it (a client follows jobs
+on every worker).
+
+    python benchmarks/fleet.py --workers 1,2,4 --warmup-s 15 --window-s 40 \
+        --out docs/benchmarks/fleet
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import random
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from serving import _stop, clean_redis, progress, resolve_model, start_worker
+
+from hermes_worker.cli.services import LocalRedis
+from hermes_worker.settings import Settings
+from hermes_worker.testing.scripted_engine import SCRIPT_KEY, split_tokens
+from hermes_worker.worker.stream import TEXT_EVENTS
+from producers.client import AsyncHermesClient
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _int_list(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--workers", type=_int_list, default=[1, 2, 4], help="fleet sizes")
+    parser.add_argument("--slots", type=int, default=256, help="jobs each worker runs at once")
+    parser.add_argument(
+        "--engine-tokens-per-s", type=float, default=2000.0, help="tokens/s a worker's slots share"
+    )
+    parser.add_argument(
+        "--job-tokens-per-s", type=float, default=40.0, help="a job alone at most (one stream)"
+    )
+    parser.add_argument("--job-tokens", type=int, default=500, help="tokens per job")
+    parser.add_argument(
+        "--stream-share", type=float, default=0.25, help="share of jobs whose stream is read"
+    )
+    parser.add_argument(
+        "--ends-readers",
+        type=int,
+        default=0,
+        help="more clients, each awaiting one job that never ends: they read the ends stream "
+        "as the services of a larger fleet would (its cost grows with clients x ends)",
+    )
+    parser.add_argument("--warmup-s", type=float, default=20.0)
+    parser.add_argument("--window-s", type=float, default=60.0, help="measured seconds per level")
+    parser.add_argument("--redis-url", default=None, help="default: a redis-server of its own")
+    parser.add_argument("--model", default="tiny", help="the tokenizer the workers load")
+    parser.add_argument("--out", default=None, help="write PATH.json and PATH.md")
+    return parser.parse_args(argv)
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def redis_sample(server: redis.Redis) -> dict[str, Any]:
+    cpu = server.info("cpu")
+    stats = server.info("commandstats")
+    commands = {
+        name.removeprefix("cmdstat_"): {"calls": int(v["calls"]), "usec": int(v["usec"])}
+        for name, v in stats.items()
+    }
+    return {"cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), "cmd": commands}
+
+
+@dataclass
+class Tally:
+    """What the lanes saw: jobs ended, stream events read and the tokens in them."""
+
+    jobs: int = 0
+    failed: int = 0
+    events: int = 0
+    streamed_tokens: int = 0
+
+    def copy(self) -> Tally:
+        return Tally(self.jobs, self.failed, self.events, self.streamed_tokens)
+
+
+@dataclass
+class Level:
+    workers: int
+    window_s: float
+    redis_cpu_s: float
+    jobs: int
+    tokens: int
+    failed: int
+    events: int
+    worker_cpu_s: float
+    harness_cpu_s: float
+    hub_reads: int
+    commands: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def tokens_per_worker_s(self) -> float:
+        return self.tokens / self.window_s / self.workers
+
+    @property
+    def redis_core(self) -> float:
+        """Redis CPU seconds per second."""
+        return self.redis_cpu_s / self.window_s
+
+    @property
+    def per_worker_s(self) -> float:
+        """Redis CPU seconds per worker-second."""
+        return self.redis_core / self.workers
+
+    @property
+    def calls(self) -> int:
+        return sum(c["calls"] for c in self.commands.values())
+
+    def fleet_at_half_core(self, target_tokens_s: float) -> float:
+        """Workers at the target pace for which Redis uses 0.5 core (from cost per token:
+        a worker that fell short of its pace is counted at the pace)."""
+        per_token = self.redis_cpu_s / max(self.tokens, 1)
+        return 0.5 / (per_token * target_tokens_s)
+
+
+# --- the load ------------------------------------------------------------------------------
+
+
+# Every token of the text a space and a word: cut into tokens again after the text has been
+# joined (a stream entry holds several deltas, the text repeats), it gives the same count.
+SCRIPT = json.dumps({"text": " Once upon a time a fleet of workers wrote stories."})
+
+
+def job_body(tokens: int) -> dict[str, Any]:
+    return {
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "metadata": {SCRIPT_KEY: SCRIPT},
+    }
+
+
+async def lane(
+    client: AsyncHermesClient, args: argparse.Namespace, streams: bool, tally: Tally,
+    stop: asyncio.Event,
+) -> None:  # fmt: skip
+    tokens = random.randint(1, args.job_tokens)  # as if the fleet had been running
+    while not stop.is_set():
+        handle = await client.submit(job_body(tokens))
+        if streams:
+            async for event in handle.stream():
+                tally.events += 1
+                if event.type in TEXT_EVENTS:
+                    tally.streamed_tokens += len(split_tokens(event.data["text"]))
+        result = await handle.result()
+        tally.jobs += 1
+        tally.failed += result.job.status != "succeeded"
+        tokens = args.job_tokens
+
+
+async def service(
+    settings: Settings, args: argparse.Namespace, start_at: float, end_at: float
+) -> dict[str, float]:
+    """One worker's service: its client keeps the worker's slots full; what it saw between
+    ``start_at`` and ``end_at`` (wall clock), and its CPU then."""
+    tally = Tally()
+    client = AsyncHermesClient(settings)
+    streaming = round(args.slots * args.stream_share)
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(lane(client, args, slot < streaming, tally, stop))
+        for slot in range(args.slots)
+    ]
+    try:
+        await asyncio.sleep(start_at - time.time())
+        seen, cpu, reads = tally.copy(), time.process_time(), client.hub.reads
+        await asyncio.sleep(end_at - time.time())
+        end, cpu, reads = tally.copy(), time.process_time() - cpu, client.hub.reads - reads
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        # The flag too: Python 3.11's wait_for can swallow a cancel that lands as its wait
+        # ends (a lane would then go on with another job).
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=10)
+        with contextlib.suppress(Exception):
+            await client.aclose()
+    return {
+        "jobs": end.jobs - seen.jobs,
+        "failed": end.failed - seen.failed,
+        "events": end.events - seen.events,
+        # Every job runs at the same pace (one token per engine step), so the streamed jobs
+        # are a fair sample of the tokens generated: counted as they are generated, not at
+        # a job's end (the lanes' first jobs are shorter).
+        "tokens": (end.streamed_tokens - seen.streamed_tokens) * args.slots / streaming,
+        "cpu_s": cpu,
+        "hub_reads": reads,
+    }
+
+
+async def ends_readers(settings: Settings, count: int, end_at: float) -> None:
+    """``count`` clients, each awaiting the result of a job that never ends until
+    ``end_at``: each one's hub reads the deployment's ends stream meanwhile."""
+    clients = [AsyncHermesClient(settings) for _ in range(count)]
+    waits = [
+        asyncio.create_task(client.job(f"never-{uuid.uuid4().hex}").result(timeout=3600))
+        for client in clients
+    ]
+    await asyncio.sleep(end_at - time.time())
+    for wait in waits:
+        wait.cancel()
+    await asyncio.wait(waits, timeout=10)
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+def ends_readers_process(settings: Settings, count: int, end_at: float) -> None:
+    asyncio.run(ends_readers(settings, count, end_at))
+
+
+def service_process(
+    settings: Settings, args: argparse.Namespace, start_at: float, end_at: float, out: Any
+) -> None:
+    out.send(asyncio.run(service(settings, args, start_at, end_at)))
+
+
+def drive(settings: list[Settings], args: argparse.Namespace, pids: list[int]) -> Level:
+    """Each worker's service in a process of its own (as services are: one client's XREADs
+    wait for no other's CPU); measure over the window after the warm-up."""
+    server = redis.Redis.from_url(settings[0].redis_url)
+    start_at = time.time() + args.warmup_s
+    end_at = start_at + args.window_s
+    context = multiprocessing.get_context("fork")
+    pipes, children = [], []
+    for one in settings:
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=service_process, args=(one, args, start_at, end_at, send))
+        child.start()
+        pipes.append(receive)
+        children.append(child)
+    if args.ends_readers:
+        readers = (settings[0], args.ends_readers, end_at)
+        children.append(context.Process(target=ends_readers_process, args=readers))
+        children[-1].start()
+    try:
+        time.sleep(max(0.0, start_at - time.time()))
+        before, workers_cpu = redis_sample(server), sum(map(proc_cpu_s, pids))
+        time.sleep(max(0.0, end_at - time.time()))
+        after, worker_cpu = redis_sample(server), sum(map(proc_cpu_s, pids)) - workers_cpu
+        seen = [pipe.recv() for pipe in pipes]
+    finally:
+        for child in children:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+        server.close()
+    commands = {}
+    for name, now in after["cmd"].items():
+        was = before["cmd"].get(name, {"calls": 0, "usec": 0})
+        if now["calls"] > was["calls"]:
+            commands[name] = {k: now[k] - was[k] for k in ("calls", "usec")}
+
+    def total(name: str) -> float:
+        return sum(one[name] for one in seen)
+
+    return Level(
+        workers=len(settings),
+        window_s=args.window_s,
+        redis_cpu_s=after["cpu_s"] - before["cpu_s"],
+        jobs=round(total("jobs")),
+        tokens=round(total("tokens")),
+        failed=round(total("failed")),
+        events=round(total("events")),
+        worker_cpu_s=worker_cpu,
+        harness_cpu_s=total("cpu_s"),
+        hub_reads=round(total("hub_reads")),
+        commands=commands,
+    )
+
+
+def worker_settings(args: argparse.Namespace, model: str, url: str, tag: str) -> Settings:
+    return Settings(
+        model=model,
+        redis_url=url,
+        key_prefix=f"hermes-fleet-{tag}:",
+        queue_name=f"hermes-fleet-{tag}",
+        engine="scripted",
+        scripted_tokens_per_s=args.job_tokens_per_s,
+        scripted_engine_tokens_per_s=args.engine_tokens_per_s,
+        concurrency=args.slots,
+        max_model_len=args.job_tokens + 512,
+        shutdown_grace_s=1.0,
+    )
+
+
+def run_level(args: argparse.Namespace, model: str, url: str, n: int, tmp: Path) -> Level:
+    """``n`` workers on one queue (one deployment, as a fleet runs), and beside each its
+    service: a client of its own (its own connection and hub, reading the deployment's one
+    ends stream)."""
+    tag = uuid.uuid4().hex[:8]
+    base = worker_settings(args, model, url, tag)
+    settings = [base] * n
+    workers = [start_worker(s, tmp / f"worker-{tag}-{i}.log") for i, s in enumerate(settings)]
+    try:
+        for worker in workers:
+            worker.wait_ready(120)
+        progress(f"{n} workers ready; load for {args.warmup_s + args.window_s:.0f} s")
+        return drive(settings, args, [w.pid for w in workers])
+    finally:
+        for worker in workers:
+            _stop(worker, grace=10)
+        clean_redis(base)
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def report(levels: list[Level], args: argparse.Namespace, command: str) -> str:
+    target = args.engine_tokens_per_s
+    lines = [
+        "# A fleet of simulated GPU workers on one Redis",
+        "",
+        f"Each worker: {args.slots} slots sharing {target:,.0f} tokens/s (the scripted engine), "
+        f"jobs of {args.job_tokens} tokens, {args.stream_share:.0%} of them streamed; "
+        f"{args.window_s:.0f} s measured per level after {args.warmup_s:.0f} s of warm-up.",
+        "",
+        f"    {command}",
+        "",
+        "| workers | tokens/s per worker (target) | jobs/s | Redis CPU (cores) "
+        "| Redis CPU per worker-second (ms) | per 1k tokens (ms) | per job (ms) "
+        "| commands per job | workers at 0.5 core | workers' CPU (cores) "
+        "| clients' CPU (cores) | XREADs per client-second |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for level in levels:
+        lines.append(
+            f"| {level.workers} | {level.tokens_per_worker_s:,.0f} ({target:,.0f}) "
+            f"| {level.jobs / level.window_s:.1f} | {level.redis_core:.3f} "
+            f"| {level.per_worker_s * 1e3:.1f} "
+            f"| {level.redis_cpu_s / max(level.tokens, 1) * 1e6:.2f} "
+            f"| {level.redis_cpu_s / max(level.jobs, 1) * 1e3:.3f} "
+            f"| {level.calls / max(level.jobs, 1):.1f} "
+            f"| {level.fleet_at_half_core(target):.0f} "
+            f"| {level.worker_cpu_s / level.window_s:.2f} "
+            f"| {level.harness_cpu_s / level.window_s:.2f} "
+            f"| {level.hub_reads / level.window_s / level.workers:.1f} |"
+        )
+    top = levels[-1]
+    lines += [
+        "",
+        f"Commands per job at {top.workers} workers (calls; Redis's own microseconds per call "
+        "and per job; a script's commands are inside its EVALSHA time):",
+        "",
+        "| command | calls per job | us per call | us per job |",
+        "| --- | --- | --- | --- |",
+    ]
+    ranked = sorted(top.commands.items(), key=lambda item: -item[1]["usec"])
+    for name, c in ranked:
+        lines.append(
+            f"| {name} | {c['calls'] / max(top.jobs, 1):.2f} "
+            f"| {c['usec'] / max(c['calls'], 1):.1f} | {c['usec'] / max(top.jobs, 1):.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python benchmarks/fleet.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory(prefix="hermes-fleet-") as tmp_name:
+        tmp = Path(tmp_name)
+        model = resolve_model(args.model, tmp)
+        own = None if args.redis_url else LocalRedis.start(tmp / "redis")
+        url = args.redis_url or own.url  # type: ignore[union-attr]
+        levels = []
+        try:
+            for n in args.workers:
+                level = run_level(args, model, url, n, tmp)
+                levels.append(level)
+                progress(
+                    f"{n} workers: {level.tokens_per_worker_s:,.0f} tokens/s each, Redis "
+                    f"{level.redis_core:.3f} cores, {level.per_worker_s * 1e3:.1f} ms per "
+                    f"worker-second"
+                )
+        finally:
+            if own is not None:
+                own.stop()
+    text = report(levels, args, command)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text)
+        data = {
+            "args": vars(args),
+            "command": command,
+            "levels": [
+                {**asdict(level), "per_worker_s": level.per_worker_s,
+                 "fleet_at_half_core": level.fleet_at_half_core(args.engine_tokens_per_s)}
+                for level in levels
+            ],
+        }  # fmt: skip
+        out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
