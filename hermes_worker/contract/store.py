@@ -470,13 +470,15 @@ def sync_client(url: str, max_connections: int = MAX_CONNECTIONS, **options: Any
             url, max_connections=max_connections, timeout=POOL_WAIT_S, **options
         )
         return SyncRedis.from_pool(pool)
-    manager = SyncSentinel(  # type: ignore[no-untyped-call]
+    # As Any: redis-py types Sentinel in some releases (8.2) and not in others (8.1).
+    sentinel_class: Any = SyncSentinel
+    manager = sentinel_class(
         list(sentinel.sentinels),
         sentinel_kwargs=sentinel.sentinel_kwargs(options),
         **sentinel.master_kwargs(),
         **options,
     )
-    client: SyncRedis = manager.master_for(  # type: ignore[no-untyped-call]
+    client: SyncRedis = manager.master_for(
         sentinel.master,
         redis_class=SyncRedis,
         connection_pool_class=_SyncBlockingSentinelPool,
@@ -495,7 +497,8 @@ def async_client(url: str, max_connections: int = MAX_CONNECTIONS, **options: An
             url, max_connections=max_connections, timeout=POOL_WAIT_S, **options
         )
         return AsyncRedis.from_pool(pool)
-    manager = AsyncSentinel(  # type: ignore[no-untyped-call]
+    sentinel_class: Any = AsyncSentinel  # typed in some redis-py releases only
+    manager = sentinel_class(
         list(sentinel.sentinels),
         sentinel_kwargs=sentinel.sentinel_kwargs(options),
         **sentinel.master_kwargs(),
