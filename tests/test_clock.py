@@ -14,14 +14,13 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import pytest
 import redis
-from test_lifecycle import STORY, Harness, job
+from lifecycle_fixtures import STORY, Harness, job
 
 import producers.client
 from hermes_worker.cli.health import check
@@ -29,7 +28,6 @@ from hermes_worker.contract.clock import RedisClock, redis_time
 from hermes_worker.contract.jobs import JobStatus
 from hermes_worker.contract.queue import UNACKED_KEY, queue_list
 from hermes_worker.errors import JobAlreadyEnded
-from hermes_worker.settings import Settings
 from hermes_worker.worker import execution, heartbeat, leases, reaper, vitals
 from hermes_worker.worker.runtime import Runtime
 from producers.client import JobHandle
@@ -64,15 +62,6 @@ def skewed(monkeypatch: pytest.MonkeyPatch) -> SkewedTime:
         if hasattr(module, "time"):
             monkeypatch.setattr(module, "time", clocks)
     return clocks
-
-
-@pytest.fixture
-def harness(
-    hermes_settings: Settings, test_model_dir: Path, redis_client: redis.Redis
-) -> Iterator[Harness]:
-    harness = Harness(hermes_settings, test_model_dir, redis_client)
-    yield harness
-    harness.close()
 
 
 def redis_now(client: redis.Redis) -> float:

@@ -10,19 +10,32 @@ processes at the end, which start in seconds (no vLLM).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from test_client import queued_messages, task_args
+from lifecycle_fixtures import (
+    CALL,
+    CONTENT,
+    REASONING,
+    STORY,
+    TERMINAL,
+    TEXT,
+    TOOLS,
+    Harness,
+    assert_one_ending,
+    job,
+    output_of,
+    wait_until,
+)
 from worker_fixtures import (
     WorkerProcess,
     patient_redis,
@@ -30,125 +43,11 @@ from worker_fixtures import (
 )
 
 from hermes_worker.contract.jobs import JobStatus
-from hermes_worker.contract.store import Keys, StreamEvent, decode_event
 from hermes_worker.errors import EngineError, ForgedMessage
-from hermes_worker.settings import Settings
-from hermes_worker.testing.scripted_engine import SCRIPT_KEY, split_tokens
+from hermes_worker.testing.scripted_engine import split_tokens
 from hermes_worker.worker import runtime as runtime_module
-from hermes_worker.worker.runtime import EXIT_ENGINE_DEAD, Runtime
+from hermes_worker.worker.runtime import EXIT_ENGINE_DEAD
 from producers.client import HermesClient
-
-REASONING = "The user wants the weather in Paris."
-CONTENT = "Let me look that up."
-CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
-TEXT = f"<think>{REASONING}</think>{CONTENT}<tool_call>{json.dumps(CALL)}</tool_call>"
-STORY = "Once upon a time a queue met an engine, and they streamed happily ever after."
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-]
-TERMINAL = ("done", "error", "cancelled")
-
-
-def job(script: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-    """A chat job whose metadata carries its script for the scripted engine."""
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Weather in Paris?"}]}
-    if script is not None:
-        body["metadata"] = {SCRIPT_KEY: json.dumps(script)}
-    return {**body, **fields}
-
-
-# --- the in-process worker -------------------------------------------------------------------
-
-
-class Harness:
-    """Runtimes on the test's own keys and queue, and the Celery task's part, played here."""
-
-    def __init__(self, settings: Settings, model: Path, redis_client: redis.Redis) -> None:
-        self.settings = settings.model_copy(
-            update={
-                "engine": "scripted",
-                "model": str(model),
-                "scripted_tokens_per_s": 0.0,  # no pause: a job takes milliseconds unless it stalls
-                "lease_ttl_s": 0.9,  # a heartbeat every 0.3 s
-                "stream_flush_ms": 5.0,
-                "stream_min_tokens": 0,
-                "max_retries": 1,
-            }
-        )
-        self.redis = redis_client
-        self.keys = Keys(self.settings.key_prefix)
-        self.client = HermesClient(self.settings)
-        self.runtimes: list[Runtime] = []
-        self.tasks = ThreadPoolExecutor(4, thread_name_prefix="celery-task")
-
-    def start(self) -> Runtime:
-        """A started runtime (a worker without its Celery consumer), named w1, w2, ..."""
-        name = f"w{len(self.runtimes) + 1}"
-        runtime = Runtime(self.settings.model_copy(update={"worker_name": name}))
-        runtime.start(timeout=30)
-        self.runtimes.append(runtime)
-        return runtime
-
-    def deliver(self, runtime: Runtime, job_id: str) -> Future[JobStatus | None]:
-        """Run the job's queued message on ``runtime``, as the Celery task does."""
-        messages = queued_messages(self.redis, self.settings.queue_name)
-        [body] = [task_args(m)[0] for _, m in messages if m["headers"]["id"] == job_id]
-        return self.tasks.submit(runtime.run_job, body, job_id)
-
-    def events(self, job_id: str) -> list[StreamEvent]:
-        return [decode_event(i, f) for i, f in self.redis.xrange(self.keys.events(job_id))]
-
-    def types(self, job_id: str) -> list[str]:
-        return [event.type for event in self.events(job_id)]
-
-    def record(self, job_id: str) -> dict[str, str]:
-        raw: Any = self.redis.hgetall(self.keys.job(job_id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
-
-    def wait_for_output(self, job_id: str) -> None:
-        wait_until(lambda: {"content", "reasoning"} & set(self.types(job_id)))
-
-    def close(self) -> None:
-        for runtime in self.runtimes:
-            runtime.stop(timeout=10)
-        self.tasks.shutdown(wait=False, cancel_futures=True)
-        self.client.close()
-
-
-@pytest.fixture
-def harness(
-    hermes_settings: Settings, test_model_dir: Path, redis_client: redis.Redis
-) -> Iterator[Harness]:
-    harness = Harness(hermes_settings, test_model_dir, redis_client)
-    yield harness
-    harness.close()
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
-def output_of(events: list[StreamEvent], kind: str) -> str:
-    """The text a reader joins from the stream: the last attempt's ``kind`` events."""
-    last = max((i for i, e in enumerate(events) if e.type == "restarted"), default=-1)
-    return "".join(e.data["text"] for e in events[last + 1 :] if e.type == kind)
-
-
-def assert_one_ending(harness: Harness, job_id: str, terminal: str) -> None:
-    """One terminal event, the last, and the stream numbered without a gap."""
-    events = harness.events(job_id)
-    assert [e.type for e in events if e.type in TERMINAL] == [terminal]
-    assert events[-1].type == terminal
-    assert [e.seq for e in events] == list(range(1, len(events) + 1))
 
 
 def test_the_job_lifecycle_and_the_scripted_engine_import_no_vllm() -> None:
@@ -377,8 +276,11 @@ def test_a_workers_lease_renewals_are_one_call_whatever_the_number_of_jobs(
         execute = ctx.redis.execute_command
 
         async def counted(*args: Any, **options: Any) -> Any:
-            sent.append(args[0])
+            if asyncio.current_task() is renewing:  # not the heartbeat's own commands
+                sent.append(args[0])
             return await execute(*args, **options)
+
+        renewing = asyncio.current_task()
 
         ctx.redis.execute_command = counted  # type: ignore[method-assign]
         try:

@@ -10,14 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from test_lifecycle import TOOLS, Harness, assert_one_ending, job, output_of, wait_until
+from lifecycle_fixtures import TOOLS, Harness, assert_one_ending, job, output_of, wait_until
 from worker_fixtures import WorkerProcess, patient_redis
 
 from hermes_worker.contract.jobs import JobResult, JobStatus
 from hermes_worker.contract.store import StreamEvent
 from hermes_worker.inference.parsing import StreamingParser
-from hermes_worker.settings import Settings
 from hermes_worker.testing.scripted_engine import split_tokens
 from producers.client import HermesClient
 
@@ -30,15 +28,6 @@ TWO_CALLS = (
     f"<tool_call>{json.dumps(PARIS)}</tool_call>\n<tool_call>{json.dumps(OSLO)}</tool_call>"
     " Anything else?"
 )
-
-
-@pytest.fixture
-def harness(
-    hermes_settings: Settings, test_model_dir: Path, redis_client: redis.Redis
-) -> Iterator[Harness]:
-    harness = Harness(hermes_settings, test_model_dir, redis_client)
-    yield harness
-    harness.close()
 
 
 def run(harness: Harness, body: dict[str, Any]) -> tuple[JobResult, list[StreamEvent]]:
@@ -97,7 +86,7 @@ def test_a_malformed_call_does_not_count_towards_the_one_allowed() -> None:
 def test_token_bytes_are_exact_for_tokens_that_split_a_character(test_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from hermes_worker.inference.engine import TokenBytes  # imports vLLM: only when run
+    from hermes_worker.inference.engine_api import TokenBytes
 
     # Given the test checkpoint's byte-level tokenizer and text of 1- to 4-byte characters
     tokenizer = AutoTokenizer.from_pretrained(test_model_dir)

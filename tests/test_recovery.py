@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import redis
-from test_lifecycle import STORY, job
+from lifecycle_fixtures import STORY, job
 from worker_fixtures import (
     WorkerProcess,
     clean_redis,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from test_lifecycle import STORY, job
+from lifecycle_fixtures import STORY, job
 from worker_fixtures import start_worker, stop_worker, wait_ready
 
 from hermes_worker.cli.services import SentinelGroup

@@ -166,6 +166,36 @@ def test_a_message_taken_in_a_burst_and_never_acked_is_restored(
     assert not redis_client.hexists(UNACKED, last.delivery_tag)
 
 
+def test_a_message_taken_but_not_recorded_goes_back_on_its_queue(
+    hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker]
+) -> None:
+    # Given a message, and a consumer whose record of it fails after BRPOP popped it (the
+    # master killed in between, in a failover)
+    pushed = push(redis_client, hermes_settings)
+    taker = Taker(hermes_settings, prefetch=1)
+    takers.append(taker)
+
+    def lost_connection(**_: Any) -> None:
+        raise redis.ConnectionError("Connection closed by server.")
+
+    taker.channel._record_script = lost_connection
+    # When it takes the message, Then the error reaches the consumer (which reconnects) and
+    # nothing is delivered
+    with pytest.raises(redis.ConnectionError):
+        taker.drain_once()
+    assert taker.got == []
+    # And the message is back on its queue, under a new delivery tag, marked redelivered
+    deadline = time.monotonic() + 5
+    while not redis_client.llen(hermes_settings.queue_name):
+        assert time.monotonic() < deadline, "the message never came back"
+        time.sleep(0.01)
+    [back] = [json.loads(m) for m in redis_client.lrange(hermes_settings.queue_name, 0, -1)]
+    assert back["headers"]["id"] == pushed["headers"]["id"] and back["body"] == pushed["body"]
+    assert back["properties"]["delivery_tag"] != pushed["properties"]["delivery_tag"]
+    assert back["properties"]["delivery_info"]["redelivered"] is True
+    assert not redis_client.hexists(UNACKED, pushed["properties"]["delivery_tag"])
+
+
 def test_items_in_a_burst_that_are_not_messages_are_dropped_and_the_rest_delivered(
     hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker]
 ) -> None:

@@ -18,12 +18,11 @@ import contextlib
 import functools
 import json
 import re
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import structlog
 import xgrammar
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 from vllm import SamplingParams, TokensPrompt
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
@@ -32,7 +31,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from hermes_worker.errors import EngineError, InvalidRequest
-from hermes_worker.inference.engine_api import Delta, token_logprob
+from hermes_worker.inference.engine_api import Delta, TokenBytes, logprob_entries
 from hermes_worker.inference.kv_cache import vllm_is_cpu_build
 from hermes_worker.inference.sampling import Constraint, GenerationPlan
 from hermes_worker.settings import Settings
@@ -93,64 +92,6 @@ def sampling_params(plan: GenerationPlan, stream_interval: int = 1) -> SamplingP
         structured_outputs=structured,
         **plan.sampling,
     )
-
-
-class TokenBytes:
-    """The bytes of each token id, for OpenAI's ``bytes``: exact where a token holds part of
-    a UTF-8 character, which its text (decoded alone: ``\ufffd`` or nothing) cannot show.
-    Byte-level BPE vocabularies (Llama 3, Hermes 4) spell bytes as characters (GPT-2's
-    table); SentencePiece ones have ``<0xNN>`` byte tokens; other tokens are their text."""
-
-    BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        # A byte-level vocabulary has GPT-2's character for a space ("Ġ") on its own.
-        byte_level = tokenizer is not None and "Ġ" in tokenizer.get_vocab()
-        table = bytes_to_unicode() if byte_level else {}
-        self._byte_level = {char: byte for byte, char in table.items()}
-
-    @functools.lru_cache(maxsize=65536)  # noqa: B019  (one per engine, for its lifetime)
-    def __call__(self, token_id: int) -> bytes | None:
-        """The token's bytes; None when the tokenizer cannot say (its text's bytes then)."""
-        if self._tokenizer is None:
-            return None
-        piece = self._tokenizer.convert_ids_to_tokens(token_id)
-        if not isinstance(piece, str) or not piece:
-            return None
-        if match := self.BYTE_TOKEN.fullmatch(piece):
-            return bytes([int(match.group(1), 16)])
-        if self._byte_level and all(char in self._byte_level for char in piece):
-            return bytes(self._byte_level[char] for char in piece)
-        return None
-
-
-def logprob_entries(
-    token_ids: Sequence[int],
-    positions: Sequence[Mapping[int, Any] | None] | None,
-    top: int,
-    raw: Callable[[int], bytes | None] = lambda _: None,
-) -> list[dict[str, Any]]:
-    """OpenAI's ``logprobs.content`` entries of new tokens from vLLM's logprobs (a mapping of
-    token id to ``Logprob`` per position: the sampled token and the ``top`` most likely);
-    ``raw``: a token id's bytes (:class:`TokenBytes`)."""
-    entries = []
-    for index, token_id in enumerate(token_ids):
-        position = positions[index] if positions is not None and index < len(positions) else None
-        position = position or {}
-        ranked = sorted(position.items(), key=lambda item: item[1].rank or 0)
-        best = [
-            (p.decoded_token or "", p.logprob, raw(tid))
-            for tid, p in ranked
-            if (p.rank or 0) <= top
-        ][:top]
-        chosen = position.get(token_id)
-        if chosen is None:  # vLLM always returns the sampled token; kept safe regardless
-            entries.append(token_logprob("", float("-inf"), best, raw(token_id)))
-        else:
-            text = chosen.decoded_token or ""
-            entries.append(token_logprob(text, chosen.logprob, best, raw(token_id)))
-    return entries
 
 
 # Hermes writes a call as {"name": "f", "arguments": {...}}, json.dumps' separators: the

@@ -55,6 +55,7 @@ from hermes_worker.worker.leases import Leases
 from hermes_worker.worker.metrics import WorkerMetrics, start_metrics
 from hermes_worker.worker.reaper import Reaper
 from hermes_worker.worker.stream import StreamWriter
+from hermes_worker.worker.tasks import cancel_and_wait
 from hermes_worker.worker.transport import Transport, stop_taking
 from hermes_worker.worker.vitals import Vitals, worker_name
 
@@ -161,9 +162,7 @@ class Runtime:
         ctx = self._ctx
         if ctx is None:
             return
-        for task in self._tasks:  # a deliberate shutdown is not a dead engine
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)  # a deliberate shutdown is not a dead engine
         await ctx.writer.stop()
         await ctx.redis.aclose()
         if self._metrics is not None:

@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 
 from hermes_worker.contract import scripts
 from hermes_worker.contract.store import Keys, decode_event, encode_event
+from hermes_worker.worker.tasks import cancel_and_wait
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -191,8 +192,7 @@ class StreamWriter:
     async def stop(self) -> None:
         """Write what is pending, then stop."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
         if self._dirty:
             await self._flush(force=True)
 

@@ -104,10 +104,19 @@ class QoS(kombu_redis.QoS):
         owned = self.channel.deliveries_key
         keys = [self.unacked_index_key, self.unacked_key, owned or self.unacked_key]
         args = [delivery_tag, time.time(), entry, "1" if owned else "0"]
-        with self.channel.conn_or_acquire() as client:
-            if self.channel._record_script is None:  # EVALSHA, the body sent once
-                self.channel._record_script = client.register_script(scripts.RECORD)
-            self.channel._record_script(keys=keys, args=args, client=client)
+        try:
+            with self.channel.conn_or_acquire() as client:
+                if self.channel._record_script is None:  # EVALSHA, the body sent once
+                    self.channel._record_script = client.register_script(scripts.RECORD)
+                self.channel._record_script(keys=keys, args=args, client=client)
+        except CONNECTION_GONE as exc:
+            # Popped and not recorded: this process holds the only copy (a failover or a
+            # lost connection between the BRPOP and this call). It is not delivered; it
+            # goes back on its queue once Redis answers (if the record did land after all,
+            # the visibility sweep brings a second copy, which finds the job claimed).
+            log.warning("a message taken but not recorded goes back on its queue (%s)", exc)
+            self.channel.put_back(message._raw, delivery["exchange"], delivery["routing_key"])
+            raise
         virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
 
     def can_consume(self) -> bool:
@@ -218,6 +227,33 @@ class Channel(kombu_redis.Channel):
         with contextlib.suppress(KeyError, TypeError):
             payload["properties"]["delivery_tag"] = str(uuid.uuid4())
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)  # type: ignore[no-untyped-call]
+
+    # How long a message taken but not recorded is tried to be put back (put_back).
+    put_back_for_s = 120.0
+
+    def put_back(self, payload: Any, exchange: Any, routing_key: Any) -> None:
+        """Put a message back on its queue (next in line, under a new delivery tag) from a
+        thread of its own, trying every half second until Redis takes it or
+        ``put_back_for_s`` has passed: the consumer's loop goes on reconnecting meanwhile."""
+
+        def put() -> None:
+            deadline = time.monotonic() + self.put_back_for_s
+            while True:
+                try:
+                    client = self._create_client()  # type: ignore[no-untyped-call]
+                    try:
+                        self._do_restore_message(payload, exchange, routing_key, client)
+                    finally:
+                        client.close()
+                    log.info("the message taken but not recorded is back on its queue")
+                    return
+                except CONNECTION_GONE as exc:
+                    if time.monotonic() > deadline:
+                        log.error("a message taken but not recorded is lost (%s)", exc)
+                        return
+                    time.sleep(0.5)
+
+        threading.Thread(target=put, name="hermes-put-back", daemon=True).start()
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
