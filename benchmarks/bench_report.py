@@ -322,6 +322,17 @@ def round_ratios(
     return [a / b for a, b in zip(mine, theirs, strict=True) if b]
 
 
+def round_differences(
+    ways: Mapping[str, Mapping[str, Any]], other: str, way: str, key: str
+) -> list[float]:
+    """``way``'s ``key`` (a per-round list) less ``other``'s, round by round; empty without
+    per-round figures."""
+    mine, theirs = ways.get(way, {}).get(key), ways.get(other, {}).get(key)
+    if not mine or not theirs or len(mine) != len(theirs):
+        return []
+    return [a - b for a, b in zip(mine, theirs, strict=True)]
+
+
 def _ratio_cell(
     ways: Mapping[str, Mapping[str, Any]], other: str, ratio: float | None, way: str = "queue"
 ) -> str:
@@ -468,8 +479,12 @@ def _more_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                 ratio = more.get(f"{stem}_tokens_per_s_vs_{other.replace('-', '_')}")
                 cells.append(_ratio_cell(ways, other, ratio, way))
             added = more.get("gateway_added_ttft_p50_ms") if way == "gateway" else None
+            added_cell = _cell("{:+.1f}", added)
+            per_round = round_differences(ways, "vllm-serve", way, "round_ttft_p50_ms")
+            if added is not None and len(per_round) > 1:
+                added_cell += f" ({min(per_round):+.0f} to {max(per_round):+.0f})"
             lines.append(
-                f"| {level} | {way} | {' | '.join(cells)} | {_cell('{:+.1f}', added)} "
+                f"| {level} | {way} | {' | '.join(cells)} | {added_cell} "
                 f"| {_cell('{:.3f}', ways[way].get('redis_cmds_per_token'))} |"
             )
     return lines

@@ -398,6 +398,7 @@ class Level:
     samples: list[Sample] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
     round_tokens_per_s: list[float] = field(default_factory=list)
+    round_ttft_p50_ms: list[float] = field(default_factory=list)
     rss: dict[str, float] = field(default_factory=dict)  # the front end's, after the level
     cpu_s: dict[str, float] = field(default_factory=dict)  # CpuMeter's parts, summed
 
@@ -415,6 +416,9 @@ class Level:
         for part, seconds in (cpu_s or {}).items():
             self.cpu_s[part] = self.cpu_s.get(part, 0.0) + seconds
         self.round_tokens_per_s.append(sum(s.tokens for s in samples) / wall_s)
+        ttfts = [x.ttft_s * 1000 for x in samples if x.finished is not None]
+        if ttfts:
+            self.round_ttft_p50_ms.append(report.percentile(ttfts, 50))
 
 
 def rotated(items: Sequence[str], turn: int) -> list[str]:
@@ -459,6 +463,7 @@ def level_row(way: str, concurrency: int, level: Level) -> dict[str, Any]:
     row["redis_cmds_per_job"] = total / max(1, row["jobs"])
     row["redis_commands"] = dict(sorted(level.calls.items(), key=lambda kv: -kv[1]))
     row["round_tokens_per_s"] = level.round_tokens_per_s
+    row["round_ttft_p50_ms"] = level.round_ttft_p50_ms
     row.update(report.cpu_per_token(level.cpu_s, row["output_tokens"]))
     row.update(level.rss)
     return row

@@ -363,6 +363,7 @@ def test_a_level_pools_its_rounds_and_keeps_each_rounds_throughput() -> None:
     assert level.calls == {"xadd": 6, "hset": 2}
     assert level.cpu_s == pytest.approx({"front_end": 1.0, "redis": 0.2})
     assert level.round_tokens_per_s == [50.0, 25.0]
+    assert level.round_ttft_p50_ms == []  # none of these jobs ended
 
 
 def test_the_summary_shows_the_spread_of_the_rounds(tmp_path: Path) -> None:
@@ -672,3 +673,25 @@ def test_the_gateway_and_queue_result_ways_are_compared_with_the_others() -> Non
     assert c["gateway_added_ttft_p50_ms"] == pytest.approx(12.0)
     text = report.markdown({"config": config(), "rows": [*rows(), *more], "soak": None})
     assert "| 32 | gateway | 0.76x | 0.95x | 0.79x | +12.0 | 0.200 |" in text
+
+
+def test_the_gateways_added_ttft_shows_the_spread_of_the_rounds() -> None:
+    # Given rounds whose time to first token differed, each way's p50 kept per round
+    base = {"jobs": 10, "ttft_p99_ms": 50.0, "itl_p50_ms": 5.0, "latency_p50_ms": 900.0}
+    serve = {
+        **base,
+        "way": "vllm-serve",
+        "concurrency": 128,
+        "tokens_per_s": 800.0,
+        "ttft_p50_ms": 4500.0,
+        "round_ttft_p50_ms": [4000.0, 5100.0, 4500.0],
+    }
+    gateway = {**base, "way": "gateway", "concurrency": 128, "tokens_per_s": 800.0,
+               "ttft_p50_ms": 4510.0, "round_ttft_p50_ms": [4400.0, 4700.0, 4490.0]}  # fmt: skip
+    ways = report.by_level([serve, gateway])[128]
+    # Then the difference is given for the pooled jobs and, in brackets, round by round
+    assert report.round_differences(ways, "vllm-serve", "gateway", "round_ttft_p50_ms") == (
+        pytest.approx([400.0, -400.0, -10.0])
+    )
+    text = report.markdown({"config": config(), "rows": [serve, gateway], "soak": None})
+    assert "| 128 | gateway | - | 1.00x | - | +10.0 (-400 to +400) |" in text

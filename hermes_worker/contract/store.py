@@ -457,6 +457,52 @@ class _AsyncBlockingSentinelPool(AsyncSentinelPool, AsyncBlockingPool):
         await super().release(connection)
 
 
+@dataclass(frozen=True)
+class _Flavour:
+    """The redis-py classes of one kind of client (blocking or asyncio)."""
+
+    client: Any
+    pool: Any
+    sentinel: Any  # As Any: redis-py types Sentinel in some releases (8.2), not others (8.1).
+    sentinel_pool: Any
+    sentinel_connection: Any
+
+
+_SYNC = _Flavour(
+    SyncRedis, SyncBlockingPool, SyncSentinel, _SyncBlockingSentinelPool, SentinelConnection
+)
+_ASYNC = _Flavour(
+    AsyncRedis,
+    AsyncBlockingPool,
+    AsyncSentinel,
+    _AsyncBlockingSentinelPool,
+    AsyncSentinelConnection,
+)
+
+
+def _client(flavour: _Flavour, url: str, max_connections: int, options: dict[str, Any]) -> Any:
+    sentinel = SentinelURL.parse(url)
+    if sentinel is None:
+        pool = flavour.pool.from_url(
+            url, max_connections=max_connections, timeout=POOL_WAIT_S, **options
+        )
+        return flavour.client.from_pool(pool)
+    manager = flavour.sentinel(
+        list(sentinel.sentinels),
+        sentinel_kwargs=sentinel.sentinel_kwargs(options),
+        **sentinel.master_kwargs(),
+        **options,
+    )
+    return manager.master_for(
+        sentinel.master,
+        redis_class=flavour.client,
+        connection_pool_class=flavour.sentinel_pool,
+        connection_class=flavour.sentinel_connection,
+        max_connections=max_connections,
+        timeout=POOL_WAIT_S,
+    )
+
+
 def sync_client(url: str, max_connections: int = MAX_CONNECTIONS, **options: Any) -> SyncRedis:
     """The one way our code connects to Redis: a blocking client whose pool makes callers
     wait for a connection, never fail. ``url``: ``redis://``, ``rediss://``, ``unix://`` (as
@@ -464,52 +510,11 @@ def sync_client(url: str, max_connections: int = MAX_CONNECTIONS, **options: Any
     asks the sentinels for the master's address, and after a failover the pool's idle
     connections are dropped and new ones go to the new master. ``options``: redis-py's
     connection arguments (``socket_timeout``, ``retry``, ...)."""
-    sentinel = SentinelURL.parse(url)
-    if sentinel is None:
-        pool = SyncBlockingPool.from_url(
-            url, max_connections=max_connections, timeout=POOL_WAIT_S, **options
-        )
-        return SyncRedis.from_pool(pool)
-    # As Any: redis-py types Sentinel in some releases (8.2) and not in others (8.1).
-    sentinel_class: Any = SyncSentinel
-    manager = sentinel_class(
-        list(sentinel.sentinels),
-        sentinel_kwargs=sentinel.sentinel_kwargs(options),
-        **sentinel.master_kwargs(),
-        **options,
-    )
-    client: SyncRedis = manager.master_for(
-        sentinel.master,
-        redis_class=SyncRedis,
-        connection_pool_class=_SyncBlockingSentinelPool,
-        connection_class=SentinelConnection,
-        max_connections=max_connections,
-        timeout=POOL_WAIT_S,
-    )
+    client: SyncRedis = _client(_SYNC, url, max_connections, options)
     return client
 
 
 def async_client(url: str, max_connections: int = MAX_CONNECTIONS, **options: Any) -> AsyncRedis:
     """The asyncio twin of :func:`sync_client`."""
-    sentinel = SentinelURL.parse(url)
-    if sentinel is None:
-        pool = AsyncBlockingPool.from_url(
-            url, max_connections=max_connections, timeout=POOL_WAIT_S, **options
-        )
-        return AsyncRedis.from_pool(pool)
-    sentinel_class: Any = AsyncSentinel  # typed in some redis-py releases only
-    manager = sentinel_class(
-        list(sentinel.sentinels),
-        sentinel_kwargs=sentinel.sentinel_kwargs(options),
-        **sentinel.master_kwargs(),
-        **options,
-    )
-    client: AsyncRedis = manager.master_for(
-        sentinel.master,
-        redis_class=AsyncRedis,
-        connection_pool_class=_AsyncBlockingSentinelPool,
-        connection_class=AsyncSentinelConnection,
-        max_connections=max_connections,
-        timeout=POOL_WAIT_S,
-    )
+    client: AsyncRedis = _client(_ASYNC, url, max_connections, options)
     return client
