@@ -258,7 +258,9 @@ async def service(
 
 async def ends_readers(settings: Settings, count: int, end_at: float) -> None:
     """``count`` clients, each awaiting the result of a job that never ends until
-    ``end_at``: each one's hub reads the deployment's ends stream meanwhile."""
+    ``end_at``: each one's hub reads the deployment's shared ends stream meanwhile (the
+    job has no record), where the fleet's jobs, each ending on its service's own ends
+    stream, no longer wake it."""
     clients = [AsyncHermesClient(settings) for _ in range(count)]
     waits = [
         asyncio.create_task(client.job(f"never-{uuid.uuid4().hex}").result(timeout=3600))

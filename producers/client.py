@@ -16,11 +16,14 @@ job's Celery message (:func:`~hermes_worker.contract.queue.job_message`: what Ce
 would push, built here, so both land or neither, in one round trip); a second submit of
 an id that already has a record sends nothing and returns a handle to that job.
 Reading a stream blocks on the job's event stream (XREAD BLOCK). Waiting for a result
-(``result()``) blocks on the deployment's ends stream instead, which the worker appends the
-job's id to in the same Lua call that stores the result: one reader per client for all its
-waiters (a thread for :class:`HermesClient`, the hub for :class:`AsyncHermesClient`), one
-wake-up per job whatever its length, and a check of the record every END_CHECK_S in case a
-notification was missed.
+(``result()``) blocks on the job's ends stream instead, which the worker appends the job's
+id to in the same Lua call that stores the result: each client has its own
+(``Keys.ends_for``), named in the record of every job it submits, so an end wakes only the
+client that submitted the job and those awaiting it; a job another producer submitted
+without one ends on the deployment's shared ``{prefix}ends``. One reader per client for all
+its waiters and their streams (a thread for :class:`HermesClient`, the hub for
+:class:`AsyncHermesClient`), one wake-up per job whatever its length, and a check of the
+record every END_CHECK_S in case a notification was missed.
 
 Submitting refuses (:class:`QueueFull`) while ``max_queue_depth`` jobs already wait in the
 queue. ``handle.cancel()`` ends a queued job at once and asks a running one's worker to stop.
@@ -34,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -88,7 +90,7 @@ from producers.control import (
     script_reply,
     unique_ids,
 )
-from producers.hub import EndWait, EndWatcher, StreamHub, Subscription, entry_order
+from producers.hub import EndEvent, EndWait, EndWatcher, StreamHub, Subscription, entry_order
 
 if TYPE_CHECKING:
     from producers.batches import AsyncBatches, Batches
@@ -178,16 +180,25 @@ class Submission:
     priority: int
 
     def submit_call(
-        self, keys: Keys, app: Celery, queue: str, tenant: str | None = None
+        self,
+        keys: Keys,
+        app: Celery,
+        queue: str,
+        tenant: str | None = None,
+        ends: str | None = None,
     ) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of :data:`scripts.SUBMIT` (``tenant``: who submits, through the
-        gateway; recorded in the job's record). The script stamps ``queued_at`` on Redis's
-        clock; this host's now goes along unrecorded (the script's ARGV as they were)."""
+        gateway; ``ends``: the submitting client's own ends stream, ``Keys.ends_for``, where
+        the job's end will go; both recorded in the job's record). The script stamps
+        ``queued_at`` on Redis's clock; this host's now goes along unrecorded (the script's
+        ARGV as they were)."""
         queue_key, message = job_message(app, self.body, self.job_id, self.priority, queue)
         digest = body_digest(self.body_json)
         args = [repr(time.time()), self.body_json, str(ALIVE_TTL_S), message, digest]
-        if tenant:
-            args.append(tenant)
+        if tenant or ends:
+            args.append(tenant or "")
+        if ends:
+            args.append(ends)
         return [keys.job(self.job_id), queue_key], args
 
 
@@ -473,9 +484,15 @@ class HermesClient:
         self._requeue = self.redis.register_script(scripts.REQUEUE)
         self._queue_lists = queue_lists(self.settings)
         self._gate = DepthGate(self.settings.max_queue_depth)
+        # This client's own ends stream: the jobs it submits end there (their record names
+        # it), so their ends wake this client only.
+        self.ends_key = self.keys.ends_for(uuid4().hex)
         # Every result() wait of this client, in any thread, wakes through one reader.
         self.ends = EndWatcher(
-            self.redis, self.keys.ends, block_s=block_chunk_s(self.redis), count=READ_COUNT
+            self.redis,
+            self.settings.key_prefix,
+            block_s=block_chunk_s(self.redis),
+            count=READ_COUNT,
         )
 
     def submit(self, job: JobSource) -> JobHandle:
@@ -486,7 +503,9 @@ class HermesClient:
         """
         sub = prepare_submission(job, self.settings.max_body_bytes)
         self._check_depth(self.keys.job(sub.job_id))
-        keys, args = sub.submit_call(self.keys, self.celery, self.settings.queue_name)
+        keys, args = sub.submit_call(
+            self.keys, self.celery, self.settings.queue_name, ends=self.ends_key
+        )
         created = bool(call_replicated(self.redis, self._submit, keys, args, *self._wait))
         if created:
             self._gate.submitted()
@@ -579,6 +598,8 @@ class JobHandle:
         self._chunk_s = block_chunk_s(client.redis)
         # A handle from submit (or requeue) has seen its record: it was just written.
         self._watch = RecordWatch(job_id, seen=created)
+        # The ends stream the job's end goes to, as its record last read says.
+        self._end_stream = client.keys.ends
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r}, created={self.created})"
@@ -646,9 +667,10 @@ class JobHandle:
 
         Like :meth:`stream`, an id without a record yet is waited for, and a record seen
         and then gone raises :class:`JobLost`. The wait costs a few commands whatever the
-        job's length: it wakes when the client's one reader of the ends stream reads this
-        job's id (:class:`~producers.hub.EndWatcher`), and checks the record every
-        END_CHECK_S besides.
+        job's length: it wakes when the client's one reader of ends streams reads this
+        job's id on the stream its record names (this client's own for a job it submitted;
+        :class:`~producers.hub.EndWatcher`), and checks the record every END_CHECK_S
+        besides.
         """
         deadline = Deadline(timeout, f"job {self.id}", END_CHECK_MAX_S)
         found = read_while_waiting(deadline, self._check_end)
@@ -663,22 +685,33 @@ class JobHandle:
                 found = read_while_waiting(deadline, self._check_end)
                 if found is not None:
                     return found
+                if woken.key != self._end_stream:
+                    # The record names another stream than the one watched (it was made,
+                    # or made again, meanwhile): watch that one, then read the record again.
+                    ends.unwatch(woken)
+                    woken = self._watch_end(deadline)
+                    continue
                 if woken.wait(min(next(checks), deadline.block_ms() / 1000)):
                     # Watched afresh: a reader whose read failed woke everyone and stopped.
-                    ends.unwatch(self.id, woken)
-                    woken = self._watch_end(deadline)
+                    # The new watch comes first: a stream read on keeps its cursor.
+                    fresh = self._watch_end(deadline)
+                    ends.unwatch(woken)
+                    woken = fresh
         finally:
-            ends.unwatch(self.id, woken)
+            ends.unwatch(woken)
 
-    def _watch_end(self, deadline: Deadline) -> threading.Event:
-        return read_while_waiting(deadline, functools.partial(self._client.ends.watch, self.id))
+    def _watch_end(self, deadline: Deadline) -> EndEvent:
+        watch = functools.partial(self._client.ends.watch, self.id, self._end_stream)
+        return read_while_waiting(deadline, watch)
 
     def _check_end(self) -> JobResult | None:
         """The result if the job has ended (one HMGET; the whole record only for an end
-        without a stored result), else None; JobLost for a record seen and gone."""
+        without a stored result), else None; JobLost for a record seen and gone. Notes the
+        ends stream the record names (the same HMGET)."""
         key = self._keys.job(self.id)
-        status, raw = self._redis.hmget(key, "status", "result")
+        status, raw, named = self._redis.hmget(key, "status", "result", "ends")
         self._watch.saw(status is not None)
+        self._end_stream = self._keys.end_stream(named)
         ended = ended_from_fields(status, raw)
         if isinstance(ended, JobResult):
             return ended
@@ -770,6 +803,8 @@ class AsyncHermesClient:
         self._requeue = self.redis.register_script(scripts.REQUEUE)
         self._queue_lists = queue_lists(self.settings)
         self._gate = DepthGate(self.settings.max_queue_depth)
+        # This client's own ends stream (see HermesClient).
+        self.ends_key = self.keys.ends_for(uuid4().hex)
         # Every stream this client reads goes through one XREAD loop.
         self.hub = StreamHub(
             self.redis,
@@ -784,7 +819,9 @@ class AsyncHermesClient:
         in the job's record."""
         sub = prepare_submission(job, self.settings.max_body_bytes)
         await self._check_depth(self.keys.job(sub.job_id))
-        keys, args = sub.submit_call(self.keys, self.celery, self.settings.queue_name, tenant)
+        keys, args = sub.submit_call(
+            self.keys, self.celery, self.settings.queue_name, tenant, self.ends_key
+        )
         created = bool(
             await call_replicated_async(self.redis, self._submit, keys, args, *self._wait)
         )
@@ -874,6 +911,7 @@ class AsyncJobHandle:
         self._keys = client.keys
         self._chunk_s = block_chunk_s(client.redis)
         self._watch = RecordWatch(job_id, seen=created)  # see JobHandle
+        self._end_stream = client.keys.ends  # see JobHandle
 
     def __repr__(self) -> str:
         return f"AsyncJobHandle(id={self.id!r}, created={self.created})"
@@ -956,8 +994,8 @@ class AsyncJobHandle:
     async def result(self, timeout: float | None = None) -> JobResult:
         """Wait until the job has ended and return its result; ``TimeoutError`` on timeout,
         :class:`JobLost` when its record was seen and is gone (see JobHandle). It wakes when
-        the client's hub reads this job's id on the ends stream (one XREAD for every
-        waiter), and checks the record every END_CHECK_S besides."""
+        the client's hub reads this job's id on the ends stream its record names (one XREAD
+        for every waiter and stream), and checks the record every END_CHECK_S besides."""
         deadline = Deadline(timeout, f"job {self.id}", END_CHECK_MAX_S)
         found = await read_while_waiting_async(deadline, self._check_end)
         if found is not None:  # the usual case after reading the stream: one command
@@ -971,6 +1009,10 @@ class AsyncJobHandle:
                 found = await read_while_waiting_async(deadline, self._check_end)
                 if found is not None:
                     return found
+                if wait.key != self._end_stream:  # see JobHandle.result
+                    hub.unwatch_end(wait)
+                    wait = await self._watch_end(deadline)
+                    continue
                 timeout_s = min(next(checks), deadline.block_ms() / 1000)
                 if await wait.wait(timeout_s) and wait.broken:
                     # The hub's read failed and it stopped: watch again, which restarts it.
@@ -981,13 +1023,15 @@ class AsyncJobHandle:
 
     async def _watch_end(self, deadline: Deadline) -> EndWait:
         hub = self._client.hub
-        return await read_while_waiting_async(deadline, functools.partial(hub.watch_end, self.id))
+        watch = functools.partial(hub.watch_end, self.id, self._end_stream)
+        return await read_while_waiting_async(deadline, watch)
 
     async def _check_end(self) -> JobResult | None:
         """See :meth:`JobHandle._check_end`."""
         key = self._keys.job(self.id)
-        status, raw = await self._redis.hmget(key, "status", "result")
+        status, raw, named = await self._redis.hmget(key, "status", "result", "ends")
         self._watch.saw(status is not None)
+        self._end_stream = self._keys.end_stream(named)
         ended = ended_from_fields(status, raw)
         if isinstance(ended, JobResult):
             return ended

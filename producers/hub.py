@@ -7,16 +7,21 @@ worker flushes. The hub reads all followed streams in a single ``XREAD BLOCK`` a
 each job's entries to that job's queue, so a flush that touches 32 jobs costs one command.
 
 A result waiter needs less: only the job's end. Every script that ends a job appends its id
-to the deployment's ends stream (``{prefix}ends``, ``Keys.ends``) in the same call, and the
-hub reads that one stream, in the same XREAD, while anyone waits on an end
-(:meth:`StreamHub.watch_end`), waking the waiters of each id it reads. A wait so costs a
-constant number of commands whatever the tokens generated. :class:`EndWatcher` is the same
-for the blocking client: one thread, one connection, for all its waiting threads.
+to the job's ends stream in the same call: the stream of the client that submitted it,
+``{prefix}ends:{owner}`` (``Keys.ends_for``, named in the job's record, field ``ends``), or
+the deployment's shared ``{prefix}ends`` for a job without that field (another producer's).
+So an end wakes only the processes that await that job, not every waiting process of the
+fleet. The hub reads the ends streams its waiters need (:meth:`StreamHub.watch_end`: its
+own client's, and those of jobs other clients submitted), in the same XREAD, while anyone
+waits on them, waking the waiters of each id it reads. A wait so costs a constant number of
+commands whatever the tokens generated. :class:`EndWatcher` is the same for the blocking
+client: one thread, one connection, one XREAD for all its waiting threads and their streams.
 
 A stream followed while the hub is blocked would wait for that read to end. To take it in at
 once, the hub also reads a small wake stream of its own (``{prefix}hub:{id}``); following a
-new job appends to it, which ends the blocked read. That key holds at most one entry and
-expires an hour after its last use.
+new job (or waiting on an ends stream the read in flight does not read) appends to it, which
+ends the blocked read. That key holds at most one entry and expires an hour after its last
+use. The :class:`EndWatcher` keeps one too.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
@@ -66,10 +71,11 @@ class Subscription:
 
 class EndWait:
     """One waiter on one job's end: :meth:`wait` returns when the hub read that job's id on
-    the ends stream (or its read failed: ``broken``, and the waiter watches again)."""
+    the ends stream ``key`` (or its read failed: ``broken``, and the waiter watches again)."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, key: str) -> None:
         self.job_id = job_id
+        self.key = key
         self.broken = False
         self._woken = asyncio.Event()
 
@@ -87,6 +93,16 @@ class EndWait:
         return True
 
 
+class EndEvent(threading.Event):
+    """The blocking client's waiter on one job's end: set when the :class:`EndWatcher` read
+    that job's id on the ends stream ``key``, or when its read failed."""
+
+    def __init__(self, job_id: str, key: str) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.key = key
+
+
 def newest_id(entries: Any) -> str:
     """The id of the entry an ``XREVRANGE ... COUNT 1`` returned, or the start of a stream."""
     if not entries or entries[0][0] is None:
@@ -95,10 +111,10 @@ def newest_id(entries: Any) -> str:
 
 
 def lagging(entries: list[tuple[Any, Any]], count: int) -> bool:
-    """Whether a read of the ends stream came back full: the reader is behind, and may be
+    """Whether a read of an ends stream came back full: the reader is behind, and may be
     so far behind that what it had to read next was trimmed (the stream keeps about
-    ENDS_MAXLEN entries). Its waiters then check their records rather than wait for an
-    entry that may be gone. A reader that keeps up gets every end as it is written."""
+    ENDS_MAXLEN entries). That stream's waiters then check their records rather than wait
+    for an entry that may be gone. A reader that keeps up gets every end as it is written."""
     return len(entries) >= count
 
 
@@ -131,18 +147,86 @@ def entries_by_stream(reply: Any) -> dict[str, list[tuple[Any, Any]]]:
     return {as_text(key): list(entries) for key, entries in reply}
 
 
+Waiter = TypeVar("Waiter")
+
+
+class EndStreams(Generic[Waiter]):
+    """The ends streams one reader reads for its waiters: for each stream that has a waiter,
+    the entry id to read after and the waiters of each job id. The hub's and the
+    :class:`EndWatcher`'s bookkeeping (their callers serialize the calls).
+
+    A stream gets its cursor from its first waiter (the stream's last id then: what ended
+    before is in the job's record, which the waiter checks after watching) and loses it with
+    its last waiter, so only streams someone waits on are read."""
+
+    def __init__(self) -> None:
+        self.cursors: dict[str, str] = {}  # what the next read asks for: key -> after this id
+        self._waits: dict[str, dict[str, list[Waiter]]] = {}  # key -> job id -> waiters
+
+    def __bool__(self) -> bool:
+        return bool(self._waits)
+
+    def waiting(self) -> int:
+        """How many waiters are registered, on every stream."""
+        return sum(len(ws) for jobs in self._waits.values() for ws in jobs.values())
+
+    def needs_cursor(self, key: str) -> bool:
+        """Whether a waiter on ``key`` must bring its cursor (no one reads it now)."""
+        return key not in self.cursors
+
+    def add(self, key: str, job_id: str, waiter: Waiter, cursor: str | None) -> None:
+        """Register ``waiter`` for ``job_id``'s end on ``key``; ``cursor``: the stream's
+        last id, needed when :meth:`needs_cursor` (else ignored)."""
+        if key not in self.cursors:
+            if cursor is None:
+                raise ValueError(f"a first waiter on {key!r} brings the stream's cursor")
+            self.cursors[key] = cursor
+        self._waits.setdefault(key, {}).setdefault(job_id, []).append(waiter)
+
+    def remove(self, key: str, job_id: str, waiter: Waiter) -> None:
+        jobs = self._waits.get(key, {})
+        waits = jobs.get(job_id, [])
+        with contextlib.suppress(ValueError):
+            waits.remove(waiter)
+        if not waits:
+            jobs.pop(job_id, None)
+        if not jobs:
+            self._waits.pop(key, None)
+            self.cursors.pop(key, None)
+
+    def broken(self) -> list[Waiter]:
+        """A read failed: every cursor goes (the waiters watch again, taking fresh ones, and
+        check their records), and every waiter is returned, to be woken."""
+        self.cursors.clear()
+        return [w for jobs in self._waits.values() for ws in jobs.values() for w in ws]
+
+    def dispatch(self, key: str, entries: list[tuple[Any, Any]], count: int) -> list[Waiter]:
+        """The waiters to wake for the entries a read of ``key`` returned: those of the job
+        ids read, or all of that stream's when the read came back full (:func:`lagging`)."""
+        if not entries:
+            return []
+        cursor = self.cursors.get(key)
+        last = as_text(entries[-1][0])
+        # No cursor: no one waits on it now (a waiter that comes takes a fresh cursor). A
+        # read made before the last waiter left and a new one came may end before the new
+        # cursor: keep the later one.
+        if cursor is not None and entry_order(last) > entry_order(cursor):
+            self.cursors[key] = last
+        jobs = self._waits.get(key, {})
+        if lagging(entries, count):  # every waiter of this stream checks its record
+            return [w for ws in jobs.values() for w in ws]
+        return [w for job_id in end_ids(entries) for w in jobs.get(job_id, [])]
+
+
 class StreamHub:
     """Reads every followed stream with one ``XREAD BLOCK`` loop (one per asyncio client)."""
 
     def __init__(self, redis: Redis, prefix: str, *, block_s: float, count: int) -> None:
         self._redis = redis
-        self._ends_key = Keys(prefix).ends
-        # Read after this id while anyone waits on an end; None while no one does (a new
-        # first waiter takes the stream's last id then: what ended before is in the record).
-        self._ends_cursor: str | None = None
-        self._ends: dict[str, list[EndWait]] = {}
+        self._shared_ends = Keys(prefix).ends
+        self._ends: EndStreams[EndWait] = EndStreams()
         self._ends_lock = asyncio.Lock()
-        self._reading_ends = False  # the XREAD in flight reads the ends stream
+        self._reading_ends: frozenset[str] = frozenset()  # the ends streams the XREAD reads
         self.reads = 0  # XREADs sent (for tests and benchmarks)
         self._wake_key = f"{prefix}hub:{uuid.uuid4().hex}"
         self._wake_cursor = "0-0"
@@ -171,30 +255,32 @@ class StreamHub:
                 await self._wake()
         return sub
 
-    async def watch_end(self, job_id: str) -> EndWait:
-        """Wake the returned waiter when ``job_id``'s end is read. Every end written after
-        this returns is read; the caller checks the job's record after it, for an end
-        written before."""
-        wait = EndWait(job_id)
+    async def watch_end(self, job_id: str, key: str | None = None) -> EndWait:
+        """Wake the returned waiter when ``job_id``'s end is read on the ends stream ``key``
+        (the job's: see ``Keys.end_stream``; None: the deployment's shared one). Every end
+        written there after this returns is read; the caller checks the job's record after
+        it, for an end written before."""
+        key = key or self._shared_ends
+        wait = EndWait(job_id, key)
         async with self._ends_lock:
-            if self._ends_cursor is None:
-                self._ends_cursor = newest_id(await self._redis.xrevrange(self._ends_key, count=1))
-            self._ends.setdefault(job_id, []).append(wait)
+            cursor = None
+            if self._ends.needs_cursor(key):
+                cursor = newest_id(await self._redis.xrevrange(key, count=1))
+            self._ends.add(key, job_id, wait, cursor)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="hermes-stream-hub")
-        elif self._reading and not self._reading_ends:
+        elif self._reading and key not in self._reading_ends:
             with contextlib.suppress(RedisError):
                 await self._wake()
         return wait
 
     def unwatch_end(self, wait: EndWait) -> None:
-        waits = self._ends.get(wait.job_id, [])
-        with contextlib.suppress(ValueError):
-            waits.remove(wait)
-        if not waits:
-            self._ends.pop(wait.job_id, None)
-        if not self._ends:
-            self._ends_cursor = None
+        self._ends.remove(wait.key, wait.job_id, wait)
+
+    @property
+    def end_waits(self) -> int:
+        """How many waiters wait on an end now (for tests and benchmarks)."""
+        return self._ends.waiting()
 
     def unfollow(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.key, [])
@@ -230,10 +316,12 @@ class StreamHub:
 
     async def _run(self) -> None:
         while (self._subs or self._ends) and not self._closed:
-            streams: dict[Any, Any] = {**self._cursors, self._wake_key: self._wake_cursor}
-            if self._ends_cursor is not None:
-                streams[self._ends_key] = self._ends_cursor
-            self._reading, self._reading_ends = True, self._ends_cursor is not None
+            streams: dict[Any, Any] = {
+                **self._cursors,
+                self._wake_key: self._wake_cursor,
+                **self._ends.cursors,
+            }
+            self._reading, self._reading_ends = True, frozenset(self._ends.cursors)
             try:
                 self.reads += 1
                 reply = await self._redis.xread(streams, count=self._count, block=self._block_ms)
@@ -243,14 +331,12 @@ class StreamHub:
                 for subs in self._subs.values():
                     for sub in subs:
                         sub.put(exc)
-                # End waiters watch again (a fresh cursor) and check their records.
-                self._ends_cursor = None
-                for waits in self._ends.values():
-                    for wait in waits:
-                        wait.wake(broken=True)
+                # End waiters watch again (fresh cursors) and check their records.
+                for wait in self._ends.broken():
+                    wait.wake(broken=True)
                 return
             finally:
-                self._reading = self._reading_ends = False
+                self._reading, self._reading_ends = False, frozenset()
             self._dispatch(entries_by_stream(reply))
 
     def _update_cursor(self, key: str) -> None:
@@ -266,8 +352,9 @@ class StreamHub:
             if key == self._wake_key:
                 self._wake_cursor = as_text(entries[-1][0])
                 continue
-            if key == self._ends_key:
-                self._dispatch_ends(entries)
+            if key not in self._subs:  # an ends stream (or a stream no longer followed)
+                for wait in self._ends.dispatch(key, entries, self._count):
+                    wait.wake()
                 continue
             events = [decode_event(entry_id, fields) for entry_id, fields in entries]
             for sub in self._subs.get(key, []):
@@ -277,104 +364,119 @@ class StreamHub:
                     sub.put(fresh)
             self._update_cursor(key)
 
-    def _dispatch_ends(self, entries: list[tuple[Any, Any]]) -> None:
-        last = as_text(entries[-1][0])
-        # None: no one waits now (a waiter that comes takes a fresh cursor). A read made
-        # before the last waiter left and a new one came may end before the new cursor:
-        # keep the later one.
-        if self._ends_cursor is not None and entry_order(last) > entry_order(self._ends_cursor):
-            self._ends_cursor = last
-        if lagging(entries, self._count):  # every waiter checks its record
-            for waits in self._ends.values():
-                for wait in waits:
-                    wait.wake()
-            return
-        for job_id in end_ids(entries):
-            for wait in self._ends.get(job_id, []):
-                wait.wake()
-
 
 class EndWatcher:
-    """The blocking client's reader of the ends stream: one thread with one connection
-    reads it for every thread waiting on a job's end, while anyone does.
+    """The blocking client's reader of ends streams: one thread with one connection reads,
+    in one XREAD, every ends stream that a thread waiting on a job's end needs (its
+    client's own, another client's for a job that client submitted, the shared one), while
+    anyone waits.
 
-    :meth:`watch` registers a waiter (a :class:`threading.Event`, set when the job's id is
-    read) before the caller checks the job's record, so an end is either in the record
-    then or read after. The thread stops when no one waits; a read that fails sets every
-    waiter's event and drops the cursor (they check their records, and watch on)."""
+    :meth:`watch` registers a waiter (an :class:`EndEvent`, set when the job's id is read)
+    before the caller checks the job's record, so an end is either in the record then or
+    read after. A waiter on a stream the read in flight does not read appends to the
+    watcher's wake stream (``{prefix}hub:{id}``, as the hub's), which ends that read. The
+    thread stops when no one waits; a read that fails sets every waiter's event and drops
+    the cursors (they check their records, and watch on)."""
 
-    def __init__(self, redis: SyncRedis, ends_key: str, *, block_s: float, count: int) -> None:
+    def __init__(self, redis: SyncRedis, prefix: str, *, block_s: float, count: int) -> None:
         self._redis = redis
-        self._key = ends_key
+        self._shared = Keys(prefix).ends
         self._block_ms = max(1, int(block_s * 1000))
         self._count = count
         self._lock = threading.Lock()
-        self._waits: dict[str, list[threading.Event]] = {}
-        self._cursor: str | None = None
+        self._ends: EndStreams[EndEvent] = EndStreams()
+        # The ends streams the read in flight reads; None between two reads.
+        self._reading: frozenset[str] | None = None
+        self._wake_key = f"{prefix}hub:{uuid.uuid4().hex}"
+        self._wake_cursor = "0-0"
+        self._wake_expires_at = 0.0
         self._thread: threading.Thread | None = None
         self._closed = False
         self.reads = 0  # XREADs sent (for tests and benchmarks)
 
-    def watch(self, job_id: str) -> threading.Event:
-        woken = threading.Event()
+    def watch(self, job_id: str, key: str | None = None) -> EndEvent:
+        """Set the returned event when ``job_id``'s end is read on the ends stream ``key``
+        (None: the deployment's shared one)."""
+        key = key or self._shared
+        woken = EndEvent(job_id, key)
         with self._lock:
-            if self._cursor is None:
-                self._cursor = newest_id(self._redis.xrevrange(self._key, count=1))
-            self._waits.setdefault(job_id, []).append(woken)
+            cursor = None
+            if self._ends.needs_cursor(key):
+                cursor = newest_id(self._redis.xrevrange(key, count=1))
+            self._ends.add(key, job_id, woken, cursor)
+            wake = False
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="hermes-end-watcher", daemon=True
                 )
                 self._thread.start()
+            else:
+                wake = self._reading is not None and key not in self._reading
+        if wake:  # refused (a full Redis): the stream joins the next read, within block_s
+            with contextlib.suppress(RedisError):
+                self._wake()
         return woken
 
-    def unwatch(self, job_id: str, woken: threading.Event) -> None:
+    def unwatch(self, woken: EndEvent) -> None:
         with self._lock:
-            waits = self._waits.get(job_id, [])
-            with contextlib.suppress(ValueError):
-                waits.remove(woken)
-            if not waits:
-                self._waits.pop(job_id, None)
+            self._ends.remove(woken.key, woken.job_id, woken)
+
+    @property
+    def waiting(self) -> int:
+        """How many waiters wait on an end now (for tests and benchmarks)."""
+        with self._lock:
+            return self._ends.waiting()
 
     def close(self) -> None:
         """Stop reading. Not joined: the thread ends after its read in flight (at most one
         blocking read's time), or at once when the client's pool is closed under it."""
         self._closed = True
+        if self._wake_expires_at:
+            with contextlib.suppress(Exception):
+                self._redis.delete(self._wake_key)
+
+    def _wake(self) -> None:
+        now = time.monotonic()
+        if now >= self._wake_expires_at - WAKE_TTL_S / 2:
+            with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": 1}, maxlen=1, approximate=False)
+                pipe.expire(self._wake_key, WAKE_TTL_S)
+                pipe.execute()
+            self._wake_expires_at = now + WAKE_TTL_S
+        else:
+            self._redis.xadd(self._wake_key, {"w": 1}, maxlen=1, approximate=False)
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                if not self._waits or self._closed or self._cursor is None:
-                    self._thread, self._cursor = None, None
+                if not self._ends.cursors or self._closed:
+                    self._thread = None
                     return
-                cursor = self._cursor
+                streams: dict[Any, Any] = {**self._ends.cursors, self._wake_key: self._wake_cursor}
+                self._reading = frozenset(self._ends.cursors)
             try:
                 self.reads += 1
-                reply = self._redis.xread(
-                    {self._key: cursor}, count=self._count, block=self._block_ms
-                )
+                reply = self._redis.xread(streams, count=self._count, block=self._block_ms)
             except RedisTimeoutError:
+                with self._lock:
+                    self._reading = None
                 continue
             except Exception as exc:  # every waiter checks its record instead
                 log.debug("end watcher: read failed: %s", exc)
                 with self._lock:
-                    waits = [w for ws in self._waits.values() for w in ws]
-                    self._thread, self._cursor = None, None
+                    waits = self._ends.broken()
+                    self._thread, self._reading = None, None
                 for woken in waits:
                     woken.set()
                 return
-            entries = entries_by_stream(reply).get(self._key, [])
-            if not entries:
-                continue
+            ended: list[EndEvent] = []
             with self._lock:
-                last = as_text(entries[-1][0])
-                if self._cursor is not None and entry_order(last) > entry_order(self._cursor):
-                    self._cursor = last
-                if lagging(entries, self._count):  # every waiter checks its record
-                    ended = [w for ws in self._waits.values() for w in ws]
-                else:
-                    ids = end_ids(entries)
-                    ended = [w for job_id in ids for w in self._waits.get(job_id, [])]
+                self._reading = None
+                for key, entries in entries_by_stream(reply).items():
+                    if key == self._wake_key:
+                        self._wake_cursor = as_text(entries[-1][0])
+                    else:
+                        ended += self._ends.dispatch(key, entries, self._count)
             for event in ended:
                 event.set()
 

@@ -57,7 +57,7 @@ class Worker:
         self.r, self.job_id, self.seq = r, job_id, 0
         self.job_key = Keys(settings.key_prefix).job(job_id)
         self.events_key = Keys(settings.key_prefix).events(job_id)
-        self.ends_key = Keys(settings.key_prefix).ends
+        self.keys = Keys(settings.key_prefix)
 
     def record(self, **fields: str | float) -> None:
         mapping: dict[Any, Any] = fields  # redis-py's mapping type is invariant
@@ -75,8 +75,9 @@ class Worker:
         error: ErrorInfo | None = None,
         message: ResponseMessage | None = None,
     ) -> JobResult:
-        """Store the result and the terminal event, and note the end on the ends stream, in
-        one transaction, as the worker does."""
+        """Store the result and the terminal event, and note the end on the job's ends
+        stream (the one its record names, else the shared one), in one transaction, as the
+        worker does."""
         now = time.time()
         info = JobInfo(id=self.job_id, status=status, attempts=1, finished_at=now)
         if message is None:
@@ -99,10 +100,11 @@ class Worker:
             "result": result.model_dump_json(),
         }
         event: dict[Any, Any] = encode_event(self.seq, terminal, {"finish_reason": "stop"})
+        ends_key = self.keys.end_stream(self.r.hget(self.job_key, "ends"))
         with self.r.pipeline(transaction=True) as pipe:
             pipe.hset(self.job_key, mapping=record)
             pipe.xadd(self.events_key, event)
-            pipe.xadd(self.ends_key, {"id": self.job_id})
+            pipe.xadd(ends_key, {"id": self.job_id})
             pipe.execute()
         return result
 

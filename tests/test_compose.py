@@ -294,6 +294,7 @@ def test_the_worker_user_reaches_every_key_and_channel_it_uses() -> None:
             queue, f"{queue}:9",  # the queue's lists, one per priority step
             f"{prefix}job:j1", f"{prefix}job:j1:events", f"{prefix}job:j1:lease",
             f"{prefix}worker:host:1", f"{prefix}workers", f"{prefix}dlq",
+            f"{prefix}ends", f"{prefix}ends:0a1b",  # job ends: shared, a client's own
             "unacked", "unacked_index", "unacked_mutex",  # kombu's ack emulation
             f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}",
             "_kombu.binding_deadlines", "_kombu.binding.celery.pidbox",
@@ -315,7 +316,7 @@ def test_the_producer_user_reaches_its_keys_and_nothing_of_the_consumers() -> No
             queue, f"{queue}:5", f"{queue}:9",
             f"{prefix}job:j1", f"{prefix}job:j1:events", f"{prefix}job:j1:lease",
             f"{prefix}dlq", f"{prefix}hub:0a1b", f"_kombu.binding.{queue}",
-            f"_kombu.binding_permanent.{queue}",
+            f"_kombu.binding_permanent.{queue}", f"{prefix}ends", f"{prefix}ends:0a1b",
         ]  # fmt: skip
         assert [key for key in used if not covered(key, keys)] == []
         assert covered(f"{prefix}cancel", channels)

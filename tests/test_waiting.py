@@ -1,8 +1,9 @@
 """Waiting for a result costs a constant number of Redis commands and one connection per
-client, whatever the tokens: ``result()`` wakes on the deployment's ends stream
-(``{prefix}ends``), which every script that ends a job appends to, not on the job's event
-stream. Real Redis, a real ``hermes-worker run --engine scripted`` process; one test (marked
-``engine``) on the session's vLLM worker.
+client, whatever the tokens: ``result()`` wakes on the job's ends stream (its submitting
+client's own, ``{prefix}ends:{id}``, or the shared ``{prefix}ends``), which every script that
+ends a job appends to, not on the job's event stream. Real Redis, a real ``hermes-worker run
+--engine scripted`` process; one test (marked ``engine``) on the session's vLLM worker.
+tests/test_ends_streams.py shows where each end goes, and whom it wakes.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def stream_entries(settings: Settings, job_ids: list[str]) -> int:
 def test_an_async_result_wait_wakes_once_per_job_not_per_token(scripted: WorkerProcess) -> None:
     settings = scripted.settings
 
-    async def scenario() -> tuple[list[Any], int, int, float]:
+    async def scenario() -> tuple[list[Any], int, int, float, str]:
         counting = CountingAsyncRedis.from_url(settings.redis_url)
         async with AsyncHermesClient(settings, redis=counting) as client:
             # Given 8 jobs of 200 tokens, each streamed in many writes
@@ -116,9 +117,9 @@ def test_an_async_result_wait_wakes_once_per_job_not_per_token(scripted: WorkerP
             elapsed = time.monotonic() - start
             spent = counting.commands - commands, client.hub.reads - reads
         await counting.aclose()
-        return results, *spent, elapsed
+        return results, *spent, elapsed, client.ends_key
 
-    results, commands, reads, elapsed = asyncio.run(scenario())
+    results, commands, reads, elapsed, ends_key = asyncio.run(scenario())
     # Then each job ran its 200 tokens in many stream writes (what a stream reader wakes on)
     assert all(r.job.status is JobStatus.SUCCEEDED for r in results)
     assert all(r.usage is not None and r.usage.completion_tokens == 200 for r in results)
@@ -129,8 +130,8 @@ def test_an_async_result_wait_wakes_once_per_job_not_per_token(scripted: WorkerP
     # now and then: end_checks)
     assert reads <= 8 + 2 + elapsed / client_module.BLOCK_CHUNK_S
     assert commands <= 8 * (3 + checks_within(elapsed)) + reads + 1, (commands, writes)
-    # And every end is on the ends stream, written with the result
-    ends = patient_redis(settings.redis_url).xrange(Keys(settings.key_prefix).ends)
+    # And every end is on the client's own ends stream, written with the result
+    ends = patient_redis(settings.redis_url).xrange(ends_key)
     assert {r.id for r in results} <= {fields[b"id"].decode() for _, fields in ends}
 
 
@@ -178,7 +179,7 @@ def test_two_hundred_waiters_share_one_blocking_connection(scripted: WorkerProce
             seen, most = [], 0
             while not all(w.done() for w in waits):
                 await asyncio.sleep(0.1)
-                waiting = sum(len(ws) for ws in client.hub._ends.values())
+                waiting = client.hub.end_waits
                 most = max(most, waiting)
                 if waiting >= len(waits) // 2:  # most waits are registered, none ended
                     seen.append(await asyncio.to_thread(blocked_connections, settings, name))
@@ -221,8 +222,10 @@ def test_an_end_written_before_the_wait_began_is_seen_at_once(scripted: WorkerPr
 def end_by_hand(r: redis.Redis, settings: Settings, job_id: str, *, trimmed: bool) -> None:
     """End a queued job: its result and terminal event, and either no notification (as a
     worker older than the ends stream does) or one trimmed away in the same transaction (as
-    a reader that lagged more than ENDS_MAXLEN ends behind loses it)."""
+    a reader that lagged more than ENDS_MAXLEN ends behind loses it), on the job's ends
+    stream (the one its record names)."""
     keys = Keys(settings.key_prefix)
+    ends = keys.end_stream(r.hget(keys.job(job_id), "ends"))
     result = {
         "id": job_id,
         "created": int(time.time()),
@@ -234,8 +237,8 @@ def end_by_hand(r: redis.Redis, settings: Settings, job_id: str, *, trimmed: boo
         pipe.hset(keys.job(job_id), mapping={"status": "succeeded", "result": json.dumps(result)})
         pipe.xadd(keys.events(job_id), {"seq": "1", "type": "done", "data": "{}"})
         if trimmed:
-            pipe.xadd(keys.ends, {"id": job_id})
-            pipe.xtrim(keys.ends, maxlen=0)
+            pipe.xadd(ends, {"id": job_id})
+            pipe.xtrim(ends, maxlen=0)
         pipe.execute()
 
 
@@ -260,11 +263,13 @@ def test_a_missed_notification_is_found_by_the_periodic_check(
             handle = await client.submit(job(5))
             wait = asyncio.create_task(handle.result(timeout=20))
             await asyncio.sleep(0.2)
-            # When it ends without a notification on the ends stream
+            # When it ends without a notification on an ends stream
             start = time.monotonic()
             await asyncio.to_thread(end_by_hand, r, settings, handle.id, trimmed=False)
             result = await wait
-            return result, time.monotonic() - start, int(r.xlen(Keys(settings.key_prefix).ends))
+            keys = Keys(settings.key_prefix)
+            ends = int(r.xlen(keys.ends)) + int(r.xlen(client.ends_key))
+            return result, time.monotonic() - start, ends
 
     result, elapsed, ends = asyncio.run(scenario())
     # Then the wait still ends, at its next check of the record
@@ -293,7 +298,7 @@ def test_a_blocking_wait_finds_a_trimmed_notification_by_the_periodic_check(
         waiter.join(20)
         elapsed = time.monotonic() - start
     # Then the wait still ends, at its next check of the record
-    assert int(r.xlen(keys.ends)) == 0
+    assert int(r.xlen(client.ends_key)) == 0 and int(r.xlen(keys.ends)) == 0
     assert box and box[0].job.status is JobStatus.SUCCEEDED
     assert elapsed < 0.5 + 1.5
 
@@ -330,10 +335,9 @@ def test_real_engine_jobs_wake_their_waiters_once_and_a_cancel_ends_a_running_on
     """The session's vLLM worker (tests/worker_fixtures.py): its ends reach the ends stream,
     a cancelled running job's too."""
     settings = worker.settings
-    keys = Keys(settings.key_prefix)
     ask = {"messages": [{"role": "user", "content": "Tell me a story."}], "ignore_eos": True}
 
-    async def scenario() -> tuple[list[Any], int, float, Any, float]:
+    async def scenario() -> tuple[list[Any], int, float, Any, float, str]:
         async with AsyncHermesClient(settings, redis=patient_async(settings)) as client:
             # Given 4 jobs of 96 tokens on the real engine
             handles = [await client.submit({**ask, "max_tokens": 96}) for _ in range(4)]
@@ -350,9 +354,10 @@ def test_real_engine_jobs_wake_their_waiters_once_and_a_cancel_ends_a_running_on
             with HermesClient(settings) as other:
                 assert other.job(long.id).cancel() == "cancelling"
             ended = await wait
-            return results, reads, elapsed, ended, time.monotonic() - cancelled_at
+            cancel_s = time.monotonic() - cancelled_at
+            return results, reads, elapsed, ended, cancel_s, client.ends_key
 
-    results, reads, elapsed, cancelled, cancel_s = asyncio.run(scenario())
+    results, reads, elapsed, cancelled, cancel_s, ends_key = asyncio.run(scenario())
     # Then each job ran, and the waits woke about once per job, not once per stream write
     assert all(r.job.status is JobStatus.SUCCEEDED for r in results), results
     assert all(r.usage is not None and r.usage.completion_tokens == 96 for r in results)
@@ -361,7 +366,8 @@ def test_real_engine_jobs_wake_their_waiters_once_and_a_cancel_ends_a_running_on
     # periodic check would have
     assert cancelled.job.status is JobStatus.CANCELLED
     assert cancel_s < client_module.END_CHECK_S
-    ends = {f[b"id"].decode() for _, f in patient_redis(settings.redis_url).xrange(keys.ends)}
+    # And every end, the cancelled job's too, is on the submitting client's ends stream
+    ends = {f[b"id"].decode() for _, f in patient_redis(settings.redis_url).xrange(ends_key)}
     assert {r.id for r in results} | {cancelled.id} <= ends
 
 

@@ -107,6 +107,7 @@ def role_needs(role: Role, settings: Settings) -> list[Need]:
     holds the worker's and the producer's command lists against ``deploy/redis/users.acl``."""
     keys, queue = Keys(settings.key_prefix), settings.queue_name
     job, events, lease = keys.job(PROBE_JOB), keys.events(PROBE_JOB), keys.lease(PROBE_JOB)
+    own_ends = keys.ends_for(PROBE_JOB)  # a client's own ends stream, named in its jobs' records
     lists = [queue_list(queue, step) for step in PRIORITY_STEPS]
     binding = f"_kombu.binding.{queue}"
     db = _database(settings.redis_url)
@@ -169,6 +170,8 @@ def role_needs(role: Role, settings: Settings) -> list[Need]:
             Need(("ZREMRANGEBYSCORE", keys.workers, "0", "1"), "the workers index"),
             Need(("XADD", events, "*", "seq", "1"), "stream events"),
             Need(("XREVRANGE", events, "+", "-", "COUNT", "1"), "stream events"),
+            Need(("XADD", own_ends, "*", "id", PROBE_JOB), "job ends, to the submitter's stream"),
+            Need(("EXPIRE", own_ends, "60"), "job ends, to the submitter's stream"),
             Need(("SUBSCRIBE", keys.cancel_channel), "cancel requests"),
             Need(("UNSUBSCRIBE", keys.cancel_channel), "cancel requests"),
             Need(("PSUBSCRIBE", f"/{db}.celery.pidbox"), "Celery remote control", optional=True),
@@ -198,6 +201,10 @@ def role_needs(role: Role, settings: Settings) -> list[Need]:
         Need(("XREVRANGE", events, "+", "-", "COUNT", "1"), "stream, result"),
         Need(("XREAD", "COUNT", "1", "STREAMS", keys.ends, "0-0"), "result: the ends stream"),
         Need(("XREVRANGE", keys.ends, "+", "-", "COUNT", "1"), "result: the ends stream"),
+        Need(("XREAD", "COUNT", "1", "STREAMS", own_ends, "0-0"), "result: a client's ends"),
+        Need(("XREVRANGE", own_ends, "+", "-", "COUNT", "1"), "result: a client's ends"),
+        Need(("XADD", own_ends, "*", "id", PROBE_JOB), "cancel: a client's ends"),
+        Need(("EXPIRE", own_ends, "60"), "cancel: a client's ends"),
         Need(("XADD", hub, "*", "w", "1"), "the asyncio client's wake stream"),
         Need(("EXPIRE", hub, "60"), "the asyncio client's wake stream"),
         Need(("PUBLISH", keys.cancel_channel, PROBE_JOB), "cancel"),

@@ -21,7 +21,7 @@ lives beside its caller.
 from __future__ import annotations
 
 from hermes_worker.contract.jobs import TERMINAL_STATUSES
-from hermes_worker.contract.store import ENDS_MAXLEN
+from hermes_worker.contract.store import ENDS_MAXLEN, ENDS_TTL_S
 
 # A Lua table literal of the terminal statuses: {'cancelled', 'expired', ...}.
 ENDED = "{" + ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_STATUSES)) + "}"
@@ -50,13 +50,27 @@ end
 """
 )
 
-# Appends a job's id to the ends stream (store.Keys.ends), trimmed to about ENDS_MAXLEN
-# entries: the one wake-up of the job's result waiters. Every script that ends a job calls
-# it in the same call as the record's terminal status, so a waiter cannot miss it between
-# the two (docs/wire-protocol.md, "Waiting for a result").
+# Appends a job's id to its ends stream, trimmed to about ENDS_MAXLEN entries: the one
+# wake-up of the job's result waiters. Every script that ends a job calls it in the same
+# call as the record's terminal status, so a waiter cannot miss it between the two
+# (docs/wire-protocol.md, "Waiting for a result"). The stream is the one the record's
+# ``ends`` field names (the submitting client's own, store.Keys.ends_for: only the processes
+# that await the job wake), kept ENDS_TTL_S after this end; else, and whenever that field
+# is not a client's ends stream of this deployment (``shared`` .. ':' ..), or the append to
+# it fails (not a stream, refused by the ACL), the deployment's shared stream ``shared``
+# (store.Keys.ends, a declared KEY). So a record can only make a script write a stream of
+# ends, and a job of another producer, without the field, ends as it always did.
 _NOTIFY_END = f"""
-local function notify_end(key, id)
-  redis.call('XADD', key, 'MAXLEN', '~', '{ENDS_MAXLEN}', '*', 'id', id)
+local function notify_end(shared, record, id)
+  local own = redis.call('HGET', record, 'ends')
+  if own and #own > #shared + 1 and string.sub(own, 1, #shared + 1) == shared .. ':' then
+    local added = redis.pcall('XADD', own, 'MAXLEN', '~', '{ENDS_MAXLEN}', '*', 'id', id)
+    if type(added) ~= 'table' or not added.err then
+      redis.call('EXPIRE', own, '{ENDS_TTL_S}')
+      return
+    end
+  end
+  redis.call('XADD', shared, 'MAXLEN', '~', '{ENDS_MAXLEN}', '*', 'id', id)
 end
 """
 
@@ -74,7 +88,9 @@ end
 # KEYS: the job record, the queue list. ARGV: the producer's now (not recorded; kept so
 # that the ARGV stay as they were), the body JSON, the TTL of a live job's keys, the job's
 # Celery message (contract.queue.job_message), the body's digest (body_digest), and
-# optionally the tenant that submits it (the gateway's; recorded as ``tenant``). Queues the
+# optionally the tenant that submits it (the gateway's; recorded as ``tenant``; '' for none)
+# and the submitting client's own ends stream (store.Keys.ends_for; recorded as ``ends``:
+# the job's end goes there, see notify_end). Queues the
 # message and records the job, ``queued_at`` on Redis's clock (a producer's own may be off,
 # and a job's ``timeout_s`` counts from it); a known id is neither queued nor recorded
 # again. The message goes first: a script that fails half way keeps what it wrote, and a
@@ -90,13 +106,16 @@ redis.call('LPUSH', KEYS[2], ARGV[4])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', '0',
            'queued_at', now_text(), 'body', ARGV[2], 'digest', ARGV[5])
 if ARGV[6] and ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'tenant', ARGV[6]) end
+if ARGV[7] and ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'ends', ARGV[7]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 )
 
-# KEYS: job record, events stream, the ends stream. ARGV: now, result_ttl_s, the JobResult
-# JSON for a queued job, the job id, the cancel channel, the cancelled event's data JSON.
+# KEYS: job record, events stream, the deployment's ends stream (Keys.ends: the job's end
+# goes to its record's own ends stream, else there; see notify_end). ARGV: now, result_ttl_s,
+# the JobResult JSON for a queued job, the job id, the cancel channel, the cancelled event's
+# data JSON.
 # Returns {outcome, status before}: outcome is not_found, ended, cancelled or cancelling.
 CANCEL = (
     _LAST_SEQ
@@ -118,7 +137,7 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'resu
 redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'cancelled', 'data', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-notify_end(KEYS[3], ARGV[4])
+notify_end(KEYS[3], KEYS[1], ARGV[4])
 return {'cancelled', status}
 """
 )
@@ -236,13 +255,15 @@ return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or '',
 """
 )
 
-# KEYS: the ends stream, then for each job its lease, record and events stream. ARGV: the
+# KEYS: the deployment's ends stream (Keys.ends), then for each job its lease, record and
+# events stream. ARGV: the
 # TTL of an ended job's keys, then for each job, in KEYS' order: its lease token, the number
 # of arguments of its operations, and its operations, in order:
 #   'x' seq type data            XADD one event
 #   'h' n field value ...        HSET n fields of the record
 #   'e' id                       the job ended: its record and stream expire, and its id
-#                                goes on the ends stream (its result waiters wake)
+#                                goes on its ends stream (its result waiters wake: the
+#                                record's own stream, else KEYS[1]; see notify_end)
 # One call writes for every job a worker's flush holds: one command, not one per job (each
 # call costs Redis more than the few writes a job's flush makes). Nothing of a job is
 # written unless its lease still holds the token: a worker that lost its job (paused past
@@ -283,7 +304,7 @@ for j = 0, (#KEYS - 1) / 3 - 1 do
       else
         redis.call('EXPIRE', record, ARGV[1])
         redis.call('EXPIRE', events, ARGV[1])
-        notify_end(KEYS[1], ARGV[i + 1])
+        notify_end(KEYS[1], record, ARGV[i + 1])
         i = i + 2
       end
     end
@@ -321,7 +342,8 @@ if ARGV[2] == 'requeue' then redis.call('HSET', KEYS[2], 'status', 'queued') end
 return 1
 """
 
-# KEYS: job record, events, lease, dead letters, the ends stream. ARGV: now, the TTL of an
+# KEYS: job record, events, lease, dead letters, the deployment's ends stream (the end goes
+# to the record's own ends stream, else there; see notify_end). ARGV: now, the TTL of an
 # ended job's keys, the JobResult JSON, the error event's data JSON, the job id. A job out
 # of retries (or poison) fails and joins the dead letters in one step, and only while no
 # attempt holds its lease and it has not ended: {'dead', ''}, {'leased', ''} or {'ended',
@@ -341,7 +363,7 @@ redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'error', 'data', 
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('LPUSH', KEYS[4], ARGV[5])
-notify_end(KEYS[5], ARGV[5])
+notify_end(KEYS[5], KEYS[1], ARGV[5])
 return {'dead', ''}
 """
 )

@@ -8,7 +8,9 @@ Shared by the worker (writer) and producers (readers), so both sides agree on on
   ``requeued`` (set when a dead letter was put back: its stream already has events),
   ``digest`` (SHA-1 of ``body``: a delivered message must carry that body),
   ``deliveries`` (deliveries that have not come back: past a limit the job is poison),
-  ``cancel_requested``, ``problems``, ``tenant`` (the gateway tenant that submitted it).
+  ``cancel_requested``, ``problems``, ``tenant`` (the gateway tenant that submitted it),
+  ``ends`` (the ends stream of the client that submitted it, ``{prefix}ends:{owner}``: where
+  the job's end goes; absent for other producers' jobs, whose ends go to ``{prefix}ends``).
 * ``{prefix}job:{id}:lease`` — present while an attempt runs: the owner's token, kept
   alive by heartbeat. A redelivered copy that finds it waits; one that finds it gone (the
   worker died) runs the job again as the next attempt.
@@ -18,11 +20,14 @@ Shared by the worker (writer) and producers (readers), so both sides agree on on
 * ``{prefix}worker:{name}`` and ``{prefix}workers`` — a worker's vitals and the index of
   workers (``worker/vitals.py``); ``{prefix}worker:{name}:deliveries`` — the Celery
   messages it holds, restored to the queue when it dies (``worker/reaper.py``).
-* ``{prefix}ends`` — a Redis Stream of job ends: each script that ends a job (the
-  worker's last write, a cancel of a queued job, a dead letter) appends ``id`` = the job id
-  in the same call, trimmed to about ``ENDS_MAXLEN`` entries. A result waiter reads it (one
-  blocking XREAD per client for all its waiters) instead of its job's event stream, so it
-  wakes once per job, whatever the tokens.
+* ``{prefix}ends:{owner}`` and ``{prefix}ends`` — Redis Streams of job ends: each script
+  that ends a job (the worker's last write, a cancel of a queued job, a dead letter) appends
+  ``id`` = the job id in the same call, to the stream its record's ``ends`` field names (the
+  submitting client's own, ``Keys.ends_for``), else to the deployment's shared one; trimmed
+  to about ``ENDS_MAXLEN`` entries, a client's own expiring ``ENDS_TTL_S`` after its last
+  end. A result waiter reads the stream of its job (one blocking XREAD per client for all
+  its waiters and their streams) instead of its job's event stream, so it wakes once per
+  job, whatever the tokens, and only for the jobs it awaits.
 * ``{prefix}job:{id}:events`` — a Redis Stream. Each entry has ``seq`` (strictly
   increasing per job), ``type`` and ``data`` (JSON). Readers resume from the last entry id
   they saw. ``done``, ``error`` and ``cancelled`` are terminal: exactly one per attempt.
@@ -77,11 +82,15 @@ TERMINAL_EVENTS: frozenset[str] = frozenset({"done", "error", "cancelled"})
 # While a job is alive its keys still expire, in case every worker vanished for good.
 ALIVE_TTL_S = 7 * 24 * 3600
 TIME_FIELDS = ("queued_at", "started_at", "first_token_at", "finished_at")
-# About this many job ends stay in ``{prefix}ends`` (XADD MAXLEN ~): a reader that falls
-# further behind than that misses the oldest, and finds those jobs' ends by its periodic
-# check of their records instead (producers/client.py, END_CHECK_S). At ~100 bytes an entry,
-# about 1 MB per deployment.
+# About this many job ends stay in an ends stream, ``{prefix}ends`` or a client's own
+# (XADD MAXLEN ~): a reader that falls further behind than that misses the oldest, and finds
+# those jobs' ends by its periodic check of their records instead (producers/client.py,
+# END_CHECK_S). At ~100 bytes an entry, about 1 MB per stream at most (a client's holds only
+# the ends of the jobs it submitted in the last ENDS_TTL_S).
 ENDS_MAXLEN = 10_000
+# A client's own ends stream (``Keys.ends_for``) expires this long after the last end written
+# to it, so that the stream of a process gone for good goes too.
+ENDS_TTL_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,21 @@ class Keys:
     def ends(self) -> str:
         """A stream of job ends (field ``id``), for result waiters; about ENDS_MAXLEN long."""
         return f"{self.prefix}ends"
+
+    def ends_for(self, owner: str) -> str:
+        """A client's own stream of job ends (field ``id``): the jobs it submits name it in
+        their record's ``ends`` field, and their ends go there instead of :attr:`ends`."""
+        return f"{self.prefix}ends:{owner}"
+
+    def end_stream(self, named: bytes | str | None) -> str:
+        """The ends stream a job's end goes to, from its record's ``ends`` field: the stream
+        named there when it is a client's own (:meth:`ends_for`), else :attr:`ends` (a
+        record without the field: another producer's job; the scripts check the same)."""
+        if named is not None:
+            key = as_text(named)
+            if key.startswith(f"{self.ends}:") and len(key) > len(self.ends) + 1:
+                return key
+        return self.ends
 
     @property
     def cancel_channel(self) -> str:

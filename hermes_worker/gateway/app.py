@@ -363,8 +363,9 @@ class Gateway:
 
     async def _follow(self, handle: AsyncJobHandle, timeout: float | None) -> JobResult:
         """The job's result once it has ended. ``result()`` wakes once per job, not per
-        stream write: the client's hub reads the deployment's ends stream for every request
-        this gateway waits on, in one XREAD (docs/wire-protocol.md, "Waiting for a result")."""
+        stream write: the client's hub reads the ends streams of every request this gateway
+        waits on (its own for the jobs it submitted; another replica's for a job that one
+        submitted), in one XREAD (docs/wire-protocol.md, "Waiting for a result")."""
         return await handle.result(timeout=timeout)
 
     def _stream_response(
