@@ -263,7 +263,10 @@ def test_jobs_due_a_few_ms_apart_share_one_pipeline(keys: Keys) -> None:
                               max_flush_s=0.4)  # fmt: skip
         writer.start()
         streams = [leased(keys, f"j{i}") for i in range(5)]
-        # Given five jobs whose text starts 10 ms apart (due at max_flush_s, 10 ms apart)
+        # Given five jobs whose text starts 10 ms apart (due at max_flush_s, 10 ms apart),
+        # within one step of the writer's grid (here flush_s: text due by age comes due on
+        # it; jobs on either side of a step come due a step apart)
+        await asyncio.sleep(0.2 - time.monotonic() % 0.2 + 0.005)
         for stream in streams:
             writer.emit(stream, "content", {"text": "x"})
             await asyncio.sleep(0.01)
