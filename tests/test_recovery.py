@@ -232,6 +232,7 @@ def test_a_worker_paused_past_its_lease_writes_nothing_when_it_wakes(fleet_facto
     ],
     ids=["exit-while-validating", "exit-while-generating"],
 )
+@pytest.mark.long
 def test_a_message_that_kills_every_worker_ends_as_poison(
     fleet_factory: Any, body: dict[str, Any]
 ) -> None:
