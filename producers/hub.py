@@ -47,6 +47,40 @@ log = logging.getLogger(__name__)
 WAKE_TTL_S = 3600
 
 
+class WakeStream:
+    """A reader's own stream (``{prefix}hub:{id}``), read in every XREAD it makes: an entry
+    added ends the read in flight, so that a stream it does not read yet joins the next one.
+    One entry at most (MAXLEN 1), and an expiry renewed at most every half WAKE_TTL_S: a
+    reader that dies leaves nothing behind for long. The caller sends what :meth:`queue`
+    put on its pipeline (blocking or asyncio), then notes it with :meth:`sent`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.key = f"{prefix}hub:{uuid.uuid4().hex}"
+        self.cursor = "0-0"
+        self._expires_at = 0.0  # 0: never written
+
+    @property
+    def written(self) -> bool:
+        return self._expires_at > 0
+
+    def queue(self, pipe: Any) -> float:
+        """Put the wake-up (and the expiry, when due) on ``pipe``; returns the expiry to
+        pass to :meth:`sent` once the pipeline went through."""
+        pipe.xadd(self.key, {"w": 1}, maxlen=1, approximate=False)
+        now = time.monotonic()
+        if now < self._expires_at - WAKE_TTL_S / 2:
+            return self._expires_at
+        pipe.expire(self.key, WAKE_TTL_S)
+        return now + WAKE_TTL_S
+
+    def sent(self, expires_at: float) -> None:
+        self._expires_at = expires_at
+
+    def read(self, entries: list[tuple[Any, Any]]) -> None:
+        """The XREAD returned ``entries`` of this stream: read on after them."""
+        self.cursor = as_text(entries[-1][0])
+
+
 class Subscription:
     """The entries of one stream, in order, from the hub; ``get`` waits for the next batch."""
 
@@ -228,9 +262,7 @@ class StreamHub:
         self._ends_lock = asyncio.Lock()
         self._reading_ends: frozenset[str] = frozenset()  # the ends streams the XREAD reads
         self.reads = 0  # XREADs sent (for tests and benchmarks)
-        self._wake_key = f"{prefix}hub:{uuid.uuid4().hex}"
-        self._wake_cursor = "0-0"
-        self._wake_expires_at = 0.0
+        self._wake = WakeStream(prefix)
         self._block_ms = max(1, int(block_s * 1000))
         self._count = count
         self._subs: dict[str, list[Subscription]] = {}
@@ -252,7 +284,7 @@ class StreamHub:
             # A full Redis refuses the XADD: the follower then joins the next read, within
             # one blocking read's time, instead of failing.
             with contextlib.suppress(RedisError):
-                await self._wake()
+                await self._wake_reader()
         return sub
 
     async def watch_end(self, job_id: str, key: str | None = None) -> EndWait:
@@ -271,7 +303,7 @@ class StreamHub:
             self._task = asyncio.create_task(self._run(), name="hermes-stream-hub")
         elif self._reading and key not in self._reading_ends:
             with contextlib.suppress(RedisError):
-                await self._wake()
+                await self._wake_reader()
         return wait
 
     def unwatch_end(self, wait: EndWait) -> None:
@@ -299,26 +331,21 @@ class StreamHub:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if self._wake_expires_at:
+        if self._wake.written:
             with contextlib.suppress(Exception):
-                await self._redis.delete(self._wake_key)
+                await self._redis.delete(self._wake.key)
 
-    async def _wake(self) -> None:
-        now = time.monotonic()
-        if now >= self._wake_expires_at - WAKE_TTL_S / 2:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {"w": 1}, maxlen=1, approximate=False)
-                pipe.expire(self._wake_key, WAKE_TTL_S)
-                await pipe.execute()
-            self._wake_expires_at = now + WAKE_TTL_S
-        else:
-            await self._redis.xadd(self._wake_key, {"w": 1}, maxlen=1, approximate=False)
+    async def _wake_reader(self) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            expires_at = self._wake.queue(pipe)
+            await pipe.execute()
+        self._wake.sent(expires_at)
 
     async def _run(self) -> None:
         while (self._subs or self._ends) and not self._closed:
             streams: dict[Any, Any] = {
                 **self._cursors,
-                self._wake_key: self._wake_cursor,
+                self._wake.key: self._wake.cursor,
                 **self._ends.cursors,
             }
             self._reading, self._reading_ends = True, frozenset(self._ends.cursors)
@@ -349,8 +376,8 @@ class StreamHub:
 
     def _dispatch(self, by_key: dict[str, list[tuple[Any, Any]]]) -> None:
         for key, entries in by_key.items():
-            if key == self._wake_key:
-                self._wake_cursor = as_text(entries[-1][0])
+            if key == self._wake.key:
+                self._wake.read(entries)
                 continue
             if key not in self._subs:  # an ends stream (or a stream no longer followed)
                 for wait in self._ends.dispatch(key, entries, self._count):
@@ -387,9 +414,7 @@ class EndWatcher:
         self._ends: EndStreams[EndEvent] = EndStreams()
         # The ends streams the read in flight reads; None between two reads.
         self._reading: frozenset[str] | None = None
-        self._wake_key = f"{prefix}hub:{uuid.uuid4().hex}"
-        self._wake_cursor = "0-0"
-        self._wake_expires_at = 0.0
+        self._wake = WakeStream(prefix)
         self._thread: threading.Thread | None = None
         self._closed = False
         self.reads = 0  # XREADs sent (for tests and benchmarks)
@@ -414,7 +439,7 @@ class EndWatcher:
                 wake = self._reading is not None and key not in self._reading
         if wake:  # refused (a full Redis): the stream joins the next read, within block_s
             with contextlib.suppress(RedisError):
-                self._wake()
+                self._wake_reader()
         return woken
 
     def unwatch(self, woken: EndEvent) -> None:
@@ -431,20 +456,15 @@ class EndWatcher:
         """Stop reading. Not joined: the thread ends after its read in flight (at most one
         blocking read's time), or at once when the client's pool is closed under it."""
         self._closed = True
-        if self._wake_expires_at:
+        if self._wake.written:
             with contextlib.suppress(Exception):
-                self._redis.delete(self._wake_key)
+                self._redis.delete(self._wake.key)
 
-    def _wake(self) -> None:
-        now = time.monotonic()
-        if now >= self._wake_expires_at - WAKE_TTL_S / 2:
-            with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {"w": 1}, maxlen=1, approximate=False)
-                pipe.expire(self._wake_key, WAKE_TTL_S)
-                pipe.execute()
-            self._wake_expires_at = now + WAKE_TTL_S
-        else:
-            self._redis.xadd(self._wake_key, {"w": 1}, maxlen=1, approximate=False)
+    def _wake_reader(self) -> None:
+        with self._redis.pipeline(transaction=False) as pipe:
+            expires_at = self._wake.queue(pipe)
+            pipe.execute()
+        self._wake.sent(expires_at)
 
     def _run(self) -> None:
         while True:
@@ -452,7 +472,7 @@ class EndWatcher:
                 if not self._ends.cursors or self._closed:
                     self._thread = None
                     return
-                streams: dict[Any, Any] = {**self._ends.cursors, self._wake_key: self._wake_cursor}
+                streams: dict[Any, Any] = {**self._ends.cursors, self._wake.key: self._wake.cursor}
                 self._reading = frozenset(self._ends.cursors)
             try:
                 self.reads += 1
@@ -473,8 +493,8 @@ class EndWatcher:
             with self._lock:
                 self._reading = None
                 for key, entries in entries_by_stream(reply).items():
-                    if key == self._wake_key:
-                        self._wake_cursor = as_text(entries[-1][0])
+                    if key == self._wake.key:
+                        self._wake.read(entries)
                     else:
                         ended += self._ends.dispatch(key, entries, self._count)
             for event in ended:
