@@ -52,12 +52,33 @@ class WakeStream:
     added ends the read in flight, so that a stream it does not read yet joins the next one.
     One entry at most (MAXLEN 1), and an expiry renewed at most every half WAKE_TTL_S: a
     reader that dies leaves nothing behind for long. The caller sends what :meth:`queue`
-    put on its pipeline (blocking or asyncio), then notes it with :meth:`sent`."""
+    put on its pipeline (blocking or asyncio), then notes it with :meth:`sent`.
+
+    One wake-up per read is enough: the read it ends is followed by one for every stream
+    added meanwhile. A burst of new streams (128 requests at once at a gateway) then costs
+    one XADD and one more XREAD, not one of each per stream (the XREADs, each over the
+    streams added so far, grew with the square of the burst)."""
 
     def __init__(self, prefix: str) -> None:
         self.key = f"{prefix}hub:{uuid.uuid4().hex}"
         self.cursor = "0-0"
         self._expires_at = 0.0  # 0: never written
+        self._pending = False  # a wake-up was sent since the read in flight began
+
+    def reading(self) -> None:
+        """A read begins, over every stream wanted now: a new stream needs a new wake-up."""
+        self._pending = False
+
+    def claim(self) -> bool:
+        """Whether this caller is to send the wake-up: none is on its way yet."""
+        if self._pending:
+            return False
+        self._pending = True
+        return True
+
+    def failed(self) -> None:
+        """The wake-up did not go out: the next caller tries again."""
+        self._pending = False
 
     @property
     def written(self) -> bool:
@@ -283,8 +304,7 @@ class StreamHub:
         elif self._reading:
             # A full Redis refuses the XADD: the follower then joins the next read, within
             # one blocking read's time, instead of failing.
-            with contextlib.suppress(RedisError):
-                await self._wake_reader()
+            await self._wake_reader()
         return sub
 
     async def watch_end(self, job_id: str, key: str | None = None) -> EndWait:
@@ -302,8 +322,7 @@ class StreamHub:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="hermes-stream-hub")
         elif self._reading and key not in self._reading_ends:
-            with contextlib.suppress(RedisError):
-                await self._wake_reader()
+            await self._wake_reader()
         return wait
 
     def unwatch_end(self, wait: EndWait) -> None:
@@ -336,9 +355,17 @@ class StreamHub:
                 await self._redis.delete(self._wake.key)
 
     async def _wake_reader(self) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            expires_at = self._wake.queue(pipe)
-            await pipe.execute()
+        """End the read in flight, unless a wake-up is on its way to it already; one that
+        Redis refuses is dropped (the new stream joins the next read, within block_s)."""
+        if not self._wake.claim():
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                expires_at = self._wake.queue(pipe)
+                await pipe.execute()
+        except RedisError:
+            self._wake.failed()
+            return
         self._wake.sent(expires_at)
 
     async def _run(self) -> None:
@@ -349,6 +376,7 @@ class StreamHub:
                 **self._ends.cursors,
             }
             self._reading, self._reading_ends = True, frozenset(self._ends.cursors)
+            self._wake.reading()
             try:
                 self.reads += 1
                 reply = await self._redis.xread(streams, count=self._count, block=self._block_ms)
@@ -437,9 +465,9 @@ class EndWatcher:
                 self._thread.start()
             else:
                 wake = self._reading is not None and key not in self._reading
-        if wake:  # refused (a full Redis): the stream joins the next read, within block_s
-            with contextlib.suppress(RedisError):
-                self._wake_reader()
+                wake = wake and self._wake.claim()
+        if wake:
+            self._wake_reader()
         return woken
 
     def unwatch(self, woken: EndEvent) -> None:
@@ -461,10 +489,18 @@ class EndWatcher:
                 self._redis.delete(self._wake.key)
 
     def _wake_reader(self) -> None:
-        with self._redis.pipeline(transaction=False) as pipe:
-            expires_at = self._wake.queue(pipe)
-            pipe.execute()
-        self._wake.sent(expires_at)
+        """Send the wake-up this caller claimed; one that Redis refuses (a full Redis) is
+        dropped: the new stream joins the next read, within block_s."""
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                expires_at = self._wake.queue(pipe)
+                pipe.execute()
+        except RedisError:
+            with self._lock:
+                self._wake.failed()
+            return
+        with self._lock:
+            self._wake.sent(expires_at)
 
     def _run(self) -> None:
         while True:
@@ -474,6 +510,7 @@ class EndWatcher:
                     return
                 streams: dict[Any, Any] = {**self._ends.cursors, self._wake.key: self._wake.cursor}
                 self._reading = frozenset(self._ends.cursors)
+                self._wake.reading()
             try:
                 self.reads += 1
                 reply = self._redis.xread(streams, count=self._count, block=self._block_ms)
