@@ -388,6 +388,7 @@ class Way:
     one: Callable[[Body], Awaitable[Sample]]
     rss_pid: int
     more_pids: tuple[int, ...] = ()
+    url: str = ""  # an HTTP way's chat-completions endpoint
 
 
 @dataclass
@@ -781,7 +782,7 @@ async def _gateway(
             async def one(body: Body) -> Sample:
                 return await sse_sample(http, url, gateway_request(body, model), "gateway")
 
-            yield Way("gateway", one, worker.pid, (gateway.pid,))
+            yield Way("gateway", one, worker.pid, (gateway.pid,), url)
     except BaseException:
         _show_log_tail("gateway (worker)", worker_log)
         _show_log_tail("gateway", gateway_log)
