@@ -13,8 +13,10 @@ with one lane per slot, each submitting a ``--job-tokens`` job (500, ``ignore_eo
 as its last one has ended, so the fleet's slots stay full. A ``--stream-share`` of
 the lanes (a quarter) reads each job's stream as a chat UI does, then its result; the others
 only await the result (the ends stream), as a batch producer or the gateway's ``stream:
-false`` does. The first job of each lane is shorter (1 to ``--job-tokens`` tokens), as if
-the fleet had been running: the jobs end spread out from the start.
+false`` does, and their jobs say so (``stream`` false: no output written as it comes;
+``--awaited-stream``: they do not). The first job of each lane is shorter (1 to
+``--job-tokens`` tokens), as if the fleet had been running: the jobs end spread out from
+the start.
 
 Redis is a ``redis-server`` of the benchmark's own on a free port (so nothing else's load
 counts; or ``--redis-url``). For each fleet size in ``--workers`` (1,2,4: as many as the
@@ -88,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--job-tokens", type=int, default=500, help="tokens per job")
     parser.add_argument(
         "--stream-share", type=float, default=0.25, help="share of jobs whose stream is read"
+    )
+    parser.add_argument(
+        "--awaited-stream",
+        action="store_true",
+        help="the jobs only awaited keep stream true (their output written as it comes, as "
+        "before 2026-12-04); by default they say stream false",
     )
     parser.add_argument(
         "--ends-readers",
@@ -186,13 +194,14 @@ class Level:
 SCRIPT = json.dumps({"text": " Once upon a time a fleet of workers wrote stories."})
 
 
-def job_body(tokens: int) -> dict[str, Any]:
-    return {
+def job_body(tokens: int, stream: bool) -> dict[str, Any]:
+    body = {
         "messages": [{"role": "user", "content": "Tell me a story."}],
         "max_tokens": tokens,
         "ignore_eos": True,
         "metadata": {SCRIPT_KEY: SCRIPT},
     }
+    return body if stream else {**body, "stream": False}
 
 
 async def lane(
@@ -201,7 +210,7 @@ async def lane(
 ) -> None:  # fmt: skip
     tokens = random.randint(1, args.job_tokens)  # as if the fleet had been running
     while not stop.is_set():
-        handle = await client.submit(job_body(tokens))
+        handle = await client.submit(job_body(tokens, streams or args.awaited_stream))
         if streams:
             async for event in handle.stream():
                 tally.events += 1
@@ -382,8 +391,10 @@ def report(levels: list[Level], args: argparse.Namespace, command: str) -> str:
         "# A fleet of simulated GPU workers on one Redis",
         "",
         f"Each worker: {args.slots} slots sharing {target:,.0f} tokens/s (the scripted engine), "
-        f"jobs of {args.job_tokens} tokens, {args.stream_share:.0%} of them streamed; "
-        f"{args.window_s:.0f} s measured per level after {args.warmup_s:.0f} s of warm-up.",
+        f"jobs of {args.job_tokens} tokens, {args.stream_share:.0%} of them streamed, the "
+        f"others {'with' if args.awaited_stream else 'without'} their output written as it "
+        f"comes (stream {str(args.awaited_stream).lower()}); {args.window_s:.0f} s measured "
+        f"per level after {args.warmup_s:.0f} s of warm-up.",
         "",
         f"    {command}",
         "",

@@ -99,6 +99,40 @@ def test_reasoning_content_and_a_tool_call_stream_as_the_result_says(harness: Ha
     assert_one_ending(harness, handle.id, "done")
 
 
+def test_a_job_that_will_not_be_streamed_writes_only_its_end_and_the_same_result(
+    harness: Harness,
+) -> None:
+    # Given a worker, and two jobs whose script thinks, talks and calls a tool, with
+    # logprobs, one of them saying nobody will stream it
+    runtime = harness.start()
+    body = job({"text": TEXT}, tools=TOOLS, logprobs=True)
+    streamed = harness.client.submit(body)
+    quiet = harness.client.submit({**body, "stream": False})
+    # When both run
+    for handle in (streamed, quiet):
+        assert harness.deliver(runtime, handle.id).result(timeout=5) is JobStatus.SUCCEEDED
+    # Then the quiet one wrote none of its output to its stream, only its bookkeeping
+    # and its end, where the other wrote it all
+    output = {"reasoning", "content", "tool_call"}
+    assert not output & set(harness.types(quiet.id))
+    assert harness.types(quiet.id)[0] == "started"
+    assert output <= set(harness.types(streamed.id))
+    assert_one_ending(harness, quiet.id, "done")
+    # And its result is the same: reasoning, content, the call and the logprobs
+    ours, theirs = quiet.result(timeout=1).choices[0], streamed.result(timeout=1).choices[0]
+    assert (ours.message.reasoning_content, ours.message.content) == (REASONING, CONTENT)
+    assert ours.message.content == theirs.message.content
+    assert ours.message.tool_calls is not None and theirs.message.tool_calls is not None
+    assert [c.function for c in ours.message.tool_calls] == [
+        c.function for c in theirs.message.tool_calls
+    ]
+    assert ours.logprobs is not None and theirs.logprobs is not None
+    assert [e.token for e in ours.logprobs.content] == [e.token for e in theirs.logprobs.content]
+    assert ours.logprobs.content  # the content's tokens, not an empty list
+    # And a reader of its stream gets its end
+    assert [e.type for e in quiet.stream(timeout=1)][-1] == "done"
+
+
 @pytest.mark.parametrize(("ignore_eos", "max_tokens"), [(False, 4), (True, 40)])
 def test_max_tokens_cuts_the_output_with_finish_reason_length(
     harness: Harness, ignore_eos: bool, max_tokens: int

@@ -111,6 +111,27 @@ def test_stream_joined_equals_the_result(client: HermesClient) -> None:
     assert result.usage is not None and usage == result.usage.model_dump(mode="json")
 
 
+def test_a_job_that_will_not_be_streamed_has_the_same_result_and_no_output_events(
+    client: HermesClient,
+) -> None:
+    # Given the same seeded job twice, the second saying nobody will stream it
+    body = chat(max_tokens=64, ignore_eos=True, logprobs=True)
+    streamed = client.submit(body).result(timeout=TIMEOUT)
+    handle = client.submit({**body, "stream": False})
+    # When it runs on the real engine
+    quiet = handle.result(timeout=TIMEOUT)
+    # Then its stream holds no output, only its bookkeeping and its end
+    types = [e.type for e in events_of(handle)]
+    assert types[0] == "started" and types[-1] == "done"
+    assert not {"content", "reasoning", "tool_call"} & set(types)
+    # And its result is the streamed one's: the same text, tokens and logprobs
+    ours, theirs = quiet.choices[0], streamed.choices[0]
+    assert ours.message == theirs.message and ours.message.content
+    assert quiet.usage is not None and quiet.usage.completion_tokens == 64
+    assert ours.logprobs is not None and theirs.logprobs is not None
+    assert [e.token for e in ours.logprobs.content] == [e.token for e in theirs.logprobs.content]
+
+
 def test_named_tool_job_returns_a_valid_call(client: HermesClient) -> None:
     # Given a job that forces get_weather on the random test model
     body = chat(

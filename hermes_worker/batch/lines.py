@@ -5,7 +5,8 @@ An input line is ``{"custom_id", "method": "POST", "url": "/v1/chat/completions"
 its body is a chat-completions request, read exactly as the gateway reads one
 (:func:`hermes_worker.gateway.openai_shapes.chat_request`) and then validated as a job, so a
 body means the same in a batch as over HTTP or on the queue. The batch sets what it owns: a
-body may not carry ``id``, ``priority``, ``deadline``, ``stream`` or ``background``.
+body may not carry ``id``, ``priority``, ``deadline``, ``stream`` or ``background``. A line's
+job has ``stream`` false: its output is not written as it is generated, only its result.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def read_request(
         request = chat_request(body, None)
     except GatewayError as exc:
         raise bad("invalid_request", exc.message, _body_param(exc.param)) from exc
-    job = {**request.job, "id": line_job_id(batch_id, index), "priority": priority}
+    # Nobody reads a line's output as it is generated: its job writes none of it to its
+    # events stream (``stream`` false), only its end; the output line comes from the result.
+    job = {**request.job, "id": line_job_id(batch_id, index), "priority": priority, "stream": False}
     if not check_job:
         return BatchRequest(index, custom_id, job, request.model)
     try:

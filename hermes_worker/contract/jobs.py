@@ -473,6 +473,11 @@ class ChatJob(_Request):
     gets the log probability of each token of its ``content``, and of the most likely
     tokens at each place. ``parallel_tool_calls`` false: at most one call; generation stops
     once the first call is complete.
+
+    ``stream`` false (OpenAI's field, as a promise): nobody reads the job's output as it is
+    generated, so the worker writes none of it to the job's events stream; the stream holds
+    the job's bookkeeping events and its end, and the result holds all its output. For
+    producers that only await results (batches): half of what Redis does for a job.
     """
 
     id: Annotated[str, Field(pattern=JOB_ID_PATTERN)] | None = None
@@ -498,6 +503,7 @@ class ChatJob(_Request):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     parallel_tool_calls: StrictBool = True
+    stream: StrictBool = True
 
     thinking: StrictBool = False
     keep_cots: StrictBool = False

@@ -29,6 +29,7 @@ class ChoiceRun:
     logprobs: ContentLogprobs | None = None  # when the job asked for them
     call_ids: list[str] = field(default_factory=list)
     finish_reason: str | None = None  # vLLM's, once the engine ended it
+    streamed: bool = True  # its output goes to the events stream (the job's ``stream``)
 
     @classmethod
     def all_of(cls, job: ChatJob, plan: GenerationPlan) -> list[ChoiceRun]:
@@ -41,6 +42,7 @@ class ChoiceRun:
                 ContentParser() if plan.json_document else StreamingParser(max_calls),
                 tagged=plan.n > 1,
                 logprobs=ContentLogprobs() if job.logprobs else None,
+                streamed=job.stream,
             )
             for index in range(plan.n)
         ]

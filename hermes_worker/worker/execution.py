@@ -492,6 +492,8 @@ def _account(ctx: JobContext, attempt: Attempt, run: ChoiceRun, delta: Delta) ->
 
 
 def _send(ctx: JobContext, attempt: Attempt, run: ChoiceRun, events: list[ParserEvent]) -> None:
+    """Write a choice's output events (the call ids and logprobs are noted for the result
+    whether they are written or not: a job with ``stream`` false writes none)."""
     for event in events:
         # The first output after the first token goes at once (time to first token); text
         # before it (a forced prefix) goes with it.
@@ -502,12 +504,14 @@ def _send(ctx: JobContext, attempt: Attempt, run: ChoiceRun, events: list[Parser
             data = _tool_call(call_id, event.tool_call.name, event.tool_call.arguments)
             data["index"] = len(run.call_ids)
             run.call_ids.append(call_id)
-            ctx.writer.emit(attempt.stream, "tool_call", run.event(data), urgent=True)
+            if run.streamed:
+                ctx.writer.emit(attempt.stream, "tool_call", run.event(data), urgent=True)
         else:
             text: dict[str, Any] = {"text": event.text}
             if event.type == "content" and run.logprobs is not None:
                 text["logprobs"] = run.logprobs.take()
-            ctx.writer.emit(attempt.stream, event.type, run.event(text), urgent=urgent)
+            if run.streamed:
+                ctx.writer.emit(attempt.stream, event.type, run.event(text), urgent=urgent)
 
 
 def _tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
