@@ -81,6 +81,10 @@ class Stack:
     def redis(self) -> redis.Redis:
         return patient_redis(WORKER_REDIS_URL)
 
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.settings.key_prefix)
+
     def sdk(self, **options: Any) -> Any:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", **options)
 
@@ -226,6 +230,14 @@ def test_the_sync_sdk_gets_a_chat_completion_with_reasoning_and_usage(stack: Sta
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     # And the completion's id is its job's
     assert stack.job(reply.id)["job"]["worker"] is not None
+    # And, answered whole, its job wrote none of its output as it came (stream false)
+    assert json.loads(stack.redis.hget(stack.keys.job(reply.id), "body"))["stream"] is False
+    assert not {"content", "reasoning"} & set(event_types(stack, reply.id))
+
+
+def event_types(stack: Stack, job_id: str) -> list[str]:
+    entries = stack.redis.xrange(stack.keys.events(job_id))
+    return [as_text(fields[b"type"]) for _, fields in entries]
 
 
 def test_the_async_sdk_streams_reasoning_content_and_usage_chunks(stack: Stack) -> None:
@@ -254,6 +266,8 @@ def test_the_async_sdk_streams_reasoning_content_and_usage_chunks(stack: Stack) 
     assert with_choice[-1].choices[0].finish_reason == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     assert len({c.id for c in chunks}) == 1
+    # And its job wrote its output as it came
+    assert {"content", "reasoning"} <= set(event_types(stack, chunks[0].id))
 
 
 def test_a_tool_call_comes_back_as_openai_tool_calls_streamed_or_not(stack: Stack) -> None:

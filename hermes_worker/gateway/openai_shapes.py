@@ -184,6 +184,10 @@ def chat_request(
         body.pop(name, None)
     _refuse_unsupported(body)
     _drop_echoed_fields(body)
+    if not stream and not background:
+        # Answered whole, once it has ended: its output need not be written as it comes
+        # (the job's stream false). A background job's events can be read, so it keeps it.
+        body["stream"] = False
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid("model: Input should be a valid string", param="model")
