@@ -34,7 +34,7 @@ from worker_fixtures import start_worker, stop_worker, wait_ready
 
 from hermes_worker.cli.services import SentinelGroup
 from hermes_worker.contract.jobs import JobStatus
-from hermes_worker.contract.queue import celery_config
+from hermes_worker.contract.queue import UNACKED_INDEX_KEY, UNACKED_KEY, celery_config
 from hermes_worker.contract.store import (
     NotReplicated,
     SentinelURL,
@@ -267,6 +267,11 @@ def check_scenario(
             load.stop.set()
             thread.join(30)
             report = outcomes(client, load.acked)
+            hung = {
+                i: whereabouts(client, settings.queue_name, i)
+                for i, o in report.items()
+                if o == "hung"
+            }
     finally:
         stop_worker(worker, grace=10)
 
@@ -295,11 +300,11 @@ def check_scenario(
         f" s; acknowledged submits by phase and outcome: "
         f"{ {name: dict(c) for name, c in by_phase.items()} }; submit tries refused: "
         f"{dict(load.failed_tries)}; jobs run to their end twice: {twice}; "
-        f"worker warnings: {dict(warnings)}"
+        f"worker warnings: {dict(warnings)}; hung jobs on the new master: {hung}"
     )
     assert by_phase["before"] and by_phase["after"], f"{scenario}: load on both sides"
     assert set(by_phase["after"]) == {"done"}, f"{scenario}: every job after it completes"
-    assert "hung" not in report.values(), f"{scenario}: every acknowledged job ends or is lost"
+    assert not hung, f"{scenario}: every acknowledged job ends or is lost: {hung}"
     # What a failover loses was acknowledged while it ran (on a master about to be
     # superseded), never before it: the replica had everything older.
     assert set(by_phase["before"]) == {"done"}, f"{scenario}: {by_phase}"
@@ -310,6 +315,21 @@ def check_scenario(
         # the commands it runs as it wakes: the one submit in flight then (the producer
         # sends one at a time) can still be lost.
         assert len(lost) <= 1, (scenario, lost)
+
+
+def whereabouts(client: HermesClient, queue: str, job_id: str) -> str:
+    """What the master holds of a hung job, to tell where its message went: its record's
+    status, deliveries and attempts; how many copies of its message the queue's list and
+    kombu's unacked hash hold; of the latter's tags, how many are in kombu's index and in
+    the worker's deliveries set."""
+    r = client.redis
+    fields = r.hmget(client.keys.job(job_id), "status", "deliveries", "attempts")
+    record = dict(zip(("status", "deliveries", "attempts"), fields, strict=True))
+    queued = sum(job_id.encode() in item for item in r.lrange(queue, 0, -1))
+    tags = [tag for tag, entry in r.hgetall(UNACKED_KEY).items() if job_id.encode() in entry]
+    indexed = sum(r.zscore(UNACKED_INDEX_KEY, tag) is not None for tag in tags)
+    held = sum(bool(r.sismember(client.keys.deliveries("w1"), tag)) for tag in tags)
+    return f"{record}, queued {queued}, unacked {len(tags)} (indexed {indexed}, held {held})"
 
 
 def outcomes(client: HermesClient, acked: dict[str, float]) -> dict[str, str]:

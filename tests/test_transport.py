@@ -196,6 +196,52 @@ def test_a_message_taken_but_not_recorded_goes_back_on_its_queue(
     assert not redis_client.hexists(UNACKED, pushed["properties"]["delivery_tag"])
 
 
+@pytest.mark.parametrize("how", ["reject", "connection lost"])
+def test_a_held_message_the_master_has_no_record_of_goes_back_from_the_workers_copy(
+    hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker], how: str
+) -> None:
+    # Given a message a consumer holds, whose record is not in the unacked hash (it was
+    # written on a master that a failover then threw away)
+    pushed = push(redis_client, hermes_settings)
+    taker = Taker(hermes_settings, prefetch=1)
+    takers.append(taker)
+    [got] = taker.drain_once()
+    redis_client.hdel(UNACKED, got.delivery_tag)
+    # When it is rejected with requeue, or the consumer's connection is lost
+    if how == "reject":
+        got.reject(requeue=True)
+    else:
+        taker.channel.qos.restore_unacked()
+    # Then the consumer's own copy is back on the queue, under a new delivery tag
+    [back] = [json.loads(m) for m in redis_client.lrange(hermes_settings.queue_name, 0, -1)]
+    assert back["headers"]["id"] == pushed["headers"]["id"] and back["body"] == pushed["body"]
+    assert back["properties"]["delivery_tag"] != pushed["properties"]["delivery_tag"]
+    assert redis_client.zscore(UNACKED_INDEX, got.delivery_tag) is None
+
+
+def test_a_held_message_goes_back_once_a_refusing_redis_takes_it(
+    hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker]
+) -> None:
+    # Given a message a consumer holds, and a connection that Redis refuses as the
+    # consumer puts its messages back (a master that lost its replicas, say)
+    pushed = push(redis_client, hermes_settings)
+    taker = Taker(hermes_settings, prefetch=1)
+    takers.append(taker)
+    [got] = taker.drain_once()
+    redis_client.hdel(UNACKED, got.delivery_tag)
+
+    class Refusing:
+        def transaction(self, *_: Any, **__: Any) -> None:
+            raise redis.ConnectionError("the master refuses writes: NOREPLICAS")
+
+    # When it puts them back, Then its copy gets there all the same, from a new connection
+    taker.channel.qos.restore_unacked(Refusing())
+    assert wait_for(lambda: bool(redis_client.llen(hermes_settings.queue_name)), 5)
+    [back] = [json.loads(m) for m in redis_client.lrange(hermes_settings.queue_name, 0, -1)]
+    assert back["headers"]["id"] == pushed["headers"]["id"]
+    assert redis_client.zscore(UNACKED_INDEX, got.delivery_tag) is None  # no sweep's copy
+
+
 def test_items_in_a_burst_that_are_not_messages_are_dropped_and_the_rest_delivered(
     hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker]
 ) -> None:

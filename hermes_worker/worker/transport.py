@@ -40,6 +40,11 @@ one already sent, message inside); Celery's threads pool acks from the job's own
 the consumer's event loop only looked again at its next timer, up to a second later (0.5 s
 on average, ``tests/test_transport.py``). An ack or reject that makes room now wakes the
 loop through a pipe registered on it.
+
+Sixth, a message this consumer holds goes back on its queue (a reject with requeue, a lost
+connection) from the copy it holds when the master has no record of it: after a failover the
+record may have been written only on the old master, whose data is thrown away
+(``QoS.restore_held``; seen in tests/test_sentinel.py, ``freeze-min-replicas``).
 """
 
 from __future__ import annotations
@@ -150,12 +155,48 @@ class QoS(kombu_redis.QoS):
             with self.channel.conn_or_acquire(client) as conn:
                 yield conn.pipeline(transaction=False)
 
-    def restore_unacked(self, client: Any = None) -> Any:
+    def restore_held(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        """kombu's restore of a message this consumer holds (a reject with requeue, a lost
+        connection), which takes the message from the unacked hash. After a failover the
+        hash may not have it: its record was written on the old master after the new one
+        had replicated the pop (a SIGSTOP between the two, tests/test_sentinel.py), and the
+        old master's data is thrown away when it syncs. The copy this process holds is then
+        the only one: it is put back on the queue, here or, while Redis refuses or is away,
+        by :meth:`Channel.put_back` (a second copy, from a record that survives, finds the
+        job claimed or ended). The visibility sweep keeps kombu's restore_by_tag, and so
+        does a worker that has handed its messages back itself (:func:`stop_taking`, then
+        the reaper): none of them is missing then, only moved."""
+        held = self._delivered.get(tag)
+        if held is None or self.channel.deliveries_key in _stopped:
+            self.restore_by_tag(tag, client, leftmost)  # type: ignore[no-untyped-call]
+            return
+        delivery = held.delivery_info
+        copy = (held._raw, delivery["exchange"], delivery["routing_key"])
+
+        def restore_transaction(pipe: Any) -> None:
+            entry = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            message, exchange, routing_key = loads(bytes_to_str(entry)) if entry else copy  # type: ignore[no-untyped-call]
+            self.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
+
         try:
-            return super().restore_unacked(client)  # type: ignore[no-untyped-call]
+            with self.channel.conn_or_acquire(client) as conn:
+                conn.transaction(restore_transaction, self.unacked_key)
         except CONNECTION_GONE as exc:
+            log.warning("a message this worker holds goes back on its queue (%s)", exc)
+            self.channel.put_back(*copy, forget=tag)
+
+    def restore_unacked(self, client: Any = None) -> Any:
+        """kombu's (every message held goes back on its queue), each through
+        :meth:`restore_held`: none is left to a record the master may not have."""
+        try:
+            for tag in list(self._delivered):
+                self.restore_held(tag, client)
+        except CONNECTION_GONE as exc:  # a worker handing back its own: kombu's restore
             log.warning("in-flight messages left to the visibility sweep (%s)", exc)
-            return []
+        self._delivered.clear()
+        return []
 
     # A job that ended while the connection was down cannot be acknowledged on its old
     # channel. Its message comes back after the visibility timeout, and the redelivered copy
@@ -173,7 +214,11 @@ class QoS(kombu_redis.QoS):
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         with self._waking_when_room_returns():
             try:
-                super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+                if requeue:  # kombu's reject, through restore_held
+                    self.restore_held(delivery_tag, leftmost=True)
+                    virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+                else:
+                    super().reject(delivery_tag, requeue=False)  # type: ignore[no-untyped-call]
             except CONNECTION_GONE as exc:
                 # Refused (a full Redis) or cut off: the message stays recorded for the
                 # sweep; its prefetch slot here is freed, or after as many such failures as
@@ -231,10 +276,12 @@ class Channel(kombu_redis.Channel):
     # How long a message taken but not recorded is tried to be put back (put_back).
     put_back_for_s = 120.0
 
-    def put_back(self, payload: Any, exchange: Any, routing_key: Any) -> None:
+    def put_back(self, payload: Any, exchange: Any, routing_key: Any, forget: Any = None) -> None:
         """Put a message back on its queue (next in line, under a new delivery tag) from a
         thread of its own, trying every half second until Redis takes it or
-        ``put_back_for_s`` has passed: the consumer's loop goes on reconnecting meanwhile."""
+        ``put_back_for_s`` has passed: the consumer's loop goes on reconnecting meanwhile.
+        ``forget``: its old delivery tag, whose record goes in the same round trip (or the
+        visibility sweep would bring a second copy)."""
 
         def put() -> None:
             deadline = time.monotonic() + self.put_back_for_s
@@ -242,14 +289,18 @@ class Channel(kombu_redis.Channel):
                 try:
                     client = self._create_client()  # type: ignore[no-untyped-call]
                     try:
-                        self._do_restore_message(payload, exchange, routing_key, client)
+                        pipe = client.pipeline(transaction=False)
+                        if forget is not None:
+                            self.qos._remove_from_indices(forget, pipe)
+                        self._do_restore_message(payload, exchange, routing_key, pipe)
+                        pipe.execute()
                     finally:
                         client.close()
-                    log.info("the message taken but not recorded is back on its queue")
+                    log.info("a message put back is back on its queue")
                     return
                 except CONNECTION_GONE as exc:
                     if time.monotonic() > deadline:
-                        log.error("a message taken but not recorded is lost (%s)", exc)
+                        log.error("a message to put back is lost (%s)", exc)
                         return
                     time.sleep(0.5)
 
