@@ -35,9 +35,11 @@ if TYPE_CHECKING:
 pytest_plugins = ["worker_fixtures"]
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: the shares xdist cuts
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, the tests marked ``long`` (tens of seconds each, mostly waiting on
-    timers) go first in the shares the workers start with, one per worker. The scheduler
+    """Under pytest-xdist, the tests marked ``long`` go first in the shares the workers start
+    with, the heaviest first, each to the share with the least long work so far
+    (``long(seconds)``: about how long it takes, a weight; 10 when not given). The scheduler
     (worksteal) hands each worker a contiguous share of the collection and lets idle workers
     steal from the tails of busy ones: a long test left deep in a share starts late and
     ends the run alone (the fast tier took 2:19 on 4 workers, ~35 s past its even share).
@@ -54,14 +56,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         sizes.append(left // remaining)
         left -= sizes[-1]
     heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
-    for n, item in enumerate(long):
-        heads[n % workers].append(item)
+    loads = [0.0] * workers
+    for item in sorted(long, key=long_weight, reverse=True):  # stable: ties keep their order
+        lightest = loads.index(min(loads))
+        heads[lightest].append(item)
+        loads[lightest] += long_weight(item)
     ordered: list[pytest.Item] = []
     for head, size in zip(heads, sizes, strict=True):
         take = max(size - len(head), 0)
         ordered += head + rest[:take]
         del rest[:take]
     items[:] = ordered + rest
+
+
+def long_weight(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("long")
+    return float(marker.args[0]) if marker is not None and marker.args else 10.0
 
 
 # Prepared test models kept between runs (the checkout's .test-models/, git-ignored), each

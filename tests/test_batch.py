@@ -376,6 +376,7 @@ def fleet(test_model_dir: Path, tmp_path: Path) -> Iterator[Fleet]:
     made.close()
 
 
+@pytest.mark.long(10)
 def test_every_line_once_with_the_runner_and_a_worker_killed(fleet: Fleet, tmp_path: Path) -> None:
     # Given two scripted workers (lease 4 s) and a batch runner process (lease 2 s)
     fleet.start(2)

@@ -187,6 +187,7 @@ def test_a_dead_engine_hands_its_jobs_back_at_once(fleet_factory: Any) -> None:
 # --- point 2: fenced ends ------------------------------------------------------------------------
 
 
+@pytest.mark.long(12)
 def test_a_worker_paused_past_its_lease_writes_nothing_when_it_wakes(fleet_factory: Any) -> None:
     # Given two workers whose messages come back after 4 s (the visibility timeout) as well
     fleet: Fleet = fleet_factory(HERMES_VISIBILITY_TIMEOUT_S="4")

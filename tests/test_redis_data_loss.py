@@ -465,7 +465,7 @@ def test_a_job_that_ends_while_redis_is_full_still_writes_its_end(
             capped.release()
 
 
-@pytest.mark.long
+@pytest.mark.long(30)
 def test_a_full_redis_under_load_loses_no_job(worker: WorkerProcess, capped: MemoryCap) -> None:
     """Producers submit as fast as they can, for 8 s, into a Redis with room for a few
     hundred jobs; ended jobs' keys expire after RESULT_TTL_S, so room comes and goes while

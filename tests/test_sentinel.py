@@ -179,7 +179,7 @@ SCENARIOS = {
 }
 
 
-@pytest.mark.long
+@pytest.mark.long(50)
 def test_worker_and_producer_go_on_after_a_failover_under_load(
     test_model_dir: Path, tmp_path: Path
 ) -> None:

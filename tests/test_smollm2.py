@@ -29,6 +29,7 @@ def safetensors_header(path: Path) -> dict[str, dict[str, object]]:
     return header
 
 
+@pytest.mark.long(15)  # the conversion, in a checkout without it kept
 def test_checkpoint_is_a_plain_bf16_llama(smollm2_dir: Path) -> None:
     # Given the prepared checkpoint
     config = json.loads((smollm2_dir / "config.json").read_text())
