@@ -196,17 +196,26 @@ def test_a_message_taken_but_not_recorded_goes_back_on_its_queue(
     assert not redis_client.hexists(UNACKED, pushed["properties"]["delivery_tag"])
 
 
+def held_without_record(
+    settings: Settings, redis_client: redis.Redis, takers: list[Taker]
+) -> tuple[dict[str, Any], Taker, Any]:
+    """A message pushed, taken by a consumer, and its unacked record removed (as if written
+    on a master that a failover then threw away): the message, the consumer, what it got."""
+    pushed = push(redis_client, settings)
+    taker = Taker(settings, prefetch=1)
+    takers.append(taker)
+    [got] = taker.drain_once()
+    redis_client.hdel(UNACKED, got.delivery_tag)
+    return pushed, taker, got
+
+
 @pytest.mark.parametrize("how", ["reject", "connection lost"])
 def test_a_held_message_the_master_has_no_record_of_goes_back_from_the_workers_copy(
     hermes_settings: Settings, redis_client: redis.Redis, takers: list[Taker], how: str
 ) -> None:
     # Given a message a consumer holds, whose record is not in the unacked hash (it was
     # written on a master that a failover then threw away)
-    pushed = push(redis_client, hermes_settings)
-    taker = Taker(hermes_settings, prefetch=1)
-    takers.append(taker)
-    [got] = taker.drain_once()
-    redis_client.hdel(UNACKED, got.delivery_tag)
+    pushed, taker, got = held_without_record(hermes_settings, redis_client, takers)
     # When it is rejected with requeue, or the consumer's connection is lost
     if how == "reject":
         got.reject(requeue=True)
@@ -224,11 +233,7 @@ def test_a_held_message_goes_back_once_a_refusing_redis_takes_it(
 ) -> None:
     # Given a message a consumer holds, and a connection that Redis refuses as the
     # consumer puts its messages back (a master that lost its replicas, say)
-    pushed = push(redis_client, hermes_settings)
-    taker = Taker(hermes_settings, prefetch=1)
-    takers.append(taker)
-    [got] = taker.drain_once()
-    redis_client.hdel(UNACKED, got.delivery_tag)
+    pushed, taker, got = held_without_record(hermes_settings, redis_client, takers)
 
     class Refusing:
         def transaction(self, *_: Any, **__: Any) -> None:
