@@ -11,7 +11,7 @@ from conftest import TEST_REDIS_URL as REDIS_URL
 from redis.asyncio import Redis as AsyncRedis
 
 from hermes_worker.contract.store import Keys, decode_event
-from hermes_worker.worker.stream import JobStream, StreamWriter, refused_for_good
+from hermes_worker.worker.stream import JobStream, StreamWriter
 
 
 def leased(keys: Keys, job_id: str) -> JobStream:
@@ -307,31 +307,3 @@ def test_writes_of_an_attempt_that_lost_its_lease_are_refused(keys: Keys) -> Non
     assert ended is False
     assert fenced == ["j1"]
     assert redis.Redis.from_url(REDIS_URL).hget(keys.job("j1"), "status") is None
-
-
-def test_only_errors_inside_a_script_are_refusals_for_good() -> None:
-    exceptions = redis.exceptions
-    script = "script: 98941c, on @user_script:27."
-    # Redis refusing for a while, as redis-py raises it alone or in a pipeline: tried again
-    for passing in (
-        exceptions.ResponseError(f"NOREPLICAS Not enough good replicas to write. {script}"),
-        exceptions.ResponseError(
-            "Command # 1 (EVALSHA 98941c 4) of pipeline caused error: READONLY You can't "
-            "write against a read only replica."
-        ),
-        exceptions.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'."),
-        exceptions.ConnectionError("Connection closed by server."),
-        exceptions.TimeoutError("Timeout reading from socket"),
-    ):
-        assert not refused_for_good(passing), passing
-    # An error inside the script, which no retry changes: for good
-    for lasting in (
-        exceptions.ResponseError(
-            f"WRONGTYPE Operation against a key holding the wrong kind of value {script}"
-        ),
-        exceptions.ResponseError(
-            "Command # 1 (EVALSHA 98941c 4) of pipeline caused error: ERR user_script:12: "
-            "attempt to compare nil with number"
-        ),
-    ):
-        assert refused_for_good(lasting), lasting

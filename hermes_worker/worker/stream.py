@@ -38,7 +38,7 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from hermes_worker.contract import scripts
 from hermes_worker.contract.store import Keys, decode_event, encode_event
@@ -243,8 +243,6 @@ class StreamWriter:
                 )
 
     async def _flush(self, force: bool = False) -> None:
-        """Write the streams that are due in one script call; see :meth:`_write_apart` for a
-        call that Redis refuses for good."""
         self._wake.clear()
         self._urgent.clear()
         now = time.monotonic()
@@ -258,18 +256,15 @@ class StreamWriter:
         written: list[JobStream] = []  # the streams the call writes for, in order
         keys: list[str] = [self._keys.ends]
         args: list[Any] = [self._ttl_s]
-        parts: list[Part] = []  # each written stream's own keys and args, for _write_apart
         try:
             await self._skip_landed([s for s in batch if s.unsure])
             for stream in batch:
                 ops = stream.taken()
                 taken.append((stream, ops))
-                at = len(keys), len(args)
                 futures = self._add_ops(keys, args, stream, ops)
                 finished.extend((stream, future) for future in futures)
                 if len(keys) > 1 + 3 * len(written):
                     written.append(stream)
-                    parts.append(Part(stream, ops, keys[at[0] :], args[at[1] :]))
             replies: list[Any] = []
             if written:
                 # On a pipeline of its own: awaiting a script there only queues it (and its
@@ -279,9 +274,6 @@ class StreamWriter:
                 replies = (await pipe.execute())[-1]
                 self.commands_sent += 1
         except RedisError as exc:
-            if len(parts) == len(taken) and refused_for_good(exc):
-                await self._write_apart(parts, finished, exc)
-                return
             self.failed_flushes += 1
             # Keep the ops, in order, ahead of anything newer, and try again on the next tick
             # (a failed read of what landed leaves every stream of the batch as it was).
@@ -299,42 +291,6 @@ class StreamWriter:
                 self._fence(stream)
         for stream, future in finished:
             if not future.done():
-                future.set_result(not stream.fenced)
-
-    async def _write_apart(
-        self, parts: list[Part], finished: list[tuple[JobStream, asyncio.Future[bool]]],
-        error: RedisError,
-    ) -> None:  # fmt: skip
-        """Redis refused the flush's call for good (a script error: a key of another type, a
-        value it cannot take), which trying again would not change: one job's writes must
-        not hold up every other job's. Each stream is written in a call of its own (one
-        pipeline); a stream whose own call is refused for good stops its attempt (fenced:
-        the job goes back to the queue, and a job that keeps failing so ends as poison), one
-        refused for a while is tried again with the next flush."""
-        log.warning("a stream write refused for good, writing each job apart: %s", error)
-        replies: list[Any] = []
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            for part in parts:
-                keys, args = [self._keys.ends, *part.keys], [self._ttl_s, *part.args]
-                await self._write(keys=keys, args=args, client=pipe)
-            replies = (await pipe.execute(raise_on_error=False))[-len(parts) :]
-            self.commands_sent += len(parts)
-        except RedisError as exc:  # Redis away meanwhile: every stream as it was
-            replies = [exc] * len(parts)
-        for part, reply in zip(parts, replies, strict=True):
-            if isinstance(reply, RedisError) and refused_for_good(reply):
-                log.error(
-                    "job %s: Redis refuses its stream writes (%s); its attempt stops",
-                    part.stream.job_id, reply,
-                )  # fmt: skip
-                self._fence(part.stream)
-            elif isinstance(reply, Exception):
-                self._requeue([(part.stream, part.ops)])
-            elif not int(reply):
-                self._fence(part.stream)
-        for stream, future in finished:
-            if not future.done() and stream.job_id not in self._dirty:  # not tried again
                 future.set_result(not stream.fenced)
 
     def _fence(self, stream: JobStream) -> None:
@@ -402,35 +358,6 @@ class StreamWriter:
                 else:
                     kept.append(op)
             stream.ops, stream.unsure = kept, False
-
-
-@dataclass
-class Part:
-    """One stream's share of a flush: its ops and its keys and args in the script call."""
-
-    stream: JobStream
-    ops: list[list[Any]]
-    keys: list[str]
-    args: list[Any]
-
-
-# Refusals that pass: Redis loading, read-only or short of replicas while failing over, out
-# of memory, its script cache flushed, an ACL being fixed. A write refused so is tried
-# again, as when Redis is away; any other refusal (an error inside the script) will not
-# change by trying again.
-PASSING_REFUSALS = frozenset(
-    {"BUSY", "LOADING", "READONLY", "MASTERDOWN", "NOREPLICAS", "OOM", "NOSCRIPT", "TRYAGAIN",
-     "CLUSTERDOWN", "MISCONF", "NOPERM"}
-)  # fmt: skip
-
-
-def refused_for_good(exc: BaseException) -> bool:
-    """Whether Redis answered with an error that trying again would not change (see
-    PASSING_REFUSALS); a lost connection or a timeout is not a refusal."""
-    if not isinstance(exc, ResponseError):
-        return False
-    text = str(exc).split("of pipeline caused error: ", 1)[-1]
-    return text.split(maxsplit=1)[0] not in PASSING_REFUSALS if text else False
 
 
 def _field(value: Any) -> str | int | float:
