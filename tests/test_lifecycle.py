@@ -42,6 +42,7 @@ from worker_fixtures import (
     running_scripted_worker,
 )
 
+from hermes_worker.contract import scripts
 from hermes_worker.contract.jobs import JobStatus
 from hermes_worker.errors import EngineError, ForgedMessage
 from hermes_worker.testing.scripted_engine import split_tokens
@@ -304,6 +305,9 @@ def test_a_workers_lease_renewals_are_one_call_whatever_the_number_of_jobs(
         harness.redis.set(harness.keys.lease(job_id), token, px=10_000)
     harness.redis.set(harness.keys.lease("job-7"), "someone-else")
     harness.redis.hset(harness.keys.job("job-3"), "cancel_requested", "1")
+    # (Redis knows the script, as after a worker's first renewal: a fresh Redis needs a
+    # SCRIPT LOAD once, which a test that ran first in this Redis would have made.)
+    harness.redis.script_load(scripts.RENEW)
     sent: list[object] = []
 
     async def renew() -> tuple[set[str], set[str]]:
