@@ -825,9 +825,11 @@ class AsyncHermesClient:
         created = bool(
             await call_replicated_async(self.redis, self._submit, keys, args, *self._wait)
         )
+        handle = AsyncJobHandle(self, sub.job_id, created=created)
         if created:
             self._gate.submitted()
-        return AsyncJobHandle(self, sub.job_id, created=created)
+            handle._end_stream = self.ends_key  # the record names it: SUBMIT wrote it so
+        return handle
 
     def job(self, job_id: str) -> AsyncJobHandle:
         """A handle to a job submitted earlier (by anyone)."""
@@ -931,7 +933,8 @@ class AsyncJobHandle:
         cursor = after
         hub = self._client.hub
         key = self._keys.events(self.id)
-        sub = await self._follow(key, after, deadline)
+        notices = await self._notices(deadline)
+        sub = await self._follow(key, after, deadline, notices)
         try:
             while True:
                 try:
@@ -941,7 +944,7 @@ class AsyncJobHandle:
                     # again, which starts it again, once Redis may be back.
                     await asyncio.sleep(deadline.redis_away(exc))
                     hub.unfollow(sub)
-                    sub = await self._follow(key, cursor, deadline)
+                    sub = await self._follow(key, cursor, deadline, notices)
                     continue
                 if events:
                     self._watch.seen = True
@@ -961,13 +964,29 @@ class AsyncJobHandle:
         finally:
             hub.unfollow(sub)
 
-    async def _follow(self, key: str, cursor: str, deadline: Deadline) -> Subscription:
+    async def _follow(
+        self, key: str, cursor: str, deadline: Deadline, notices: str | None
+    ) -> Subscription:
         """The hub's subscription to ``key``, waiting out a Redis out of reach."""
         while True:
             try:
-                return await self._client.hub.follow(key, cursor)
+                return await self._client.hub.follow(key, cursor, notices=notices, job_id=self.id)
             except RedisConnectionError as exc:
                 await asyncio.sleep(deadline.redis_away(exc))
+
+    async def _notices(self, deadline: Deadline) -> str | None:
+        """The notice stream that names this job when its stream is written: beside the
+        client's ends stream its record names (None: it names none; the hub then blocks on
+        the job's stream). A handle from this client's submit knows it already."""
+        if self._end_stream == self._keys.ends:
+            key = self._keys.job(self.id)
+            named = await read_while_waiting_async(
+                deadline, functools.partial(self._redis.hget, key, "ends")
+            )
+            self._end_stream = self._keys.end_stream(named)
+        if self._end_stream == self._keys.ends:
+            return None
+        return self._keys.notices(self._end_stream)
 
     async def poll(self) -> JobResult | None:
         """The result if the job has ended, else None; never waits. JobNotFound without a record."""

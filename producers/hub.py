@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from redis import Redis as SyncRedis
@@ -45,6 +45,9 @@ from hermes_worker.contract.store import Keys, StreamEvent, as_text, decode_even
 log = logging.getLogger(__name__)
 
 WAKE_TTL_S = 3600
+# A stream followed by notice is also read when nothing has named it for this long: a
+# notice is dropped when Redis refuses it, and a worker older than notices sends none.
+NOTICE_SWEEP_S = 1.0
 
 
 class WakeStream:
@@ -103,11 +106,18 @@ class WakeStream:
 
 
 class Subscription:
-    """The entries of one stream, in order, from the hub; ``get`` waits for the next batch."""
+    """The entries of one stream, in order, from the hub; ``get`` waits for the next batch.
+    ``notices``: the notice stream that names job ``job_id`` when its stream is written (the
+    hub then reads the stream after a notice, rather than blocking on it); None: the hub
+    blocks on the stream itself."""
 
-    def __init__(self, key: str, cursor: str) -> None:
+    def __init__(
+        self, key: str, cursor: str, *, notices: str | None = None, job_id: str = ""
+    ) -> None:
         self.key = key
         self.cursor = cursor  # the hub reads after this id
+        self.notices = notices
+        self.job_id = job_id
         self._batches: asyncio.Queue[list[StreamEvent] | BaseException] = asyncio.Queue()
 
     def put(self, item: list[StreamEvent] | BaseException) -> None:
@@ -173,6 +183,16 @@ def lagging(entries: list[tuple[Any, Any]], count: int) -> bool:
     return len(entries) >= count
 
 
+def written_ids(entries: list[tuple[Any, Any]]) -> list[str]:
+    """The job ids of notice stream entries (field ``ids``, space-separated)."""
+    ids = []
+    for _, fields in entries:
+        named = fields.get(b"ids", fields.get("ids"))
+        if named is not None:
+            ids += as_text(named).split()
+    return ids
+
+
 def end_ids(entries: list[tuple[Any, Any]]) -> list[str]:
     """The job ids of ends stream entries (field ``id``)."""
     ids = []
@@ -212,9 +232,11 @@ class EndStreams(Generic[Waiter]):
 
     A stream gets its cursor from its first waiter (the stream's last id then: what ended
     before is in the job's record, which the waiter checks after watching) and loses it with
-    its last waiter, so only streams someone waits on are read."""
+    its last waiter, so only streams someone waits on are read. ``ids_of``: the job ids an
+    entry names (:func:`end_ids` for ends streams, :func:`written_ids` for notice streams)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ids_of: Callable[[list[tuple[Any, Any]]], list[str]] = end_ids) -> None:
+        self._ids_of = ids_of
         self.cursors: dict[str, str] = {}  # what the next read asks for: key -> after this id
         self._waits: dict[str, dict[str, list[Waiter]]] = {}  # key -> job id -> waiters
 
@@ -270,38 +292,68 @@ class EndStreams(Generic[Waiter]):
         jobs = self._waits.get(key, {})
         if lagging(entries, count):  # every waiter of this stream checks its record
             return [w for ws in jobs.values() for w in ws]
-        return [w for job_id in end_ids(entries) for w in jobs.get(job_id, [])]
+        return [w for job_id in self._ids_of(entries) for w in jobs.get(job_id, [])]
 
 
 class StreamHub:
-    """Reads every followed stream with one ``XREAD BLOCK`` loop (one per asyncio client)."""
+    """Reads every followed stream with one ``XREAD BLOCK`` loop (one per asyncio client).
+
+    A stream followed with a notice stream (its job's client's, ``Keys.notices``) is not
+    blocked on: the hub blocks on the notice stream, which each worker flush names the jobs
+    it wrote in, and then reads, without blocking, only the streams named. A blocking read
+    pays for every key it names (looked up, blocked on, looked up again when woken), so a
+    client following 64 jobs otherwise paid for 64 keys on every wake-up; now for a few."""
 
     def __init__(self, redis: Redis, prefix: str, *, block_s: float, count: int) -> None:
         self._redis = redis
         self._shared_ends = Keys(prefix).ends
         self._ends: EndStreams[EndWait] = EndStreams()
+        self._notices: EndStreams[Subscription] = EndStreams(written_ids)
         self._ends_lock = asyncio.Lock()
-        self._reading_ends: frozenset[str] = frozenset()  # the ends streams the XREAD reads
+        # The ends and notice streams the blocking XREAD in flight reads.
+        self._reading_ends: frozenset[str] = frozenset()
         self.reads = 0  # XREADs sent (for tests and benchmarks)
         self._wake = WakeStream(prefix)
         self._block_ms = max(1, int(block_s * 1000))
         self._count = count
         self._subs: dict[str, list[Subscription]] = {}
-        # What the next XREAD asks for: each followed key after its oldest follower's cursor.
-        # Kept up to date as followers come, go and advance, not rebuilt for every XREAD.
+        # What a read asks for: each followed key after its oldest follower's cursor. Kept
+        # up to date as followers come, go and advance, not rebuilt for every XREAD.
         self._cursors: dict[str, str] = {}
+        # The keys the blocking XREAD names: those with a follower that has no notices.
+        self._blocking: dict[str, str] = {}
+        self._due: set[str] = set()  # followed by notice, to be read without blocking
+        self._read_at: dict[str, float] = {}  # followed by notice: when last read
+        self._sweep_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._reading = False  # an XREAD is in flight with the streams followed then
+        self._reading = False  # a blocking XREAD is in flight with the streams wanted then
 
-    async def follow(self, key: str, cursor: str) -> Subscription:
-        """Start reading ``key`` after entry id ``cursor``."""
-        sub = Subscription(key, cursor)
+    async def follow(
+        self, key: str, cursor: str, *, notices: str | None = None, job_id: str = ""
+    ) -> Subscription:
+        """Start reading ``key`` after entry id ``cursor``. ``notices``: the notice stream
+        that names ``job_id`` whenever ``key`` is written (``Keys.notices`` of the ends
+        stream the job's record names); the hub then reads ``key`` once now and after each
+        notice, instead of blocking on it."""
+        sub = Subscription(key, cursor, notices=notices if job_id else None, job_id=job_id)
+        if sub.notices is not None:
+            async with self._ends_lock:
+                notice_cursor = None
+                if self._notices.needs_cursor(sub.notices):
+                    notice_cursor = newest_id(await self._redis.xrevrange(sub.notices, count=1))
+                self._notices.add(sub.notices, job_id, sub, notice_cursor)
         self._subs.setdefault(key, []).append(sub)
         self._update_cursor(key)
+        if sub.notices is not None:
+            # What it holds already: no notice will name it. Read here, not by waking the
+            # blocked read (a notice after the cursor taken above is read by the hub).
+            await self._read_now(key)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="hermes-stream-hub")
-        elif self._reading:
+        elif self._reading and (
+            sub.notices is None or sub.notices not in self._reading_ends or self._due
+        ):
             # A full Redis refuses the XADD: the follower then joins the next read, within
             # one blocking read's time, instead of failing.
             await self._wake_reader()
@@ -337,8 +389,12 @@ class StreamHub:
         subs = self._subs.get(sub.key, [])
         with contextlib.suppress(ValueError):
             subs.remove(sub)
+        if sub.notices is not None:
+            self._notices.remove(sub.notices, sub.job_id, sub)
         if not subs:
             self._subs.pop(sub.key, None)
+            self._read_at.pop(sub.key, None)
+            self._due.discard(sub.key)
         self._update_cursor(sub.key)
 
     async def aclose(self) -> None:
@@ -368,19 +424,62 @@ class StreamHub:
             return
         self._wake.sent(expires_at)
 
+    async def _read_now(self, key: str) -> None:
+        """Read a stream followed by notice at once, without blocking; one that Redis
+        refuses is left to the hub's loop."""
+        try:
+            self.reads += 1
+            reply = await self._redis.xread({key: self._cursors[key]}, count=self._count)
+        except RedisError:
+            self._due.add(key)
+            return
+        self._read_at[key] = time.monotonic()
+        self._dispatch(entries_by_stream(reply))
+
+    def _sweep(self, now: float) -> None:
+        """Every NOTICE_SWEEP_S, the streams followed by notice that no read has named for
+        that long are due: a dropped notice, or none sent, delays a stream, never stalls it."""
+        if now < self._sweep_at:
+            return
+        self._sweep_at = now + NOTICE_SWEEP_S
+        stale = now - NOTICE_SWEEP_S
+        for key in self._subs:
+            if key not in self._blocking and self._read_at.get(key, 0.0) <= stale:
+                self._due.add(key)
+
     async def _run(self) -> None:
         while (self._subs or self._ends) and not self._closed:
-            streams: dict[Any, Any] = {
-                **self._cursors,
-                self._wake.key: self._wake.cursor,
-                **self._ends.cursors,
-            }
-            self._reading, self._reading_ends = True, frozenset(self._ends.cursors)
-            self._wake.reading()
+            now = time.monotonic()
+            noticed = len(self._subs) > len(self._blocking)
+            if noticed:
+                self._sweep(now)
+            block_ms: int | None = None
+            if self._due:
+                due, self._due = self._due, set()
+                streams: dict[Any, Any] = {k: self._cursors[k] for k in due if k in self._cursors}
+                if not streams:
+                    continue
+            else:
+                streams = {
+                    **self._blocking,
+                    self._wake.key: self._wake.cursor,
+                    **self._ends.cursors,
+                    **self._notices.cursors,
+                }
+                block_ms = self._block_ms
+                if noticed:  # back in time for the next sweep
+                    block_ms = max(1, min(block_ms, int((self._sweep_at - now) * 1000) + 1))
+                self._reading = True
+                self._reading_ends = frozenset(self._ends.cursors) | frozenset(
+                    self._notices.cursors
+                )
+                self._wake.reading()
             try:
                 self.reads += 1
-                reply = await self._redis.xread(streams, count=self._count, block=self._block_ms)
+                reply = await self._redis.xread(streams, count=self._count, block=block_ms)
             except RedisTimeoutError:  # a starved link: nothing read; try again
+                if block_ms is None:
+                    self._due.update(streams)
                 continue
             except Exception as exc:  # every follower hears of it; the next follow restarts
                 for subs in self._subs.values():
@@ -389,27 +488,41 @@ class StreamHub:
                 # End waiters watch again (fresh cursors) and check their records.
                 for wait in self._ends.broken():
                     wait.wake(broken=True)
+                self._notices.broken()  # its followers follow again, with fresh cursors
                 return
             finally:
                 self._reading, self._reading_ends = False, frozenset()
+            if block_ms is None:
+                read_at = time.monotonic()
+                for key in streams:
+                    self._read_at[key] = read_at
             self._dispatch(entries_by_stream(reply))
 
     def _update_cursor(self, key: str) -> None:
         # Followers of one key may be at different ids; read from the oldest.
         subs = self._subs.get(key)
         if subs:
-            self._cursors[key] = min((sub.cursor for sub in subs), key=entry_order)
+            cursor = min((sub.cursor for sub in subs), key=entry_order)
+            self._cursors[key] = cursor
+            if any(sub.notices is None for sub in subs):
+                self._blocking[key] = cursor
+            else:
+                self._blocking.pop(key, None)
         else:
             self._cursors.pop(key, None)
+            self._blocking.pop(key, None)
 
     def _dispatch(self, by_key: dict[str, list[tuple[Any, Any]]]) -> None:
         for key, entries in by_key.items():
             if key == self._wake.key:
                 self._wake.read(entries)
                 continue
-            if key not in self._subs:  # an ends stream (or a stream no longer followed)
+            if key not in self._subs:  # an ends or notice stream (or one no longer followed)
                 for wait in self._ends.dispatch(key, entries, self._count):
                     wait.wake()
+                for sub in self._notices.dispatch(key, entries, self._count):
+                    if sub.key in self._subs:
+                        self._due.add(sub.key)
                 continue
             events = [decode_event(entry_id, fields) for entry_id, fields in entries]
             for sub in self._subs.get(key, []):
@@ -418,6 +531,8 @@ class StreamHub:
                     sub.cursor = fresh[-1].id
                     sub.put(fresh)
             self._update_cursor(key)
+            if len(entries) >= self._count and key not in self._blocking:
+                self._due.add(key)  # a read that came back full: the rest, at once
 
 
 class EndWatcher:

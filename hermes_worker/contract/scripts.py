@@ -21,7 +21,7 @@ lives beside its caller.
 from __future__ import annotations
 
 from hermes_worker.contract.jobs import TERMINAL_STATUSES
-from hermes_worker.contract.store import ENDS_MAXLEN, ENDS_TTL_S
+from hermes_worker.contract.store import ENDS_MAXLEN, ENDS_TTL_S, NOTICES_SUFFIX
 
 # A Lua table literal of the terminal statuses: {'cancelled', 'expired', ...}.
 ENDED = "{" + ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_STATUSES)) + "}"
@@ -74,6 +74,41 @@ local function notify_end(shared, record, id)
 end
 """
 
+# Names, on each client's notice stream, the jobs whose events streams this call wrote:
+# one entry per client, field ``ids`` (the job ids, space-separated), after their events.
+# A client's hub so blocks on that one stream, not on the stream of every job it follows,
+# and then reads only the streams written (producers/hub.py). ``records``: the job records
+# written; a job goes on the notice stream (store.Keys.notices) of the ends stream its
+# record names, when that is a client's own (as notify_end checks); other producers' jobs
+# get no notice, and a notice refused (not a stream, the ACL) is dropped: a hub reads the
+# streams it follows now and then besides. The job id is the record key after its prefix
+# (``shared`` without ``ends``, then ``job:``).
+_NOTIFY_WRITTEN = f"""
+local function notify_written(shared, records)
+  if #records == 0 then return end
+  local skip = #shared - #'ends' + #'job:'
+  local ids, order = {{}}, {{}}
+  for _, record in ipairs(records) do
+    local own = redis.call('HGET', record, 'ends')
+    if own and #own > #shared + 1 and string.sub(own, 1, #shared + 1) == shared .. ':' then
+      if not ids[own] then
+        ids[own] = {{}}
+        order[#order + 1] = own
+      end
+      table.insert(ids[own], string.sub(record, skip + 1))
+    end
+  end
+  for _, own in ipairs(order) do
+    local key = own .. '{NOTICES_SUFFIX}'
+    local added = redis.pcall('XADD', key, 'MAXLEN', '~', '{ENDS_MAXLEN}', '*',
+                              'ids', table.concat(ids[own], ' '))
+    if type(added) ~= 'table' or not added.err then
+      redis.call('EXPIRE', key, '{ENDS_TTL_S}')
+    end
+  end
+end
+"""
+
 # Redis's now as unix seconds with six decimals, the way the record's times are written
 # (a Lua number would print four): the one clock every host shares (contract/clock.py).
 _NOW = """
@@ -120,6 +155,7 @@ return 1
 CANCEL = (
     _LAST_SEQ
     + _NOTIFY_END
+    + _NOTIFY_WRITTEN
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
@@ -138,6 +174,7 @@ redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'cancelled', 'dat
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 notify_end(KEYS[3], KEYS[1], ARGV[4])
+notify_written(KEYS[3], {KEYS[1]})
 return {'cancelled', status}
 """
 )
@@ -264,6 +301,8 @@ return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or '',
 #   'e' id                       the job ended: its record and stream expire, and its id
 #                                goes on its ends stream (its result waiters wake: the
 #                                record's own stream, else KEYS[1]; see notify_end)
+# The jobs whose events streams it wrote are then named on their clients' notice streams,
+# one entry per client (see notify_written).
 # One call writes for every job a worker's flush holds: one command, not one per job (each
 # call costs Redis more than the few writes a job's flush makes). Nothing of a job is
 # written unless its lease still holds the token: a worker that lost its job (paused past
@@ -273,9 +312,11 @@ return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or '',
 # claims stay refused, so a full Redis drains itself rather than wedging.
 WRITE = (
     _NOTIFY_END
+    + _NOTIFY_WRITTEN
     + """
 local out = {}
 local dirty = false
+local written = {}
 local a = 2
 for j = 0, (#KEYS - 1) / 3 - 1 do
   local lease, record, events = KEYS[2 + 3 * j], KEYS[3 + 3 * j], KEYS[4 + 3 * j]
@@ -284,6 +325,7 @@ for j = 0, (#KEYS - 1) / 3 - 1 do
     out[j + 1] = 0
   else
     out[j + 1] = 1
+    local wrote = false
     if not dirty then
       -- A write that needs no memory first: a full Redis (noeviction) then lets the script
       -- finish, so a running job can still write its end, and the memory it holds can expire.
@@ -296,6 +338,7 @@ for j = 0, (#KEYS - 1) / 3 - 1 do
       if op == 'x' then
         redis.call('XADD', events, '*', 'seq', ARGV[i + 1], 'type', ARGV[i + 2],
                    'data', ARGV[i + 3])
+        wrote = true
         i = i + 4
       elseif op == 'h' then
         local n = tonumber(ARGV[i + 1])
@@ -308,9 +351,11 @@ for j = 0, (#KEYS - 1) / 3 - 1 do
         i = i + 2
       end
     end
+    if wrote then written[#written + 1] = record end
   end
   a = last + 1
 end
+notify_written(KEYS[1], written)
 return out
 """
 )
@@ -352,6 +397,7 @@ return 1
 DEAD_LETTER = (
     _LAST_SEQ
     + _NOTIFY_END
+    + _NOTIFY_WRITTEN
     + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'leased', ''} end
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -364,6 +410,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('LPUSH', KEYS[4], ARGV[5])
 notify_end(KEYS[5], KEYS[1], ARGV[5])
+notify_written(KEYS[5], {KEYS[1]})
 return {'dead', ''}
 """
 )

@@ -28,6 +28,10 @@ Shared by the worker (writer) and producers (readers), so both sides agree on on
   end. A result waiter reads the stream of its job (one blocking XREAD per client for all
   its waiters and their streams) instead of its job's event stream, so it wakes once per
   job, whatever the tokens, and only for the jobs it awaits.
+* ``{prefix}ends:{owner}:written`` — a client's notice stream (``Keys.notices``): each
+  flush of a worker adds one entry, ``ids`` = the space-separated ids of that client's jobs
+  whose event streams it wrote, after those writes and in the same call. The client's hub
+  blocks on it instead of on every stream it follows, then reads the streams named.
 * ``{prefix}job:{id}:events`` — a Redis Stream. Each entry has ``seq`` (strictly
   increasing per job), ``type`` and ``data`` (JSON). Readers resume from the last entry id
   they saw. ``done``, ``error`` and ``cancelled`` are terminal: exactly one per attempt.
@@ -91,6 +95,8 @@ ENDS_MAXLEN = 10_000
 # A client's own ends stream (``Keys.ends_for``) expires this long after the last end written
 # to it, so that the stream of a process gone for good goes too.
 ENDS_TTL_S = 24 * 3600
+# A client's notice stream is its ends stream's name with this after it (Keys.notices).
+NOTICES_SUFFIX = ":written"
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,13 @@ class Keys:
         """A client's own stream of job ends (field ``id``): the jobs it submits name it in
         their record's ``ends`` field, and their ends go there instead of :attr:`ends`."""
         return f"{self.prefix}ends:{owner}"
+
+    def notices(self, ends: str) -> str:
+        """The notice stream beside the client's ends stream ``ends``: each flush of a
+        worker names there (field ``ids``) the jobs of that client whose events streams it
+        wrote, so the client's hub blocks on it rather than on every stream it follows.
+        Trimmed and expiring like the ends stream."""
+        return f"{ends}{NOTICES_SUFFIX}"
 
     def end_stream(self, named: bytes | str | None) -> str:
         """The ends stream a job's end goes to, from its record's ``ends`` field: the stream

@@ -1,0 +1,263 @@
+"""Notices: every script that writes a job's events stream names the job, in the same call, on
+the notice stream of the client that submitted it (``Keys.notices`` beside its ends stream);
+the asyncio client's hub blocks on that one stream instead of on every stream it follows,
+then reads only the streams named. Real Redis; the worker is the scripted engine's in-process
+runtime (tests/lifecycle_fixtures.py) where a whole job runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, ClassVar
+
+import pytest
+import redis
+from conftest import TEST_REDIS_URL as REDIS_URL
+from lifecycle_fixtures import STORY, Harness, job
+from redis.asyncio import Redis as AsyncRedis
+from test_ends_streams import submit_as_another_producer
+
+import producers.hub as hub_module
+from hermes_worker.contract import scripts
+from hermes_worker.contract.jobs import JobStatus
+from hermes_worker.contract.store import ENDS_TTL_S, Keys, encode_event
+from hermes_worker.settings import Settings
+from producers.client import AsyncHermesClient, HermesClient
+from producers.hub import StreamHub
+
+
+def notices_on(r: redis.Redis, key: str) -> list[list[str]]:
+    """The job ids each entry of a notice stream names, oldest first."""
+    return [fields[b"ids"].decode().split() for _, fields in r.xrange(key)]
+
+
+def write_call(keys: Keys, writes: list[tuple[str, str, list[Any]]]) -> tuple[list[str], list[Any]]:
+    """A WRITE call as a worker's flush makes it: (job id, lease token, ops) per job."""
+    call_keys: list[str] = [keys.ends]
+    args: list[Any] = [60]
+    for job_id, token, ops in writes:
+        call_keys += [keys.lease(job_id), keys.job(job_id), keys.events(job_id)]
+        args += [token, len(ops), *ops]
+    return call_keys, args
+
+
+def event(seq: int, text: str) -> list[Any]:
+    fields = encode_event(seq, "content", {"text": text})
+    return ["x", fields["seq"], fields["type"], fields["data"]]
+
+
+# --- the scripts --------------------------------------------------------------------------------
+
+
+def test_a_flush_names_each_clients_written_jobs_once_on_its_notice_stream(
+    hermes_settings: Settings, redis_client: redis.Redis
+) -> None:
+    r, keys = redis_client, Keys(hermes_settings.key_prefix)
+    with HermesClient(hermes_settings) as a, HermesClient(hermes_settings) as b:
+        # Given two jobs of client A, one of client B, each running under its lease
+        a1, a2, b1 = (c.submit(job({"text": STORY})).id for c in (a, a, b))
+        fenced, quiet = a.submit(job({"text": STORY})).id, b.submit(job({"text": STORY})).id
+        for job_id in (a1, a2, b1, fenced, quiet):
+            r.set(keys.lease(job_id), "token")
+        # When one flush writes events for the three, events for a fourth whose lease is
+        # another's, and only a record field for a fifth
+        call_keys, args = write_call(
+            keys,
+            [
+                (a1, "token", event(1, "a1")),
+                (b1, "token", event(1, "b1")),
+                (fenced, "stolen", event(1, "no")),
+                (quiet, "token", ["h", 1, "status", "running"]),
+                (a2, "token", [*event(1, "a2"), *event(2, "a2 again")]),
+            ],
+        )
+        written = r.register_script(scripts.WRITE)(keys=call_keys, args=args)
+        a_notices, b_notices = keys.notices(a.ends_key), keys.notices(b.ends_key)
+        # Then each client's notice stream has one entry naming its jobs written, in order
+        assert written == [1, 1, 0, 1, 1]
+        assert notices_on(r, a_notices) == [[a1, a2]]
+        assert notices_on(r, b_notices) == [[b1]]
+        # And the streams expire like the ends streams beside them; no other key was made
+        assert ENDS_TTL_S - 60 < r.ttl(a_notices) <= ENDS_TTL_S
+        assert sorted(k.decode() for k in r.scan_iter(f"{keys.prefix}ends*")) == sorted(
+            [a_notices, b_notices]
+        )
+
+
+def test_a_cancel_names_the_job_and_another_producers_job_gets_no_notice(
+    harness: Harness,
+) -> None:
+    r, keys = harness.redis, harness.keys
+    with HermesClient(harness.settings) as client:
+        # Given a queued job of a client and one of a producer that names no ends stream
+        mine = client.submit(job({"text": STORY}))
+        theirs = submit_as_another_producer(harness)
+        # When both are cancelled while queued (CANCEL writes their terminal events)
+        assert mine.cancel() == "cancelled"
+        assert harness.client.job(theirs).cancel() == "cancelled"
+        # Then the client's job is named on its notice stream, the other job nowhere
+        assert notices_on(r, keys.notices(client.ends_key)) == [[mine.id]]
+        written = [k.decode() for k in r.scan_iter(f"{keys.prefix}ends:*:written")]
+        assert written == [keys.notices(client.ends_key)]
+
+
+# --- the hub ------------------------------------------------------------------------------------
+
+
+class RecordingRedis(AsyncRedis):
+    """A real client that records the keys of each XREAD it sends, and whether it blocked."""
+
+    sent: ClassVar[list[tuple[list[str], bool]]] = []
+
+    async def xread(self, streams: Any, *args: Any, **kwargs: Any) -> Any:
+        type(self).sent.append(([str(k) for k in streams], kwargs.get("block") is not None))
+        return await super().xread(streams, *args, **kwargs)
+
+
+def notice(keys: Keys, ends: str, job_ids: list[str], texts: dict[str, str]) -> None:
+    """Events for these jobs and their notice, in one pipeline, as a worker's flush does."""
+    with redis.Redis.from_url(REDIS_URL).pipeline(transaction=True) as pipe:
+        for job_id in job_ids:
+            seq = 1 + redis.Redis.from_url(REDIS_URL).xlen(keys.events(job_id))
+            pipe.xadd(keys.events(job_id), encode_event(seq, "content", {"text": texts[job_id]}))
+        pipe.xadd(keys.notices(ends), {"ids": " ".join(job_ids)})
+        pipe.execute()
+
+
+def test_the_hub_blocks_on_the_notice_stream_and_reads_only_the_streams_named(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "NOTICE_SWEEP_S", 60.0)
+    ends = keys.ends_for("client")
+    jobs = [f"j{i}" for i in range(40)]
+
+    async def scenario() -> dict[str, Any]:
+        client = RecordingRedis.from_url(REDIS_URL)
+        hub = StreamHub(client, keys.prefix, block_s=5.0, count=256)
+        # Given a hub following 40 streams by notice, the first with an event already
+        await asyncio.to_thread(notice, keys, "elsewhere", ["j0"], {"j0": "before"})
+        subs = {
+            j: await hub.follow(keys.events(j), "0-0", notices=keys.notices(ends), job_id=j)
+            for j in jobs
+        }
+        early = [e.data["text"] for e in await subs["j0"].get(2.0)]
+        await asyncio.sleep(0.2)
+        RecordingRedis.sent = []
+        # When a flush writes 2 of them and names them, and another writes one unnamed
+        await asyncio.to_thread(notice, keys, ends, ["j3", "j7"], {"j3": "three", "j7": "seven"})
+        got = {j: [e.data["text"] for e in await subs[j].get(2.0)] for j in ("j3", "j7")}
+        await asyncio.to_thread(notice, keys, "elsewhere", ["j9"], {"j9": "unnamed"})
+        unnamed = await subs["j9"].get(0.5)
+        sent = list(RecordingRedis.sent)
+        await hub.aclose()
+        await client.aclose()
+        return {"early": early, "got": got, "unnamed": unnamed, "sent": sent}
+
+    seen = asyncio.run(scenario())
+    # Then what the stream held when followed came at once
+    assert seen["early"] == ["before"]
+    # And the named streams got their events
+    assert seen["got"] == {"j3": ["three"], "j7": ["seven"]}
+    # And no XREAD blocked on a job's stream: the blocking ones named the notice stream and
+    # the wake stream; the one that read the jobs named those two only, without blocking
+    blocking = [names for names, blocked in seen["sent"] if blocked]
+    plain = [names for names, blocked in seen["sent"] if not blocked]
+    assert blocking and all(
+        set(names) <= {keys.notices(ends)} | {n for n in names if ":hub:" in n}
+        for names in blocking
+    ), blocking
+    assert plain == [[keys.events("j3"), keys.events("j7")]] or sorted(plain[0]) == sorted(
+        [keys.events("j3"), keys.events("j7")]
+    ), plain
+    # And an event no notice named was not read (the sweep is a minute away here)
+    assert seen["unnamed"] == []
+
+
+def test_a_stream_no_notice_names_is_still_read_within_the_sweep(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "NOTICE_SWEEP_S", 0.3)
+    ends = keys.ends_for("client")
+
+    async def scenario() -> tuple[list[str], float]:
+        client = AsyncRedis.from_url(REDIS_URL)
+        hub = StreamHub(client, keys.prefix, block_s=5.0, count=256)
+        sub = await hub.follow(keys.events("old"), "0-0", notices=keys.notices(ends), job_id="old")
+        await asyncio.sleep(0.1)
+        # Given a worker that sends no notice (older than notices, or one Redis refused)
+        start = time.monotonic()
+        await asyncio.to_thread(notice, keys, "elsewhere", ["old"], {"old": "late"})
+        got = [e.data["text"] for e in await sub.get(3.0)]
+        took = time.monotonic() - start
+        await hub.aclose()
+        await client.aclose()
+        return got, took
+
+    got, took = asyncio.run(scenario())
+    # Then the hub read it all the same, within about two sweeps, not at its 5 s block's end
+    assert got == ["late"]
+    assert took < 2.0
+
+
+def test_a_stream_longer_than_a_read_is_read_whole_in_order(keys: Keys) -> None:
+    ends = keys.ends_for("client")
+
+    async def scenario() -> list[str]:
+        for n in range(10):
+            await asyncio.to_thread(notice, keys, "elsewhere", ["long"], {"long": f"t{n}"})
+        client = AsyncRedis.from_url(REDIS_URL)
+        hub = StreamHub(client, keys.prefix, block_s=5.0, count=4)
+        sub = await hub.follow(
+            keys.events("long"), "0-0", notices=keys.notices(ends), job_id="long"
+        )
+        texts: list[str] = []
+        deadline = time.monotonic() + 3.0
+        while len(texts) < 10 and time.monotonic() < deadline:
+            texts += [e.data["text"] for e in await sub.get(1.0)]
+        await hub.aclose()
+        await client.aclose()
+        return texts
+
+    # Then the 10 entries came in order, 4 a read, without waiting for a notice or a sweep
+    assert asyncio.run(scenario()) == [f"t{n}" for n in range(10)]
+
+
+# --- the client ---------------------------------------------------------------------------------
+
+
+def test_an_async_client_streams_its_jobs_and_others_by_notice_and_blocking(
+    harness: Harness,
+) -> None:
+    harness.start()
+
+    async def scenario() -> dict[str, Any]:
+        async with AsyncHermesClient(harness.settings) as client:
+            # Given a job this client submitted, one submitted by another producer, and the
+            # first again through a handle that has to read its record
+            mine = await client.submit(job({"text": STORY}))
+            theirs = client.job(submit_as_another_producer(harness))
+            again = client.job(mine.id)
+
+            async def follow(handle: Any) -> list[str]:
+                return [e.type async for e in handle.stream(timeout=20)]
+
+            tasks = [asyncio.create_task(follow(h)) for h in (mine, theirs, again)]
+            # When both run
+            for job_id in (mine.id, theirs.id):
+                status = await asyncio.to_thread(
+                    lambda j=job_id: harness.deliver(harness.runtimes[0], j).result(timeout=20)
+                )
+                assert status is JobStatus.SUCCEEDED
+            types = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+            return {"types": types, "notices": await client.redis.exists(
+                harness.keys.notices(client.ends_key))}  # fmt: skip
+
+    seen = asyncio.run(scenario())
+    # Then every follower read its job's whole stream, up to its end
+    for types in seen["types"]:
+        assert types[0] == "started" and types[-1] == "done", types
+        assert "content" in types
+    assert seen["types"][0] == seen["types"][2]
+    # And the client's job was announced on its notice stream
+    assert seen["notices"] == 1
