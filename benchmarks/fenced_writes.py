@@ -47,7 +47,7 @@ def write_all(client: redis.Redis, way: str, writes: int, jobs: int) -> float:
                 pipe.xadd(f"events:{job}", fields)  # type: ignore[arg-type]
                 continue
             keys += ["lease", f"record:{job}", f"events:{job}"]
-            args += ["token", 4, "x", fields["seq"], fields["type"], fields["data"]]
+            args += ["token", "", 4, "x", fields["seq"], fields["type"], fields["data"]]
             if way == "script":
                 fenced(keys=keys, args=args, client=pipe)
                 keys, args = ["ends"], [60]

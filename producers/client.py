@@ -122,9 +122,9 @@ READ_COUNT = 256  # stream entries per XREAD
 # the ends stream, a record ended by hand; a notification trimmed away while the reader
 # lagged, which the reader also catches: see producers.hub) and a record that vanished
 # (JobLost) within one blocking read's time, as a stream reader finds it. A job of a minute
-# is checked 6 times (every 2 s it would be 30).
+# is checked 5 times (2, 6, 14, 30 and 60 s in; every 2 s it would be 30).
 END_CHECK_S = BLOCK_CHUNK_S
-END_CHECK_GROWTH = 1.5
+END_CHECK_GROWTH = 2.0
 END_CHECK_MAX_S = 30.0
 
 # --- pure helpers shared by both clients -------------------------------------------------
@@ -507,9 +507,11 @@ class HermesClient:
             self.keys, self.celery, self.settings.queue_name, ends=self.ends_key
         )
         created = bool(call_replicated(self.redis, self._submit, keys, args, *self._wait))
+        handle = JobHandle(self, sub.job_id, created=created)
         if created:
             self._gate.submitted()
-        return JobHandle(self, sub.job_id, created=created)
+            handle._submitted(self.ends_key)
+        return handle
 
     def job(self, job_id: str) -> JobHandle:
         """A handle to a job submitted earlier (by anyone)."""
@@ -600,9 +602,16 @@ class JobHandle:
         self._watch = RecordWatch(job_id, seen=created)
         # The ends stream the job's end goes to, as its record last read says.
         self._end_stream = client.keys.ends
+        # Just queued by this client's submit, nothing read through it since: a result
+        # wait watches before its first read of the record (which could not find an end).
+        self._fresh = False
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r}, created={self.created})"
+
+    def _submitted(self, ends: str) -> None:
+        """This client's submit just recorded the job, naming ``ends``."""
+        self._end_stream, self._fresh = ends, True
 
     def status(self) -> JobInfo:
         """The job record now; :class:`JobNotFound` if there is none."""
@@ -623,6 +632,7 @@ class JobHandle:
         """
         deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
         cursor = after
+        self._fresh = False
         while True:
             events = self._read(cursor, deadline)
             if not events and self._ended_meanwhile(deadline):
@@ -673,9 +683,11 @@ class JobHandle:
         besides.
         """
         deadline = Deadline(timeout, f"job {self.id}", END_CHECK_MAX_S)
-        found = read_while_waiting(deadline, self._check_end)
-        if found is not None:  # the usual case after reading the stream: one command
-            return found
+        if not self._fresh:
+            found = read_while_waiting(deadline, self._check_end)
+            if found is not None:  # the usual case after reading the stream: one command
+                return found
+        self._fresh = False
         ends = self._client.ends
         # Watched before the record is read again: an end after that read wakes us.
         woken = self._watch_end(deadline)
@@ -828,7 +840,7 @@ class AsyncHermesClient:
         handle = AsyncJobHandle(self, sub.job_id, created=created)
         if created:
             self._gate.submitted()
-            handle._end_stream = self.ends_key  # the record names it: SUBMIT wrote it so
+            handle._submitted(self.ends_key)
         return handle
 
     def job(self, job_id: str) -> AsyncJobHandle:
@@ -914,9 +926,14 @@ class AsyncJobHandle:
         self._chunk_s = block_chunk_s(client.redis)
         self._watch = RecordWatch(job_id, seen=created)  # see JobHandle
         self._end_stream = client.keys.ends  # see JobHandle
+        self._fresh = False  # see JobHandle
 
     def __repr__(self) -> str:
         return f"AsyncJobHandle(id={self.id!r}, created={self.created})"
+
+    def _submitted(self, ends: str) -> None:
+        """This client's submit just recorded the job, naming ``ends``."""
+        self._end_stream, self._fresh = ends, True
 
     async def status(self) -> JobInfo:
         """The job record now; :class:`JobNotFound` if there is none."""
@@ -931,6 +948,7 @@ class AsyncJobHandle:
         """Yield the job's events after ``after`` up to the terminal one (see JobHandle)."""
         deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
         cursor = after
+        self._fresh = False
         hub = self._client.hub
         key = self._keys.events(self.id)
         notices = await self._notices(deadline)
@@ -1016,9 +1034,11 @@ class AsyncJobHandle:
         the client's hub reads this job's id on the ends stream its record names (one XREAD
         for every waiter and stream), and checks the record every END_CHECK_S besides."""
         deadline = Deadline(timeout, f"job {self.id}", END_CHECK_MAX_S)
-        found = await read_while_waiting_async(deadline, self._check_end)
-        if found is not None:  # the usual case after reading the stream: one command
-            return found
+        if not self._fresh:
+            found = await read_while_waiting_async(deadline, self._check_end)
+            if found is not None:  # the usual case after reading the stream: one command
+                return found
+        self._fresh = False
         hub = self._client.hub
         # Watched before the record is read again: an end after that read wakes us.
         wait = await self._watch_end(deadline)

@@ -32,13 +32,16 @@ def notices_on(r: redis.Redis, key: str) -> list[list[str]]:
     return [fields[b"ids"].decode().split() for _, fields in r.xrange(key)]
 
 
-def write_call(keys: Keys, writes: list[tuple[str, str, list[Any]]]) -> tuple[list[str], list[Any]]:
-    """A WRITE call as a worker's flush makes it: (job id, lease token, ops) per job."""
+def write_call(
+    keys: Keys, writes: list[tuple[str, str, str, list[Any]]]
+) -> tuple[list[str], list[Any]]:
+    """A WRITE call as a worker's flush makes it: (job id, lease token, notice stream, ops)
+    per job."""
     call_keys: list[str] = [keys.ends]
     args: list[Any] = [60]
-    for job_id, token, ops in writes:
+    for job_id, token, notices, ops in writes:
         call_keys += [keys.lease(job_id), keys.job(job_id), keys.events(job_id)]
-        args += [token, len(ops), *ops]
+        args += [token, notices, len(ops), *ops]
     return call_keys, args
 
 
@@ -58,24 +61,27 @@ def test_a_flush_names_each_clients_written_jobs_once_on_its_notice_stream(
         # Given two jobs of client A, one of client B, each running under its lease
         a1, a2, b1 = (c.submit(job({"text": STORY})).id for c in (a, a, b))
         fenced, quiet = a.submit(job({"text": STORY})).id, b.submit(job({"text": STORY})).id
-        for job_id in (a1, a2, b1, fenced, quiet):
+        other = "another-producers-job"
+        for job_id in (a1, a2, b1, fenced, quiet, other):
             r.set(keys.lease(job_id), "token")
+        a_notices, b_notices = keys.notices(a.ends_key), keys.notices(b.ends_key)
         # When one flush writes events for the three, events for a fourth whose lease is
-        # another's, and only a record field for a fifth
+        # another's, only a record field for a fifth, and events of a job with no notice
+        # stream (its record names no client's ends stream)
         call_keys, args = write_call(
             keys,
             [
-                (a1, "token", event(1, "a1")),
-                (b1, "token", event(1, "b1")),
-                (fenced, "stolen", event(1, "no")),
-                (quiet, "token", ["h", 1, "status", "running"]),
-                (a2, "token", [*event(1, "a2"), *event(2, "a2 again")]),
+                (a1, "token", a_notices, event(1, "a1")),
+                (b1, "token", b_notices, event(1, "b1")),
+                (fenced, "stolen", a_notices, event(1, "no")),
+                (quiet, "token", b_notices, ["h", 1, "status", "running"]),
+                (other, "token", "", event(1, "other")),
+                (a2, "token", a_notices, [*event(1, "a2"), *event(2, "a2 again")]),
             ],
         )
         written = r.register_script(scripts.WRITE)(keys=call_keys, args=args)
-        a_notices, b_notices = keys.notices(a.ends_key), keys.notices(b.ends_key)
         # Then each client's notice stream has one entry naming its jobs written, in order
-        assert written == [1, 1, 0, 1, 1]
+        assert written == [1, 1, 0, 1, 1, 1]
         assert notices_on(r, a_notices) == [[a1, a2]]
         assert notices_on(r, b_notices) == [[b1]]
         # And the streams expire like the ends streams beside them; no other key was made
@@ -250,8 +256,19 @@ def test_an_async_client_streams_its_jobs_and_others_by_notice_and_blocking(
                 )
                 assert status is JobStatus.SUCCEEDED
             types = await asyncio.wait_for(asyncio.gather(*tasks), 20)
-            return {"types": types, "notices": await client.redis.exists(
-                harness.keys.notices(client.ends_key))}  # fmt: skip
+            pattern = f"{harness.keys.prefix}ends:*:written"
+            return {
+                "types": types,
+                "named": [
+                    fields[b"ids"].decode()
+                    for _, fields in await client.redis.xrange(
+                        harness.keys.notices(client.ends_key)
+                    )
+                ],
+                "streams": [k.decode() async for k in client.redis.scan_iter(pattern)],
+                "mine": mine.id,
+                "notices": harness.keys.notices(client.ends_key),
+            }
 
     seen = asyncio.run(scenario())
     # Then every follower read its job's whole stream, up to its end
@@ -259,5 +276,7 @@ def test_an_async_client_streams_its_jobs_and_others_by_notice_and_blocking(
         assert types[0] == "started" and types[-1] == "done", types
         assert "content" in types
     assert seen["types"][0] == seen["types"][2]
-    # And the client's job was announced on its notice stream
-    assert seen["notices"] == 1
+    # And the worker named the client's job on its notice stream, whenever it wrote its
+    # stream (started, the text, the end), and named the other producer's job nowhere
+    assert seen["named"] and set(" ".join(seen["named"]).split()) == {seen["mine"]}
+    assert seen["streams"] == [seen["notices"]]

@@ -325,6 +325,69 @@ def test_a_cancel_of_a_queued_job_wakes_its_waiter_at_once(idle_deployment: Sett
     assert elapsed < client_module.END_CHECK_S / 2
 
 
+class HmgetCountingAsyncRedis(AsyncRedis):
+    """An asyncio client that counts the HMGETs it sends."""
+
+    hmgets = 0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.hmgets += args[0] == "HMGET"
+        return await super().execute_command(*args, **options)
+
+
+class HmgetCountingRedis(redis.Redis):
+    hmgets = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.hmgets += args[0] == "HMGET"
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+def test_a_wait_on_a_job_just_submitted_reads_its_record_once_then_the_job_of_another_twice(
+    idle_deployment: Settings,
+) -> None:
+    settings = idle_deployment
+
+    async def scenario() -> tuple[int, int, JobStatus]:
+        counting = HmgetCountingAsyncRedis.from_url(settings.redis_url)
+        async with AsyncHermesClient(settings, redis=counting) as client:
+            # Given a job this client has just submitted, which stays queued
+            handle = await client.submit(job(5))
+            # When it awaits its result, which does not come within the wait
+            with pytest.raises(TimeoutError):
+                await handle.result(timeout=0.5)
+            fresh = counting.hmgets
+            # And then awaits it again through a handle it did not submit with
+            with pytest.raises(TimeoutError):
+                await client.job(handle.id).result(timeout=0.5)
+            again = counting.hmgets - fresh
+            # (and the job, cancelled now, ends the wait through the fresh handle's path)
+            other = await client.submit(job(5))
+            wait = asyncio.create_task(other.result(timeout=10))
+            await asyncio.sleep(0.2)
+            assert await client.job(other.id).cancel() == "cancelled"
+            status = (await wait).job.status
+        await counting.aclose()
+        return fresh, again, status
+
+    fresh, again, status = asyncio.run(scenario())
+    # Then the fresh handle watched its own ends stream before its first read of the record
+    # (the job could not have ended before it was queued): one read fewer than another
+    # handle's, which reads it, watches, and reads it again (both read it once more when
+    # their wait timed out)
+    assert again == fresh + 1 and fresh <= 2, (fresh, again)
+    assert status is JobStatus.CANCELLED
+    # And so does the blocking client
+    counting = HmgetCountingRedis.from_url(settings.redis_url)
+    assert isinstance(counting, HmgetCountingRedis)
+    with HermesClient(settings, redis=counting) as client:
+        handle = client.submit(job(5))
+        with pytest.raises(TimeoutError):
+            handle.result(timeout=0.5)
+        assert counting.hmgets == fresh
+    counting.close()
+
+
 # --- the real engine ---------------------------------------------------------------------------
 
 

@@ -74,37 +74,40 @@ local function notify_end(shared, record, id)
 end
 """
 
-# Names, on each client's notice stream, the jobs whose events streams this call wrote:
-# one entry per client, field ``ids`` (the job ids, space-separated), after their events.
-# A client's hub so blocks on that one stream, not on the stream of every job it follows,
-# and then reads only the streams written (producers/hub.py). ``records``: the job records
-# written; a job goes on the notice stream (store.Keys.notices) of the ends stream its
-# record names, when that is a client's own (as notify_end checks); other producers' jobs
-# get no notice, and a notice refused (not a stream, the ACL) is dropped: a hub reads the
-# streams it follows now and then besides. The job id is the record key after its prefix
-# (``shared`` without ``ends``, then ``job:``).
+# Notices: a script that writes jobs' events streams names those jobs, after their events
+# and in the same call, on the notice stream of each job's client (store.Keys.notices: its
+# own ends stream's name and ':written'), one entry per client, field ``ids`` (the job ids,
+# space-separated). A client's hub so blocks on that one stream rather than on the stream
+# of every job it follows, and then reads only the streams named (producers/hub.py).
+# ``notice`` gathers (ids, order: the streams in first-seen order), ``send_notices`` writes
+# them; a notice refused (not a stream, the ACL) is dropped: a hub reads the streams it
+# follows now and then besides. ``notify_written``: one job, the notice stream beside the
+# ends stream its record names when that is a client's own (as notify_end checks); other
+# producers' jobs get none. (WRITE passes each job's notice stream instead, found by the
+# worker at its claim: no record read per job and flush.)
 _NOTIFY_WRITTEN = f"""
-local function notify_written(shared, records)
-  if #records == 0 then return end
-  local skip = #shared - #'ends' + #'job:'
-  local ids, order = {{}}, {{}}
-  for _, record in ipairs(records) do
-    local own = redis.call('HGET', record, 'ends')
-    if own and #own > #shared + 1 and string.sub(own, 1, #shared + 1) == shared .. ':' then
-      if not ids[own] then
-        ids[own] = {{}}
-        order[#order + 1] = own
-      end
-      table.insert(ids[own], string.sub(record, skip + 1))
-    end
+local function notice(ids, order, key, id)
+  if not ids[key] then
+    ids[key] = {{}}
+    order[#order + 1] = key
   end
-  for _, own in ipairs(order) do
-    local key = own .. '{NOTICES_SUFFIX}'
+  table.insert(ids[key], id)
+end
+local function send_notices(ids, order)
+  for _, key in ipairs(order) do
     local added = redis.pcall('XADD', key, 'MAXLEN', '~', '{ENDS_MAXLEN}', '*',
-                              'ids', table.concat(ids[own], ' '))
+                              'ids', table.concat(ids[key], ' '))
     if type(added) ~= 'table' or not added.err then
       redis.call('EXPIRE', key, '{ENDS_TTL_S}')
     end
+  end
+end
+local function notify_written(shared, record, id)
+  local own = redis.call('HGET', record, 'ends')
+  if own and #own > #shared + 1 and string.sub(own, 1, #shared + 1) == shared .. ':' then
+    local ids, order = {{}}, {{}}
+    notice(ids, order, own .. '{NOTICES_SUFFIX}', id)
+    send_notices(ids, order)
   end
 end
 """
@@ -174,7 +177,7 @@ redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'cancelled', 'dat
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 notify_end(KEYS[3], KEYS[1], ARGV[4])
-notify_written(KEYS[3], {KEYS[1]})
+notify_written(KEYS[3], KEYS[1], ARGV[4])
 return {'cancelled', status}
 """
 )
@@ -255,7 +258,8 @@ return 1
 # KEYS: job record, lease, events. ARGV: lease token, lease TTL (ms), the worker's now (not
 # recorded; kept so that the ARGV stay as they were), worker name, the TTL of a live job's
 # keys. Returns {'ended', status}, {'leased', lease ms left} or {'claimed', attempt,
-# queued_at, last seq, cancel_requested, tenant, started_at, now}. ``started_at`` (and
+# queued_at, last seq, cancel_requested, tenant, started_at, now, ends} (``ends``: the
+# record's field, where the worker finds the job's notice stream). ``started_at`` (and
 # ``queued_at`` of a job without a record) are Redis's now; ``now`` lets the worker measure
 # its offset from Redis's clock (contract/clock.py) for the times it writes later. Sent
 # again with the same token when a reply was lost, it finds its own lease and answers with
@@ -266,7 +270,7 @@ CLAIM = (
     + """
 local now = now_text()
 local rec = redis.call('HMGET', KEYS[1], 'status', 'queued_at', 'cancel_requested',
-                       'attempts', 'requeued', 'tenant', 'started_at')
+                       'attempts', 'requeued', 'tenant', 'started_at', 'ends')
 local status = rec[1]
 if status and ended(status) then return {'ended', status} end
 local before = tonumber(rec[4] or '0') or 0
@@ -288,21 +292,23 @@ end
 local seq = 0
 if before > 0 or rec[5] then seq = last_seq(KEYS[3]) end
 return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or '',
-        rec[6] or '', started_at, now}
+        rec[6] or '', started_at, now, rec[8] or ''}
 """
 )
 
 # KEYS: the deployment's ends stream (Keys.ends), then for each job its lease, record and
 # events stream. ARGV: the
-# TTL of an ended job's keys, then for each job, in KEYS' order: its lease token, the number
-# of arguments of its operations, and its operations, in order:
+# TTL of an ended job's keys, then for each job, in KEYS' order: its lease token, its notice
+# stream ('' for none), the number of arguments of its operations, and its operations, in
+# order:
 #   'x' seq type data            XADD one event
 #   'h' n field value ...        HSET n fields of the record
 #   'e' id                       the job ended: its record and stream expire, and its id
 #                                goes on its ends stream (its result waiters wake: the
 #                                record's own stream, else KEYS[1]; see notify_end)
-# The jobs whose events streams it wrote are then named on their clients' notice streams,
-# one entry per client (see notify_written).
+# The jobs whose events streams it wrote are then named on their notice streams, one entry
+# per stream (see _NOTIFY_WRITTEN; the job id is the record key after its prefix: KEYS[1]
+# without 'ends', then 'job:').
 # One call writes for every job a worker's flush holds: one command, not one per job (each
 # call costs Redis more than the few writes a job's flush makes). Nothing of a job is
 # written unless its lease still holds the token: a worker that lost its job (paused past
@@ -316,11 +322,12 @@ WRITE = (
     + """
 local out = {}
 local dirty = false
-local written = {}
+local ids, order = {}, {}
+local skip = #KEYS[1] - #'ends' + #'job:'
 local a = 2
 for j = 0, (#KEYS - 1) / 3 - 1 do
   local lease, record, events = KEYS[2 + 3 * j], KEYS[3 + 3 * j], KEYS[4 + 3 * j]
-  local last = a + 1 + tonumber(ARGV[a + 1])
+  local last = a + 2 + tonumber(ARGV[a + 2])
   if redis.call('GET', lease) ~= ARGV[a] then
     out[j + 1] = 0
   else
@@ -332,7 +339,7 @@ for j = 0, (#KEYS - 1) / 3 - 1 do
       redis.call('HDEL', record, '')
       dirty = true
     end
-    local i = a + 2
+    local i = a + 3
     while i <= last do
       local op = ARGV[i]
       if op == 'x' then
@@ -351,11 +358,13 @@ for j = 0, (#KEYS - 1) / 3 - 1 do
         i = i + 2
       end
     end
-    if wrote then written[#written + 1] = record end
+    if wrote and ARGV[a + 1] ~= '' then
+      notice(ids, order, ARGV[a + 1], string.sub(record, skip + 1))
+    end
   end
   a = last + 1
 end
-notify_written(KEYS[1], written)
+send_notices(ids, order)
 return out
 """
 )
@@ -410,7 +419,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('LPUSH', KEYS[4], ARGV[5])
 notify_end(KEYS[5], KEYS[1], ARGV[5])
-notify_written(KEYS[5], {KEYS[1]})
+notify_written(KEYS[5], KEYS[1], ARGV[5])
 return {'dead', ''}
 """
 )

@@ -295,7 +295,9 @@ class JobContext:
                 await asyncio.sleep(CLAIM_RETRY_S)
 
     def _attempt(self, job_id: str, token: str, claimed: Claimed) -> Attempt:
-        stream = JobStream(job_id, next_seq=claimed.last_seq + 1, token=token)
+        stream = JobStream(
+            job_id, next_seq=claimed.last_seq + 1, token=token, notices=claimed.notices
+        )
         started_at = claimed.started_at
         attempt = Attempt(job_id, claimed.attempt, token, claimed.queued_at, started_at, stream)
         attempt.cancel_requested = claimed.cancel_requested

@@ -45,6 +45,9 @@ class Claimed:
     tenant: str | None = None  # the gateway tenant that submitted it (its record's)
     started_at: float = 0.0
     now: float = field(default=0.0, compare=False)
+    # The notice stream its writes name it on (Keys.notices of the client's own ends stream
+    # its record names); '' for a job whose record names none.
+    notices: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,12 @@ class Leases:
             tenant=reply[5] or None,
             started_at=float(reply[6]),
             now=float(reply[7]),
+            notices=self._notices(reply[8] if len(reply) > 8 else None),
         )
+
+    def _notices(self, ends: str | None) -> str:
+        stream = self._keys.end_stream(ends)
+        return self._keys.notices(stream) if stream != self._keys.ends else ""
 
     async def renew(self, held: dict[str, str]) -> tuple[set[str], set[str]]:
         """Renew every lease held here in one call, whatever their number; returns (lost

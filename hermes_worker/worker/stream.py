@@ -56,6 +56,7 @@ class JobStream:
     job_id: str
     next_seq: int = 1
     token: str = ""  # the attempt's lease token: every write checks it
+    notices: str = ""  # the notice stream its writes name it on ('' for none)
     ops: list[list[Any]] = field(default_factory=list)
     since: float | None = None  # when the oldest op not yet written was made (monotonic)
     tokens: int = 0  # tokens generated since the last write
@@ -326,7 +327,7 @@ class StreamWriter:
         if own:
             job_id = stream.job_id
             keys += [self._keys.lease(job_id), self._keys.job(job_id), self._keys.events(job_id)]
-            args += [stream.token, len(own), *own]
+            args += [stream.token, stream.notices, len(own), *own]
         return finished
 
     def _requeue(self, taken: list[tuple[JobStream, list[list[Any]]]]) -> None:
