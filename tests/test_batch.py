@@ -131,9 +131,11 @@ def test_a_batch_runs_every_line_into_its_output_file(client: HermesClient) -> N
     assert done["usage"]["output_tokens"] == sum(
         o["response"]["body"]["usage"]["completion_tokens"] for o in out
     )
-    # And its jobs ran at the batch priority, below interactive jobs
+    # And its jobs ran at the batch priority, below interactive jobs, without their output
+    # written as it came (stream false: nobody reads a line's stream)
     stored = client.redis.hget(client.keys.job(first["response"]["request_id"]), "body")
     assert json.loads(stored)["priority"] == client.settings.batch_priority
+    assert json.loads(stored)["stream"] is False
 
 
 def test_a_failed_line_goes_to_the_error_file_and_the_rest_finish(client: HermesClient) -> None:

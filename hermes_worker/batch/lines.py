@@ -118,9 +118,9 @@ def read_request(
         request = chat_request(body, None)
     except GatewayError as exc:
         raise bad("invalid_request", exc.message, _body_param(exc.param)) from exc
-    # Nobody reads a line's output as it is generated: its job writes none of it to its
-    # events stream (``stream`` false), only its end; the output line comes from the result.
-    job = {**request.job, "id": line_job_id(batch_id, index), "priority": priority, "stream": False}
+    # A line is neither streamed nor background (refused above), so chat_request gave its
+    # job ``stream`` false: nobody reads its output as it is generated, only its result.
+    job = {**request.job, "id": line_job_id(batch_id, index), "priority": priority}
     if not check_job:
         return BatchRequest(index, custom_id, job, request.model)
     try:
