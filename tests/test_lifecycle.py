@@ -245,6 +245,34 @@ def test_an_attempt_whose_lease_another_holder_took_stops_writing(harness: Harne
     assert harness.redis.get(harness.keys.lease(handle.id)) == b"w9:other"
 
 
+def test_a_job_whose_writes_redis_refuses_for_good_does_not_hold_up_the_others(
+    harness: Harness,
+) -> None:
+    # Given a worker, and two jobs whose writes go out in the same flushes, one of them
+    # with a key of another type where its events stream goes (every write of it fails
+    # inside the script, whatever the tries)
+    runtime = harness.start()
+    bad = harness.client.submit(job({"text": STORY}))
+    good = harness.client.submit(job({"text": STORY}))
+    harness.redis.set(harness.keys.events(bad.id), "not a stream")
+    # When both run
+    bad_task = harness.deliver(runtime, bad.id)
+    good_task = harness.deliver(runtime, good.id)
+    # Then the other job streams and ends as if nothing happened, each event once
+    assert good_task.result(timeout=10) is JobStatus.SUCCEEDED
+    assert output_of(harness.events(good.id), "content") == STORY
+    seqs = [event.seq for event in harness.events(good.id)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    # And the refused job's attempt stops, its key untouched, without a result
+    assert bad_task.result(timeout=10) is None
+    assert harness.redis.get(harness.keys.events(bad.id)) == b"not a stream"
+    assert "result" not in harness.record(bad.id)
+    # And the worker writes on for the jobs that come after
+    later = harness.client.submit(job({"text": STORY}))
+    assert harness.deliver(runtime, later.id).result(timeout=10) is JobStatus.SUCCEEDED
+    assert output_of(harness.events(later.id), "content") == STORY
+
+
 def test_shutdown_hands_a_running_job_back_and_another_worker_finishes_it(
     harness: Harness,
 ) -> None:

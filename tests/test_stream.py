@@ -11,7 +11,7 @@ from conftest import TEST_REDIS_URL as REDIS_URL
 from redis.asyncio import Redis as AsyncRedis
 
 from hermes_worker.contract.store import Keys, decode_event
-from hermes_worker.worker.stream import JobStream, StreamWriter
+from hermes_worker.worker.stream import JobStream, StreamWriter, refused_for_good
 
 
 def leased(keys: Keys, job_id: str) -> JobStream:
@@ -307,3 +307,80 @@ def test_writes_of_an_attempt_that_lost_its_lease_are_refused(keys: Keys) -> Non
     assert ended is False
     assert fenced == ["j1"]
     assert redis.Redis.from_url(REDIS_URL).hget(keys.job("j1"), "status") is None
+
+
+def test_a_job_redis_refuses_for_good_stops_alone_and_the_jobs_of_its_flushes_go_on(
+    keys: Keys,
+) -> None:
+    async def scenario() -> tuple[list[str], bool, bool, int]:
+        redis_client = AsyncRedis.from_url(REDIS_URL)
+        writer = StreamWriter(redis_client, keys, flush_s=0.01, ttl_s=60)
+        fenced: list[str] = []
+        writer.on_fenced = fenced.append
+        writer.start()
+        # Given three attempts whose writes go out in the same flushes, the middle one with
+        # a key of another type where its events stream goes: inside the script, its XADD
+        # fails after the first job's were made
+        first, bad, last = leased(keys, "j1"), leased(keys, "bad"), leased(keys, "j3")
+        await redis_client.set(keys.events("bad"), "not a stream")
+        for stream in (first, bad, last):
+            writer.emit(stream, "started", {"attempt": 1})
+            writer.emit(stream, "content", {"text": "one "})
+        writer._urgent.set()
+        # When they write on and end
+        await asyncio.sleep(0.2)
+        for stream in (first, bad, last):
+            writer.emit(stream, "content", {"text": "two"}, urgent=True)
+        ends = [
+            writer.close(s, {"status": "succeeded", "result": "{}"}, "done", {})
+            for s in (first, bad, last)
+        ]
+        good_end, bad_end, last_end = await asyncio.wait_for(asyncio.gather(*ends), 5)
+        await writer.stop()
+        await redis_client.aclose()
+        return fenced, good_end and last_end, bad_end, writer.failed_flushes
+
+    fenced, good_ended, bad_ended, failed = asyncio.run(scenario())
+    # Then the other two streams hold each event once, in order, and their ends
+    expected = [
+        (1, "started", {"attempt": 1}),
+        (2, "content", {"text": "one "}),
+        (3, "content", {"text": "two"}),
+        (4, "done", {}),
+    ]
+    assert read_events(keys, "j1") == expected
+    assert read_events(keys, "j3") == expected
+    assert good_ended
+    # And the refused job stopped alone, its key untouched, its end not written
+    assert fenced == ["bad"] and bad_ended is False
+    client = redis.Redis.from_url(REDIS_URL)
+    assert client.get(keys.events("bad")) == b"not a stream"
+    assert client.hget(keys.job("bad"), "status") is None
+    assert failed >= 1
+
+
+def test_only_errors_that_no_retry_changes_are_refusals_for_good() -> None:
+    exceptions = redis.exceptions
+    script = "script: 98941c, on @user_script:27."
+    pipeline = "Command # 1 (EVALSHA 98941c 4) of pipeline caused error: "
+    # Redis refusing for a while, as redis-py raises it alone or in a pipeline: tried again
+    for passing in (
+        exceptions.ResponseError(f"NOREPLICAS Not enough good replicas to write. {script}"),
+        exceptions.ResponseError(f"{pipeline}MASTERDOWN Link with MASTER is down"),
+        exceptions.ReadOnlyError(f"{pipeline}You can't write against a read only replica."),
+        exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+        exceptions.NoScriptError("No matching script. Please use EVAL."),
+        exceptions.NoPermissionError("this user has no permissions to run the 'evalsha' command"),
+        exceptions.BusyLoadingError("Redis is loading the dataset in memory"),
+        exceptions.ConnectionError("Connection closed by server."),
+        exceptions.TimeoutError("Timeout reading from socket"),
+    ):
+        assert not refused_for_good(passing), passing
+    # An error inside the script, which no retry changes: for good
+    for lasting in (
+        exceptions.ResponseError(
+            f"WRONGTYPE Operation against a key holding the wrong kind of value {script}"
+        ),
+        exceptions.ResponseError(f"{pipeline}ERR user_script:12: attempt to compare nil"),
+    ):
+        assert refused_for_good(lasting), lasting

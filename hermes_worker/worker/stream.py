@@ -38,7 +38,14 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from hermes_worker.contract import scripts
 from hermes_worker.contract.store import Keys, decode_event, encode_event
@@ -107,6 +114,9 @@ class StreamWriter:
         self.commands_sent = 0  # for metrics and tests
         self.failed_flushes = 0  # for metrics (hermes_redis_errors_total)
         self._failing = False
+        # Redis refused the last flush for good: the next writes each job in a call of its
+        # own, so that one job's refused writes do not hold up the others' (see _flush).
+        self._apart = False
 
     @property
     def result_ttl_s(self) -> int:
@@ -244,6 +254,14 @@ class StreamWriter:
                 )
 
     async def _flush(self, force: bool = False) -> None:
+        """Write what is due, for every job, in one script call. A call that Redis refuses
+        for a while (away, loading, read-only while failing over: see :func:`refused_for_good`)
+        is made again on the next tick, its ops ahead of anything newer. One it refuses for
+        good (an error inside the script, such as a key of another type where a job's
+        events stream goes) would fail every time: the next flush writes each job in a call
+        of its own, and a job whose own call is refused for good stops its attempt (as when
+        its lease is lost), while the others go on. A script that failed part-way keeps
+        what it wrote before: the events written are found and skipped (``_skip_landed``)."""
         self._wake.clear()
         self._urgent.clear()
         now = time.monotonic()
@@ -254,49 +272,78 @@ class StreamWriter:
             self._wake.set()  # the rest stays pending: the loop comes back for it
         finished: list[tuple[JobStream, asyncio.Future[bool]]] = []
         taken: list[tuple[JobStream, list[list[Any]]]] = []
-        written: list[JobStream] = []  # the streams the call writes for, in order
-        keys: list[str] = [self._keys.ends]
-        args: list[Any] = [self._ttl_s]
+        calls: list[tuple[list[JobStream], list[str], list[Any]]] = []  # (streams, keys, args)
+        apart = self._apart
         try:
             await self._skip_landed([s for s in batch if s.unsure])
+            batch = [s for s in batch if not s.fenced]
             for stream in batch:
                 ops = stream.taken()
                 taken.append((stream, ops))
+                if not calls or apart:
+                    calls.append(([], [self._keys.ends], [self._ttl_s]))
+                written, keys, args = calls[-1]
                 futures = self._add_ops(keys, args, stream, ops)
                 finished.extend((stream, future) for future in futures)
                 if len(keys) > 1 + 3 * len(written):
                     written.append(stream)
+            calls = [call for call in calls if call[0]]
             replies: list[Any] = []
-            if written:
+            if calls:
                 # On a pipeline of its own: awaiting a script there only queues it (and its
                 # SCRIPT LOAD if needed), and a lost reply is told apart from a refusal.
                 pipe = self._redis.pipeline(transaction=False)
-                await self._write(keys=keys, args=args, client=pipe)
-                replies = (await pipe.execute())[-1]
-                self.commands_sent += 1
+                for _, keys, args in calls:
+                    await self._write(keys=keys, args=args, client=pipe)
+                replies = (await pipe.execute(raise_on_error=not apart))[-len(calls) :]
+                self.commands_sent += len(calls)
         except RedisError as exc:
             self.failed_flushes += 1
             # Keep the ops, in order, ahead of anything newer, and try again on the next tick
             # (a failed read of what landed leaves every stream of the batch as it was).
-            if not self._failing:  # once per outage, not once per tick
+            if refused_for_good(exc):
+                log.warning("a stream write refused for good; writing each job apart: %s", exc)
+                self._apart = True
+            elif not self._failing:  # once per outage, not once per tick
                 log.warning("stream writes failing, retrying until Redis is back: %s", exc)
-            self._failing = True
+                self._failing = True
             self._requeue(taken or [(s, []) for s in batch])
             await asyncio.sleep(self._flush_s)
             return
         if self._failing:
             log.warning("stream writes resumed")
             self._failing = False
-        for stream, reply in zip(written, replies, strict=True):
-            if not int(reply):
-                self._fence(stream)
+        self._apart = False
+        ops_of = {stream.job_id: ops for stream, ops in taken}
+        again: set[str] = set()  # jobs whose ops go back to be written with the next flush
+        for (written, _, _), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, RedisError):  # a call of one job's, written apart
+                stream = written[0]
+                if self._refused(stream, ops_of[stream.job_id], reply):
+                    again.add(stream.job_id)
+                continue
+            for stream, flag in zip(written, reply, strict=True):
+                if not int(flag):
+                    self._fence(stream)
         for stream, future in finished:
-            if not future.done():
+            if not future.done() and stream.job_id not in again:
                 future.set_result(not stream.fenced)
 
-    def _fence(self, stream: JobStream) -> None:
-        """The lease no longer holds this attempt's token: write nothing more for it."""
-        log.warning("job %s: lease lost; its writes are refused", stream.job_id)
+    def _refused(self, stream: JobStream, ops: list[list[Any]], error: RedisError) -> bool:
+        """Redis refused the call that wrote only this stream: for good, its attempt stops
+        (it goes back to the queue); for a while, it is tried again with the next flush
+        (returns True)."""
+        self.failed_flushes += 1
+        if not refused_for_good(error):
+            self._requeue([(stream, ops)])
+            return True
+        self._fence(stream, f"Redis refuses its stream writes for good ({error})")
+        return False
+
+    def _fence(self, stream: JobStream, why: str = "lease lost") -> None:
+        """The lease no longer holds this attempt's token (or Redis refuses its writes for
+        good): write nothing more for it."""
+        log.warning("job %s: %s; its writes are refused", stream.job_id, why)
         stream.fenced = True
         self.discard(stream)
         if self.on_fenced is not None:
@@ -349,7 +396,12 @@ class StreamWriter:
         pipe = self._redis.pipeline(transaction=False)
         for stream in streams:
             pipe.xrevrange(self._keys.events(stream.job_id), count=1)
-        for stream, last in zip(streams, await pipe.execute(), strict=True):
+        for stream, last in zip(streams, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(last, RedisError):
+                if not refused_for_good(last):
+                    raise last  # Redis away: every stream of the flush stays as it was
+                self._fence(stream, f"Redis refuses to read its stream for good ({last})")
+                continue
             landed = decode_event(*last[0]).seq - stream.next_seq + 1 if last else 0
             kept: list[list[Any]] = []
             for op in stream.ops:
@@ -359,6 +411,26 @@ class StreamWriter:
                 else:
                     kept.append(op)
             stream.ops, stream.unsure = kept, False
+
+
+# Refusals that pass: Redis loading, read-only or short of replicas while failing over, out
+# of memory, its script cache flushed, an ACL being fixed. A write refused so is tried
+# again, as when Redis is away; any other refusal (an error inside the script) would not
+# change by trying again. redis-py raises some as classes of their own, without the code.
+PASSING_REFUSALS = frozenset(
+    {"BUSY", "LOADING", "READONLY", "MASTERDOWN", "NOREPLICAS", "OOM", "NOSCRIPT", "TRYAGAIN",
+     "CLUSTERDOWN", "MISCONF", "NOPERM", "EXECABORT"}
+)  # fmt: skip
+PASSING_CLASSES = (ReadOnlyError, OutOfMemoryError, NoScriptError, NoPermissionError)
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """Whether Redis answered with an error that trying again would not change (see
+    PASSING_REFUSALS); a lost connection or a timeout is not a refusal."""
+    if not isinstance(exc, ResponseError) or isinstance(exc, PASSING_CLASSES):
+        return False
+    text = str(exc).split("of pipeline caused error: ", 1)[-1]
+    return bool(text) and text.split(maxsplit=1)[0] not in PASSING_REFUSALS
 
 
 def _field(value: Any) -> str | int | float:
