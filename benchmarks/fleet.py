@@ -47,8 +47,10 @@ import json
 import multiprocessing
 import os
 import random
+import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -184,6 +186,67 @@ class Level:
         a worker that fell short of its pace is counted at the pace)."""
         per_token = self.redis_cpu_s / max(self.tokens, 1)
         return 0.5 / (per_token * target_tokens_s)
+
+
+# --- this machine's speed -------------------------------------------------------------------
+
+# A script like the flush's: one event and one lease check per job, four jobs.
+REFERENCE_SCRIPT = """
+for i = 1, 4 do
+  redis.call('GET', KEYS[2])
+  redis.call('XADD', KEYS[1], '*', 'seq', i, 'type', 'content', 'data', ARGV[1])
+end
+return 1
+"""
+
+
+def reference_us(url: str, rounds: int = 2000, runs: int = 3) -> float:
+    """Redis CPU per round of a fixed load shaped like the fleet's (a script that writes
+    four events into a stream another connection is blocked on, that reader woken and
+    blocking again, and a plain read of a record), median of ``runs``, on a Redis nothing
+    else uses. This VM's speed changes 2x from day to day: the fleet's cost divided by this
+    compares runs made on different days."""
+    client, reader = redis.Redis.from_url(url), redis.Redis.from_url(url)
+    key, record = f"hermes-fleet-reference:{uuid.uuid4().hex}", "hermes-fleet-reference:rec"
+    lease = "hermes-fleet-reference:lease"
+    client.hset(record, mapping={"status": "running", "result": "x" * 200})
+    client.set(lease, "token")
+    write = client.register_script(REFERENCE_SCRIPT)
+    data = json.dumps({"text": " a few words of text"})
+    figures = []
+    try:
+        for _ in range(runs):
+            woken = threading.Semaphore(0)
+            thread = threading.Thread(
+                target=_follow, args=(reader, key, rounds, woken), daemon=True
+            )
+            thread.start()
+            time.sleep(0.2)  # the reader is blocked
+            before = redis_sample(client)["cpu_s"]
+            for _ in range(rounds):
+                write(keys=[key, lease], args=[data])
+                woken.acquire(timeout=5)
+                client.hmget(record, ["status", "result"])
+            used = redis_sample(client)["cpu_s"] - before
+            thread.join(10)
+            figures.append(used / rounds * 1e6)
+            client.delete(key)
+    finally:
+        client.delete(key, record, lease)
+        client.close()
+        reader.close()
+    return statistics.median(figures)
+
+
+def _follow(reader: redis.Redis, key: str, rounds: int, woken: threading.Semaphore) -> None:
+    """The reference load's reader: blocked on ``key``, woken ``rounds`` times."""
+    last: Any = "$"
+    for _ in range(rounds):
+        reply = None
+        while not reply:
+            reply = reader.xread({key: last}, block=5000)
+        last = reply[0][1][-1][0]
+        woken.release()
 
 
 # --- the load ------------------------------------------------------------------------------
@@ -385,7 +448,9 @@ def run_level(args: argparse.Namespace, model: str, url: str, n: int, tmp: Path)
 # --- the report ----------------------------------------------------------------------------
 
 
-def report(levels: list[Level], args: argparse.Namespace, command: str) -> str:
+def report(
+    levels: list[Level], args: argparse.Namespace, command: str, reference: float | None
+) -> str:
     target = args.engine_tokens_per_s
     lines = [
         "# A fleet of simulated GPU workers on one Redis",
@@ -398,6 +463,22 @@ def report(levels: list[Level], args: argparse.Namespace, command: str) -> str:
         "",
         f"    {command}",
         "",
+        *(
+            [
+                f"This machine's speed: {reference:.0f} us of Redis CPU per round of the "
+                "reference load (`reference_us`: a script writing four events to a stream "
+                "another connection blocks on, that reader woken, a record read); Redis CPU "
+                "per worker-second in those rounds (a figure that compares days): "
+                + ", ".join(
+                    f"{level.per_worker_s * 1e6 / reference:.0f} at {level.workers}"
+                    for level in levels
+                )
+                + ".",
+                "",
+            ]
+            if reference
+            else []
+        ),
         "| workers | tokens/s per worker (target) | jobs/s | Redis CPU (cores) "
         "| Redis CPU per worker-second (ms) | per 1k tokens (ms) | per job (ms) "
         "| commands per job | workers at 0.5 core | workers' CPU (cores) "
@@ -444,7 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         own = None if args.redis_url else LocalRedis.start(tmp / "redis")
         url = args.redis_url or own.url  # type: ignore[union-attr]
         levels = []
+        reference = None
         try:
+            if own is not None:  # a Redis nothing else uses
+                reference = reference_us(url)
+                progress(f"reference load: {reference:.0f} us of Redis CPU a round")
             for n in args.workers:
                 level = run_level(args, model, url, n, tmp)
                 levels.append(level)
@@ -456,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if own is not None:
                 own.stop()
-    text = report(levels, args, command)
+    text = report(levels, args, command, reference)
     print(text)
     if args.out:
         out = Path(args.out)
@@ -465,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         data = {
             "args": vars(args),
             "command": command,
+            "reference_us": reference,
             "levels": [
                 {**asdict(level), "per_worker_s": level.per_worker_s,
                  "fleet_at_half_core": level.fleet_at_half_core(args.engine_tokens_per_s)}
