@@ -1,0 +1,38 @@
+"""benchmarks/fleet.py's own parts: the reference load (on a real Redis) and the report. The
+fleet itself is run by hand (benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import redis
+from conftest import TEST_REDIS_URL
+from test_benchmark_script import _load
+
+fleet = _load("fleet")
+
+
+def test_the_reference_load_measures_redis_cpu_and_leaves_no_key(
+    redis_client: redis.Redis,
+) -> None:
+    # When the reference load runs on a Redis
+    us = fleet.reference_us(TEST_REDIS_URL, rounds=200, runs=1)
+    # Then it gives Redis's CPU per round (a script, a woken reader, a read: microseconds to
+    # a few milliseconds on any machine) and leaves none of its keys behind
+    assert 1.0 < us < 10_000.0
+    assert list(redis_client.scan_iter("hermes-fleet-reference*")) == []
+
+
+def test_the_report_gives_the_fleets_cost_in_reference_rounds() -> None:
+    args = fleet.parse_args(["--workers", "4"])
+    level = fleet.Level(
+        workers=4, window_s=10.0, redis_cpu_s=0.4, jobs=160, tokens=80_000, failed=0,
+        events=0, worker_cpu_s=1.0, harness_cpu_s=1.0, hub_reads=800,
+    )  # fmt: skip
+    # Given 4 workers costing Redis 10 ms a worker-second, on a machine where a reference
+    # round costs 50 us
+    text = fleet.report([level], args, "python benchmarks/fleet.py --workers 4", 50.0)
+    # Then the report gives both, and the cost in rounds: 10,000 us / 50 us = 200
+    assert "50 us of Redis CPU per round" in text
+    assert "200 at 4" in text
+    assert "| 4 | 2,000 (2,000) | 16.0 | 0.040 | 10.0 |" in text
+    # And without a reference (a Redis the benchmark does not own) it says nothing of it
+    assert "per round" not in fleet.report([level], args, "cmd", None)
