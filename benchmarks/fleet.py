@@ -32,7 +32,8 @@ level's tokens a second per worker against the target. The derived figures: Redi
 core (0.5 s / s over Redis CPU per token times the target pace). Redis's cost grows linearly
 with the fleet only as long as the per-worker figure stays flat from level to level: the
 table shows it per level, and the XREADs per client-second beside it (a client follows jobs
-on every worker).
+on every worker). On its own Redis it first measures the machine's speed (``reference_us``)
+and gives the fleet's cost in rounds of that reference load too.
 
     python benchmarks/fleet.py --workers 1,2,4 --warmup-s 15 --window-s 40 \
         --out docs/benchmarks/fleet
