@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
 from conftest import TEST_REDIS_URL as REDIS_URL
 from redis.asyncio import Redis as AsyncRedis
 
+from hermes_worker.cli.services import LocalRedis
 from hermes_worker.contract.store import Keys, decode_event
 from hermes_worker.worker.stream import JobStream, StreamWriter, refused_for_good
 
@@ -384,3 +386,58 @@ def test_only_errors_that_no_retry_changes_are_refusals_for_good() -> None:
         exceptions.ResponseError(f"{pipeline}ERR user_script:12: attempt to compare nil"),
     ):
         assert refused_for_good(lasting), lasting
+
+
+def test_the_flush_sends_its_script_by_digest_and_loads_it_again_after_noscript(
+    tmp_path: Path,
+) -> None:
+    server = LocalRedis.start(tmp_path / "redis")
+    keys = Keys("hermes-test:")
+
+    async def scenario() -> tuple[int, int]:
+        client = AsyncRedis.from_url(server.url)
+        sync = redis.Redis.from_url(server.url)
+        writer = StreamWriter(client, keys, flush_s=0.01, ttl_s=60)
+        writer.start()
+        token = "token-j1"
+        await client.set(keys.lease("j1"), token, ex=60)
+        stream = JobStream("j1", token=token)
+        # Given a writer that has flushed a few times
+        for text in ("one ", "two "):
+            writer.emit(stream, "content", {"text": text}, urgent=True)
+            await asyncio.wait_for(writer.settle(stream), 5)
+        # When Redis forgets its scripts (a restart, a new master after a failover)
+        await client.script_flush()
+        writer.emit(stream, "content", {"text": "three"}, urgent=True)
+        await asyncio.wait_for(writer.settle(stream), 5)
+        ended = await writer.close(stream, {"status": "succeeded", "result": "{}"}, "done", {})
+        assert ended
+        await writer.stop()
+        await client.aclose()
+        stats = sync.info("commandstats")
+        sync.close()
+        exists = stats.get("cmdstat_script|exists", {}).get("calls", 0)
+        loads = stats.get("cmdstat_script|load", {}).get("calls", 0)
+        return exists, loads
+
+    try:
+        exists, loads = asyncio.run(scenario())
+        events = [
+            (e.seq, e.type, e.data)
+            for e in (
+                decode_event(i, f)
+                for i, f in redis.Redis.from_url(server.url).xrange(keys.events("j1"))
+            )
+        ]
+    finally:
+        server.stop()
+    # Then every event is written once, in order, the one refused with NOSCRIPT too
+    assert events == [
+        (1, "content", {"text": "one "}),
+        (2, "content", {"text": "two "}),
+        (3, "content", {"text": "three"}),
+        (4, "done", {}),
+    ]
+    # And no flush asked whether the script exists: it was loaded before the first flush
+    # and once more after NOSCRIPT
+    assert (exists, loads) == (0, 2)

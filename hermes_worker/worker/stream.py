@@ -94,6 +94,11 @@ class StreamWriter:
     ) -> None:
         self._redis = redis
         self._write = redis.register_script(scripts.WRITE)
+        # The script is sent by its digest alone (EVALSHA in the flush's pipeline): a Script
+        # in a pipeline would ask SCRIPT EXISTS first, a round trip more on every flush. It
+        # is loaded before the first flush, and again after Redis answered NOSCRIPT (a
+        # restarted Redis, a new master after a failover), which runs nothing of it.
+        self._load_script = True
         # Called with the id of a job whose write was fenced off (its lease is lost).
         self.on_fenced: Callable[[str], None] | None = None
         self._keys = keys
@@ -275,6 +280,9 @@ class StreamWriter:
         calls: list[tuple[list[JobStream], list[str], list[Any]]] = []  # (streams, keys, args)
         apart = self._apart
         try:
+            if self._load_script:
+                await self._redis.script_load(scripts.WRITE)
+                self._load_script = False
             await self._skip_landed([s for s in batch if s.unsure])
             batch = [s for s in batch if not s.fenced]
             for stream in batch:
@@ -290,17 +298,17 @@ class StreamWriter:
             calls = [call for call in calls if call[0]]
             replies: list[Any] = []
             if calls:
-                # On a pipeline of its own: awaiting a script there only queues it (and its
-                # SCRIPT LOAD if needed), and a lost reply is told apart from a refusal.
+                # On a pipeline of its own: a lost reply is told apart from a refusal.
                 pipe = self._redis.pipeline(transaction=False)
                 for _, keys, args in calls:
-                    await self._write(keys=keys, args=args, client=pipe)
+                    pipe.evalsha(self._write.sha, len(keys), *keys, *args)
                 replies = (await pipe.execute(raise_on_error=not apart))[-len(calls) :]
                 self.commands_sent += len(calls)
         except RedisError as exc:
             self.failed_flushes += 1
             # Keep the ops, in order, ahead of anything newer, and try again on the next tick
             # (a failed read of what landed leaves every stream of the batch as it was).
+            self._load_script = self._load_script or isinstance(exc, NoScriptError)
             if refused_for_good(exc):
                 log.warning("a stream write refused for good; writing each job apart: %s", exc)
                 self._apart = True
@@ -335,6 +343,7 @@ class StreamWriter:
         (returns True)."""
         self.failed_flushes += 1
         if not refused_for_good(error):
+            self._load_script = self._load_script or isinstance(error, NoScriptError)
             self._requeue([(stream, ops)])
             return True
         self._fence(stream, f"Redis refuses its stream writes for good ({error})")
