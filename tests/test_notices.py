@@ -123,9 +123,10 @@ class RecordingRedis(AsyncRedis):
 
 def notice(keys: Keys, ends: str, job_ids: list[str], texts: dict[str, str]) -> None:
     """Events for these jobs and their notice, in one pipeline, as a worker's flush does."""
-    with redis.Redis.from_url(REDIS_URL).pipeline(transaction=True) as pipe:
+    client = redis.Redis.from_url(REDIS_URL)
+    with client.pipeline(transaction=True) as pipe:
         for job_id in job_ids:
-            seq = 1 + redis.Redis.from_url(REDIS_URL).xlen(keys.events(job_id))
+            seq = 1 + client.xlen(keys.events(job_id))
             pipe.xadd(keys.events(job_id), encode_event(seq, "content", {"text": texts[job_id]}))
         pipe.xadd(keys.notices(ends), {"ids": " ".join(job_ids)})
         pipe.execute()

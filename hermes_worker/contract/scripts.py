@@ -59,18 +59,23 @@ end
 # is not a client's ends stream of this deployment (``shared`` .. ':' ..), or the append to
 # it fails (not a stream, refused by the ACL), the deployment's shared stream ``shared``
 # (store.Keys.ends, a declared KEY). So a record can only make a script write a stream of
-# ends, and a job of another producer, without the field, ends as it always did.
+# ends, and a job of another producer, without the field, ends as it always did. Returns
+# the client's own ends stream the record names (nil: none), for notify_written.
 _NOTIFY_END = f"""
 local function notify_end(shared, record, id)
   local own = redis.call('HGET', record, 'ends')
-  if own and #own > #shared + 1 and string.sub(own, 1, #shared + 1) == shared .. ':' then
+  if not (own and #own > #shared + 1 and string.sub(own, 1, #shared + 1) == shared .. ':') then
+    own = nil
+  end
+  if own then
     local added = redis.pcall('XADD', own, 'MAXLEN', '~', '{ENDS_MAXLEN}', '*', 'id', id)
     if type(added) ~= 'table' or not added.err then
       redis.call('EXPIRE', own, '{ENDS_TTL_S}')
-      return
+      return own
     end
   end
   redis.call('XADD', shared, 'MAXLEN', '~', '{ENDS_MAXLEN}', '*', 'id', id)
+  return own
 end
 """
 
@@ -81,10 +86,10 @@ end
 # of every job it follows, and then reads only the streams named (producers/hub.py).
 # ``notice`` gathers (ids, order: the streams in first-seen order), ``send_notices`` writes
 # them; a notice refused (not a stream, the ACL) is dropped: a hub reads the streams it
-# follows now and then besides. ``notify_written``: one job, the notice stream beside the
-# ends stream its record names when that is a client's own (as notify_end checks); other
-# producers' jobs get none. (WRITE passes each job's notice stream instead, found by the
-# worker at its claim: no record read per job and flush.)
+# follows now and then besides. ``notify_written``: one job, on the notice stream beside
+# ``own``, the client's ends stream its record names (what notify_end returned; nil: none,
+# another producer's job gets no notice). (WRITE passes each job's notice stream instead,
+# found by the worker at its claim: no record read per job and flush.)
 _NOTIFY_WRITTEN = f"""
 local function notice(ids, order, key, id)
   if not ids[key] then
@@ -102,9 +107,8 @@ local function send_notices(ids, order)
     end
   end
 end
-local function notify_written(shared, record, id)
-  local own = redis.call('HGET', record, 'ends')
-  if own and #own > #shared + 1 and string.sub(own, 1, #shared + 1) == shared .. ':' then
+local function notify_written(own, id)
+  if own then
     local ids, order = {{}}, {{}}
     notice(ids, order, own .. '{NOTICES_SUFFIX}', id)
     send_notices(ids, order)
@@ -176,8 +180,7 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'resu
 redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'cancelled', 'data', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-notify_end(KEYS[3], KEYS[1], ARGV[4])
-notify_written(KEYS[3], KEYS[1], ARGV[4])
+notify_written(notify_end(KEYS[3], KEYS[1], ARGV[4]), ARGV[4])
 return {'cancelled', status}
 """
 )
@@ -418,8 +421,7 @@ redis.call('XADD', KEYS[2], '*', 'seq', tostring(seq), 'type', 'error', 'data', 
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('LPUSH', KEYS[4], ARGV[5])
-notify_end(KEYS[5], KEYS[1], ARGV[5])
-notify_written(KEYS[5], KEYS[1], ARGV[5])
+notify_written(notify_end(KEYS[5], KEYS[1], ARGV[5]), ARGV[5])
 return {'dead', ''}
 """
 )

@@ -315,7 +315,7 @@ class StreamWriter:
             elif not self._failing:  # once per outage, not once per tick
                 log.warning("stream writes failing, retrying until Redis is back: %s", exc)
                 self._failing = True
-            self._requeue(taken or [(s, []) for s in batch])
+            self._requeue(taken or [(s, []) for s in batch if not s.fenced])
             await asyncio.sleep(self._flush_s)
             return
         if self._failing:
