@@ -90,7 +90,15 @@ from producers.control import (
     script_reply,
     unique_ids,
 )
-from producers.hub import EndEvent, EndWait, EndWatcher, StreamHub, Subscription, entry_order
+from producers.hub import (
+    EndEvent,
+    EndWait,
+    EndWatcher,
+    RecordReads,
+    StreamHub,
+    Subscription,
+    entry_order,
+)
 
 if TYPE_CHECKING:
     from producers.batches import AsyncBatches, Batches
@@ -126,6 +134,10 @@ READ_COUNT = 256  # stream entries per XREAD
 END_CHECK_S = BLOCK_CHUNK_S
 END_CHECK_GROWTH = 2.0
 END_CHECK_MAX_S = 30.0
+# The asyncio client's waiters check at the first multiple of END_CHECK_GRID_S (on the
+# monotonic clock) after their next check is due, up to that much later: those due in
+# the same step check together, their reads in one pipeline (producers.hub.RecordReads).
+END_CHECK_GRID_S = 1.0
 
 # --- pure helpers shared by both clients -------------------------------------------------
 
@@ -427,6 +439,13 @@ def end_checks() -> Iterator[float]:
     while True:
         yield wait_s
         wait_s = min(wait_s * END_CHECK_GROWTH, END_CHECK_MAX_S)
+
+
+def on_check_grid(wait_s: float, now: float | None = None) -> float:
+    """``wait_s`` stretched to the next step of END_CHECK_GRID_S after it."""
+    now = time.monotonic() if now is None else now
+    due = now + wait_s
+    return due - due % END_CHECK_GRID_S + END_CHECK_GRID_S - now
 
 
 def ended_from_fields(status: Any, raw_result: Any) -> JobResult | bool:
@@ -817,6 +836,8 @@ class AsyncHermesClient:
         self._gate = DepthGate(self.settings.max_queue_depth)
         # This client's own ends stream (see HermesClient).
         self.ends_key = self.keys.ends_for(uuid4().hex)
+        # Its result waiters' reads of their records, each turn of the loop in one pipeline.
+        self.records = RecordReads(self.redis)
         # Every stream this client reads goes through one XREAD loop.
         self.hub = StreamHub(
             self.redis,
@@ -899,6 +920,7 @@ class AsyncHermesClient:
     async def aclose(self) -> None:
         """Release the connections this client opened itself."""
         await self.hub.aclose()
+        await self.records.aclose()
         if "batches" in self.__dict__:  # its blocking client, made on first use
             self.__dict__["batches"].close()
         owns_redis, owns_celery = self._owns
@@ -1052,7 +1074,7 @@ class AsyncJobHandle:
                     hub.unwatch_end(wait)
                     wait = await self._watch_end(deadline)
                     continue
-                timeout_s = min(next(checks), deadline.block_ms() / 1000)
+                timeout_s = min(on_check_grid(next(checks)), deadline.block_ms() / 1000)
                 if await wait.wait(timeout_s) and wait.broken:
                     # The hub's read failed and it stopped: watch again, which restarts it.
                     hub.unwatch_end(wait)
@@ -1068,7 +1090,7 @@ class AsyncJobHandle:
     async def _check_end(self) -> JobResult | None:
         """See :meth:`JobHandle._check_end`."""
         key = self._keys.job(self.id)
-        status, raw, named = await self._redis.hmget(key, "status", "result", "ends")
+        status, raw, named = await self._client.records.hmget(key, "status", "result", "ends")
         self._watch.saw(status is not None)
         self._end_stream = self._keys.end_stream(named)
         ended = ended_from_fields(status, raw)

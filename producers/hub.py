@@ -168,6 +168,70 @@ class EndEvent(threading.Event):
         self.key = key
 
 
+class RecordReads:
+    """Reads of job records (HMGET) asked for in the same turn of an asyncio loop, sent
+    together in one pipeline: one round trip for them all. A client's result waiters wake
+    together (the hub reads many ends at once; their periodic checks fall on a common grid,
+    see ``producers.client.on_check_grid``), and each round trip costs Redis more than the
+    small reads in it. A read that Redis refuses fails alone; a connection that fails fails
+    every read sent with it, as it would have failed each of them."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._queued: list[tuple[str, tuple[str, ...], asyncio.Future[list[Any]]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self.pipelines = 0  # round trips made (for tests and benchmarks)
+
+    async def hmget(self, key: str, *fields: str) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._send)
+        self._queued.append((key, fields, future))
+        return await future
+
+    def _send(self) -> None:
+        queued, self._queued = self._queued, []
+        task = asyncio.ensure_future(self._read(queued))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _read(
+        self, queued: list[tuple[str, tuple[str, ...], asyncio.Future[list[Any]]]]
+    ) -> None:
+        wanted = [item for item in queued if not item[2].done()]  # a waiter gone meanwhile
+        if not wanted:
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for key, fields, _ in wanted:
+                pipe.hmget(key, *fields)
+            self.pipelines += 1
+            replies = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:  # the client is closing
+            for _, _, future in wanted:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for _, _, future in wanted:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), reply in zip(wanted, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def aclose(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._sending, return_exceptions=True)
+
+
 def newest_id(entries: Any) -> str:
     """The id of the entry an ``XREVRANGE ... COUNT 1`` returned, or the start of a stream."""
     if not entries or entries[0][0] is None:

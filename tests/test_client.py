@@ -573,6 +573,19 @@ class AsyncStallingRedis(AsyncRedis):
         self.stalls.check(args[0])
         return await super().execute_command(*args, **options)
 
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        """A pipeline that times out, whole, when a read it holds is to stall."""
+        pipe = super().pipeline(transaction, shard_hint)
+        send = pipe.execute
+
+        async def execute(raise_on_error: bool = True) -> Any:
+            for args, _ in pipe.command_stack:
+                self.stalls.check(args[0])
+            return await send(raise_on_error)
+
+        pipe.execute = execute  # type: ignore[method-assign]
+        return pipe
+
 
 # A short socket timeout: a client's XREAD waits are half of it (block_chunk_s).
 STALLING_SOCKET_TIMEOUT_S = 0.4

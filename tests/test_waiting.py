@@ -70,13 +70,27 @@ def scripted(
 
 
 class CountingAsyncRedis(AsyncRedis):
-    """An asyncio client that counts the commands it sends (pipelines aside)."""
+    """An asyncio client that counts the commands it sends, those in pipelines included."""
 
     commands = 0
 
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
+    def count(self, args: tuple[Any, ...]) -> None:
         self.commands += 1
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.count(args)
         return await super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        stage = pipe.pipeline_execute_command
+
+        def counted(*args: Any, **options: Any) -> Any:
+            self.count(args)
+            return stage(*args, **options)
+
+        pipe.pipeline_execute_command = counted  # type: ignore[method-assign]
+        return pipe
 
 
 class CountingRedis(redis.Redis):
@@ -325,14 +339,13 @@ def test_a_cancel_of_a_queued_job_wakes_its_waiter_at_once(idle_deployment: Sett
     assert elapsed < client_module.END_CHECK_S / 2
 
 
-class HmgetCountingAsyncRedis(AsyncRedis):
-    """An asyncio client that counts the HMGETs it sends."""
+class HmgetCountingAsyncRedis(CountingAsyncRedis):
+    """An asyncio client that counts the HMGETs it sends, those in pipelines included."""
 
     hmgets = 0
 
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
+    def count(self, args: tuple[Any, ...]) -> None:
         self.hmgets += args[0] == "HMGET"
-        return await super().execute_command(*args, **options)
 
 
 class HmgetCountingRedis(redis.Redis):
@@ -386,6 +399,45 @@ def test_a_wait_on_a_job_just_submitted_reads_its_record_once_then_the_job_of_an
             handle.result(timeout=0.5)
         assert counting.hmgets == fresh
     counting.close()
+
+
+def test_result_waiters_of_one_client_read_their_records_together(
+    idle_deployment: Settings,
+) -> None:
+    settings = idle_deployment
+
+    async def scenario() -> tuple[int, int, list[Any]]:
+        counting = HmgetCountingAsyncRedis.from_url(settings.redis_url)
+        async with AsyncHermesClient(settings, redis=counting) as client:
+            # Given 20 jobs that stay queued, each awaited (through a handle not from this
+            # submit), the waits begun and their ends stream watched
+            ids = [(await client.submit(job(5))).id for _ in range(20)]
+            waits = (client.job(job_id).result(timeout=3.5) for job_id in ids)
+            outcomes = asyncio.gather(*waits, return_exceptions=True)
+            await asyncio.sleep(1.5)
+            hmgets, pipelines = counting.hmgets, client.records.pipelines
+            # When they check their records on the grid, then once more at their deadline
+            done = await outcomes
+            spent = counting.hmgets - hmgets, client.records.pipelines - pipelines
+        await counting.aclose()
+        return *spent, done
+
+    hmgets, pipelines, outcomes = asyncio.run(scenario())
+    # Then each read its record twice or more, and timed out
+    assert all(isinstance(outcome, TimeoutError) for outcome in outcomes)
+    assert hmgets >= 20 * 2
+    # And the 20 waiters made those reads together: a round trip for all of them each time
+    # (two when the grid's step fell among their starts)
+    assert pipelines <= 4, (hmgets, pipelines)
+
+
+def test_a_waiters_checks_fall_on_the_grid_never_sooner_than_due() -> None:
+    grid = client_module.END_CHECK_GRID_S
+    for now in (100.0, 100.2, 100.999, 101.0):
+        for wait_s in (2.0, 6.0, 30.0):
+            stretched = client_module.on_check_grid(wait_s, now)
+            assert wait_s < stretched <= wait_s + grid
+            assert abs((now + stretched) / grid - round((now + stretched) / grid)) < 1e-6
 
 
 # --- the real engine ---------------------------------------------------------------------------
