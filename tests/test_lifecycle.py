@@ -322,6 +322,36 @@ def test_a_job_whose_lease_cannot_be_renewed_stops_before_the_lease_could_expire
     assert not set(harness.types(handle.id)) & set(TERMINAL)
 
 
+def test_a_jobs_end_drops_its_lease_in_the_same_call_with_no_release_after(
+    harness: Harness,
+) -> None:
+    # Given a worker whose commands outside pipelines are seen
+    runtime = harness.start()
+    ctx = runtime._context
+    sent: list[tuple[Any, ...]] = []
+    execute = ctx.redis.execute_command
+
+    async def seen(*args: Any, **options: Any) -> Any:
+        sent.append(args[:2])
+        return await execute(*args, **options)
+
+    ctx.redis.execute_command = seen  # type: ignore[method-assign]
+    try:
+        # When a job runs to its end, and a job that cannot run fails
+        handle = harness.client.submit(job({"text": STORY}))
+        assert harness.deliver(runtime, handle.id).result(timeout=10) is JobStatus.SUCCEEDED
+        bad = harness.client.submit(job({"txet": STORY}))  # a script the engine refuses
+        assert harness.deliver(runtime, bad.id).result(timeout=10) is JobStatus.FAILED
+    finally:
+        del ctx.redis.execute_command
+    # Then both leases went with the end written (scripts.WRITE), and no release call was made
+    for job_id in (handle.id, bad.id):
+        assert harness.redis.exists(harness.keys.lease(job_id)) == 0
+    scripts_sent = {args[1] for args in sent if args[0] == "EVALSHA"}
+    assert ctx.leases._claim.sha in scripts_sent  # (the attempts' own calls were seen)
+    assert ctx.leases._release.sha not in scripts_sent
+
+
 def test_a_workers_lease_renewals_are_one_call_whatever_the_number_of_jobs(
     harness: Harness,
 ) -> None:

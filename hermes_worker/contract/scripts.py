@@ -306,9 +306,10 @@ return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or '',
 # order:
 #   'x' seq type data            XADD one event
 #   'h' n field value ...        HSET n fields of the record
-#   'e' id                       the job ended: its record and stream expire, and its id
-#                                goes on its ends stream (its result waiters wake: the
-#                                record's own stream, else KEYS[1]; see notify_end)
+#   'e' id                       the job ended: its record and stream expire, its lease is
+#                                dropped (the attempt is over: no RELEASE call after it),
+#                                and its id goes on its ends stream (its result waiters
+#                                wake: the record's own stream, else KEYS[1]; see notify_end)
 # The jobs whose events streams it wrote are then named on their notice streams, one entry
 # per stream (see _NOTIFY_WRITTEN; the job id is the record key after its prefix: KEYS[1]
 # without 'ends', then 'job:').
@@ -357,6 +358,7 @@ for j = 0, (#KEYS - 1) / 3 - 1 do
       else
         redis.call('EXPIRE', record, ARGV[1])
         redis.call('EXPIRE', events, ARGV[1])
+        redis.call('DEL', lease)
         notify_end(KEYS[1], record, ARGV[i + 1])
         i = i + 2
       end
@@ -391,7 +393,8 @@ return out
 """
 
 # KEYS: lease, job record. ARGV: token, 'requeue' or 'keep'. Drops the lease if it is still
-# ours; with 'requeue' the job also goes back to 'queued' (handed to another worker).
+# ours; with 'requeue' the job also goes back to 'queued' (handed to another worker). An
+# attempt whose end was written needs none: WRITE dropped its lease with the end.
 RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])

@@ -238,6 +238,9 @@ class JobContext:
         # When each held lease was last known good (monotonic time the claim or the renewal
         # that proved it was sent): past its TTL less a beat, the job stops (heartbeat.py).
         self.proven: dict[str, float] = {}
+        # Held leases whose attempt's end is being written: the write drops the lease
+        # (scripts.WRITE), so a renewal that finds it gone then has not lost it.
+        self.ending: set[str] = set()
         # Redis's now without a round trip: the times this worker writes and the deadlines it
         # checks are on Redis's clock (contract/clock.py), measured at each claim and beat.
         self.clock = RedisClock()
@@ -257,6 +260,7 @@ class JobContext:
         """The attempt is over: its lease is no longer renewed."""
         self.held.pop(job_id, None)
         self.proven.pop(job_id, None)
+        self.ending.discard(job_id)
 
     async def claim(self, job_id: str) -> Attempt | JobStatus | None:
         """Claim the job: an Attempt, the status it already ended with, or None when this
@@ -341,7 +345,8 @@ async def run_attempt(ctx: JobContext, prepared: PreparedJob) -> JobStatus | Non
         ctx.drop_lease(attempt.job_id)
         if not ended:  # no terminal write flushed its events: they go out before the lease
             await ctx.writer.settle(attempt.stream)
-        await ctx.leases.release(attempt.job_id, attempt.token, requeue=requeue)
+            # (an end that was written dropped the lease with it: scripts.WRITE)
+            await ctx.leases.release(attempt.job_id, attempt.token, requeue=requeue)
 
 
 async def reject(ctx: JobContext, job_id: str, error: HermesError) -> JobStatus | None:
@@ -349,11 +354,14 @@ async def reject(ctx: JobContext, job_id: str, error: HermesError) -> JobStatus 
     claim = await ctx.claim(job_id)
     if not isinstance(claim, Attempt):
         return claim
+    status: JobStatus | None = None
     try:
-        return await finish(ctx, claim, None, error)
+        status = await finish(ctx, claim, None, error)
+        return status
     finally:
         ctx.drop_lease(job_id)
-        await ctx.leases.release(job_id, claim.token)
+        if status is None:  # its end was not written (which drops the lease: scripts.WRITE)
+            await ctx.leases.release(job_id, claim.token)
 
 
 async def _run_claimed(
@@ -603,6 +611,7 @@ async def finish(
         "result": result.model_dump_json(),
         "problems": list(problems),
     }
+    ctx.ending.add(attempt.job_id)  # the end drops the lease: see JobContext.ending
     if not await ctx.writer.close(attempt.stream, fields, event, data):
         log.warning(
             "job %s: lease lost before its end was written; handing it back", attempt.job_id

@@ -77,6 +77,8 @@ async def heartbeat(
                     if job_id in ctx.proven:
                         ctx.proven[job_id] = sent
                 for job_id in lost:
+                    if job_id in ctx.ending:  # its end was written: that drops the lease
+                        continue
                     log.warning("job %s: lease lost; another worker owns it now", job_id)
                     ctx.lease_lost(job_id)
                 for job_id in cancelled:
