@@ -232,6 +232,9 @@ def test_an_id_submitted_twice_is_queued_once(
         ({**HI, "temprature": 1.0}, "temprature"),
         (b"{not json", "JSON"),
         ('{"messages": [{"role": "robot", "content": "x"}]}', "messages.0"),
+        # the id of a record that would sit at job-1's lease (held for ever) or stream
+        ({**HI, "id": "job-1:lease"}, "':lease'"),
+        ({**HI, "id": "job-1:events"}, "':events'"),
     ],
 )
 def test_an_invalid_body_raises_and_writes_nothing(

@@ -138,7 +138,7 @@ def tenants(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             r.delete(*gateway_keys)
 
 
-def assert_error(reply: httpx.Response, status: int, code: str) -> dict[str, Any]:
+def assert_error(reply: httpx.Response, status: int, code: str | None) -> dict[str, Any]:
     assert reply.status_code == status, reply.text
     error: dict[str, Any] = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -203,6 +203,24 @@ def test_no_key_or_a_bad_one_is_401(tenants: Tenants) -> None:
 
 
 # --- who sees what ----------------------------------------------------------------------------
+
+
+def test_a_body_id_that_would_name_a_jobs_lease_or_stream_is_a_400(tenants: Tenants) -> None:
+    key = tenants.new_key(tenant_name())
+    # Given a tenant's job that waits in the queue
+    made = tenants.post("/v1/chat/completions", key, backlog_job(id="mine"))
+    assert made.status_code == 202, made.text
+    # When the tenant sends a body whose id would put a record at that job's lease or stream
+    for job_id in ("mine:lease", "mine:events"):
+        reply = tenants.post("/v1/chat/completions", key, backlog_job(id=job_id))
+        # Then it is refused, naming the id
+        error = assert_error(reply, 400, None)
+        assert error["param"] == "id" and "':lease'" in error["message"], error
+    # And the first job is untouched: queued, no lease
+    keys = Keys(tenants.settings.key_prefix)
+    r = patient_redis(WORKER_REDIS_URL)
+    assert as_text(r.hget(keys.job(made.json()["id"]), "status")) == "queued"
+    assert not r.exists(keys.lease(made.json()["id"]))
 
 
 def test_a_tenant_cannot_see_or_touch_another_tenants_job(tenants: Tenants) -> None:

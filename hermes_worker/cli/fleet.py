@@ -29,7 +29,7 @@ from typing import Any
 
 from redis import Redis
 
-from hermes_worker.contract.jobs import JOB_ID_PATTERN, JobInfo, JobStatus
+from hermes_worker.contract.jobs import JobInfo, JobStatus, usable_job_id
 from hermes_worker.contract.store import Keys, as_text, job_info_from_record
 from hermes_worker.errors import JobAlreadyEnded, JobNotFound
 from hermes_worker.settings import Settings
@@ -138,7 +138,7 @@ def message_job_id(raw: bytes) -> str | None:
     except (ValueError, TypeError, KeyError, IndexError):
         return None
     candidate = body.get("id") if isinstance(body, dict) else None
-    if isinstance(candidate, str) and re.fullmatch(JOB_ID_PATTERN, candidate):
+    if isinstance(candidate, str) and usable_job_id(candidate):
         return candidate
     return task_id if isinstance(task_id, str) else None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Literal, NamedTuple, TypeVar
@@ -97,6 +98,17 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
 MAX_REPORTED_ERRORS = 20  # one line, even for a body with thousands of bad messages
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+# A job's events stream and lease are its record's key plus these (store.Keys): an id that
+# ends in one would name a record at another job's stream or lease (``x:lease``: job
+# ``x``'s lease, held for ever), so no id may.
+RESERVED_ID_ENDINGS = (":events", ":lease")
+
+
+def usable_job_id(text: str) -> bool:
+    """Whether ``text`` may be a job id: JOB_ID_PATTERN, and no RESERVED_ID_ENDINGS."""
+    return bool(re.fullmatch(JOB_ID_PATTERN, text)) and not text.endswith(RESERVED_ID_ENDINGS)
+
+
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_.-]{1,64}$"
 
 # Scalars are strict: JSON "0.5" is not a temperature and 1 is not a boolean.
@@ -515,6 +527,16 @@ class ChatJob(_Request):
         default=None, max_length=MAX_METADATA_KEYS
     )
     user: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _not_another_jobs_key(cls, value: str | None) -> str | None:
+        if value is not None and value.endswith(RESERVED_ID_ENDINGS):
+            raise ValueError(
+                "a job id must not end in ':events' or ':lease' (those name a job's stream "
+                "and lease)"
+            )
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from hermes_worker.contract.clock import redis_time
-from hermes_worker.contract.jobs import JOB_ID_PATTERN, JobResult, JobStatus
+from hermes_worker.contract.jobs import JobResult, JobStatus, usable_job_id
 from hermes_worker.contract.store import as_text, async_client, body_digest
 from hermes_worker.errors import (
     HermesError,
@@ -101,7 +101,6 @@ ATTACH_TTL_S = 3600  # a job's record of the requests waiting on it, after the l
 STOP_TASKS_S = 5.0  # at shutdown, for the cancels of clients that left to reach Redis
 HEALTH_TIMEOUT_S = 2.0
 ENTRY_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
-JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -570,7 +569,7 @@ class Gateway:
         also for another tenant's job (never 403: whether it exists is not said)."""
         missing = not_found(f"no job {job_id!r} (never submitted, or expired)", "job_not_found")
         ids = caller.candidates(job_id)
-        if not ids or not JOB_ID.match(job_id):
+        if not ids or not usable_job_id(job_id):
             raise missing
         by_prefix = {c.keys.prefix: c for c in self.clients.values()}
         found = [(client, one) for client in by_prefix.values() for one in ids]

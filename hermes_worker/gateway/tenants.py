@@ -37,7 +37,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from hermes_worker.contract import scripts
-from hermes_worker.contract.jobs import JOB_ID_PATTERN
+from hermes_worker.contract.jobs import usable_job_id
 from hermes_worker.contract.store import ALIVE_TTL_S, as_text
 from hermes_worker.gateway.errors import GatewayError, invalid
 from hermes_worker.settings import Settings
@@ -48,7 +48,6 @@ ANONYMOUS = "anonymous"  # the one tenant of HERMES_GATEWAY_AUTH=none
 RESERVED_METADATA = "hermes_"  # the scripted engine's and fault injection's keys
 # An admitted job's place is kept this long without its record: its submit is on its way.
 SUBMIT_GRACE_S = 10
-_JOB_ID = re.compile(JOB_ID_PATTERN)
 _KEY_ID = re.compile(r"^[0-9a-f]{12}$")
 
 
@@ -236,11 +235,12 @@ class Caller:
         if not self.scoped:
             return client_id
         scoped = f"{self.tenant}:{client_id}"
-        if not _JOB_ID.match(scoped):
+        if not usable_job_id(scoped):
             most = 128 - len(self.tenant) - 1
             raise invalid(
                 f"id: a job id is 1 to {most} of A-Z a-z 0-9 . _ : - here (it is kept as "
-                f"{self.tenant}:<id>), starting with a letter or digit",
+                f"{self.tenant}:<id>), starting with a letter or digit, not ending in "
+                "':events' or ':lease'",
                 param="id",
             )
         return scoped
@@ -251,7 +251,7 @@ class Caller:
         ids = [job_id]
         if self.scoped and not job_id.startswith(f"{self.tenant}:"):
             ids.append(f"{self.tenant}:{job_id}")
-        return [one for one in ids if _JOB_ID.match(one)]
+        return [one for one in ids if usable_job_id(one)]
 
     def sees(self, record: Mapping[Any, Any]) -> bool:
         """Whether the job of ``record`` is this caller's to see."""

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +20,7 @@ from typing import Any, TypeVar
 import structlog
 from redis.exceptions import RedisError
 
-from hermes_worker.contract.jobs import JOB_ID_PATTERN, JobStatus, parse_job
+from hermes_worker.contract.jobs import JobStatus, parse_job, usable_job_id
 from hermes_worker.contract.store import Keys, as_text, async_client, body_digest, body_json
 from hermes_worker.errors import (
     EngineError,
@@ -381,6 +380,6 @@ def _check_size(body: Any, limit: int) -> None:
 def job_id_for(body: Any, task_id: str) -> str:
     """The job id: the body's own when it is a usable id, else the Celery task id."""
     candidate = body.get("id") if isinstance(body, dict) else None
-    if isinstance(candidate, str) and re.fullmatch(JOB_ID_PATTERN, candidate):
+    if isinstance(candidate, str) and usable_job_id(candidate):
         return candidate
     return task_id
