@@ -12,6 +12,7 @@ from conftest import TEST_REDIS_URL as REDIS_URL
 from redis.asyncio import Redis as AsyncRedis
 
 from hermes_worker.cli.services import LocalRedis
+from hermes_worker.contract.clock import RedisClock
 from hermes_worker.contract.store import Keys, decode_event
 from hermes_worker.worker.stream import JobStream, StreamWriter, refused_for_good
 
@@ -281,6 +282,33 @@ def test_jobs_due_a_few_ms_apart_share_one_pipeline(keys: Keys) -> None:
     # Then all five went out together (40 ms apart at most is within a quarter of flush_s)
     assert asyncio.run(scenario()) == 1
     assert [len(read_events(keys, f"j{i}")) for i in range(5)] == [1] * 5
+
+
+def test_workers_on_hosts_of_different_clocks_flush_on_the_same_steps_of_redis_clock(
+    keys: Keys,
+) -> None:
+    # Given two workers' writers (a 100 ms grid) on hosts whose monotonic clocks differ, each
+    # having measured Redis's clock (Redis's now: 1000.037 s and 500.081 s past theirs)
+    writers = []
+    for offset in (1000.037, 500.081):
+        writer = StreamWriter(
+            AsyncRedis.from_url(REDIS_URL), keys, flush_s=0.02, ttl_s=60, max_flush_s=0.5
+        )
+        writer.clock = RedisClock(monotonic=lambda: 0.0, wall=lambda: 0.0)
+        writer.clock.observe(offset, 0.0, 0.0)
+        writers.append((writer, offset))
+    for redis_now in (2000.01, 2000.05, 2000.123, 2000.199):
+        # When each holds text made at the same instant of Redis's clock
+        steps = [writer._grid(redis_now - offset) + offset for writer, offset in writers]
+        # Then its text comes due on the same step of Redis's clock, the one it was made in
+        assert abs(steps[0] - steps[1]) < 1e-6, steps
+        assert redis_now - 0.1 < steps[0] <= redis_now + 1e-6
+        assert abs(steps[0] * 10 - round(steps[0] * 10)) < 1e-6
+    # While a writer without a measurement of Redis's clock keeps to its own monotonic grid
+    alone = StreamWriter(
+        AsyncRedis.from_url(REDIS_URL), keys, flush_s=0.02, ttl_s=60, max_flush_s=0.5
+    )
+    assert abs(alone._grid(10.123) - 10.1) < 1e-6
 
 
 def test_writes_of_an_attempt_that_lost_its_lease_are_refused(keys: Keys) -> None:

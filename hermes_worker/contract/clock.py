@@ -59,6 +59,12 @@ class RedisClock:
         """Redis's clock minus this host's wall clock (the skew doctor reports), if measured."""
         return None if self._offset is None else self.now() - self._wall()
 
+    @property
+    def monotonic_offset_s(self) -> float:
+        """Redis's clock minus this host's monotonic clock (0.0 before the first measurement):
+        a time on one is the other's plus this."""
+        return 0.0 if self._offset is None else self._offset
+
     def observe(self, redis_now: float, sent: float, received: float) -> None:
         """A Redis now (``TIME``, or a script's reply) read between the monotonic times
         ``sent`` and ``received``."""

@@ -245,6 +245,7 @@ class JobContext:
         # checks are on Redis's clock (contract/clock.py), measured at each claim and beat.
         self.clock = RedisClock()
         writer.on_fenced = self.lease_lost
+        writer.clock = self.clock  # its flush grid on Redis's clock
         # Called with every result this worker writes (metrics, vitals); must not raise or block.
         self.observers: list[Callable[[JobResult], None]] = []
         self.shutting_down = False

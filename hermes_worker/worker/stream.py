@@ -48,6 +48,7 @@ from redis.exceptions import (
 )
 
 from hermes_worker.contract import scripts
+from hermes_worker.contract.clock import RedisClock
 from hermes_worker.contract.store import Keys, decode_event, encode_event
 from hermes_worker.worker.tasks import cancel_and_wait
 
@@ -109,8 +110,11 @@ class StreamWriter:
         # engine a few ms apart share one pipeline instead of one each (every pipeline wakes
         # the consumers' XREADs). The flusher still wakes when the first is really due.
         self._slack_s = flush_s / 4
-        # Text that reaches max_flush_s comes due on a common grid (see _grid).
+        # Text that reaches max_flush_s comes due on a common grid (see _grid), laid on
+        # Redis's clock once ``clock`` is set (the JobContext's: every worker's grid then
+        # falls on the same instants, whatever its host).
         self._grid_s = max(flush_s, self._max_flush_s / 5)
+        self.clock: RedisClock | None = None
         self._ttl_s = ttl_s
         self._dirty: dict[str, JobStream] = {}
         self._wake = asyncio.Event()
@@ -236,8 +240,14 @@ class StreamWriter:
         after the one before, and the flusher woke for a handful of jobs at a time (256
         jobs at a GPU's pace, 7.8 tokens/s each: 26 writes a second, 19 of them for text
         due by age; with the grid 15, then ~10), each waking every consumer that follows
-        one of them (benchmarks/fleet.py)."""
-        return since - since % self._grid_s if self._grid_s > 0 else since
+        one of them (benchmarks/fleet.py). The grid's steps are multiples of it on Redis's
+        clock (``clock``): the workers of a fleet, each on its own host and monotonic
+        clock, flush on the same steps, so a client that follows jobs on many of them
+        wakes once a step for their text, not once per worker."""
+        if self._grid_s <= 0:
+            return since
+        phase = self.clock.monotonic_offset_s % self._grid_s if self.clock is not None else 0.0
+        return since - (since + phase) % self._grid_s
 
     def _next_due_s(self, now: float) -> float:
         """How long until the next pending job could be due (at most ``flush_s``: its
