@@ -33,7 +33,10 @@ core (0.5 s / s over Redis CPU per token times the target pace). Redis's cost gr
 with the fleet only as long as the per-worker figure stays flat from level to level: the
 table shows it per level, and the XREADs per client-second beside it (a client follows jobs
 on every worker). On its own Redis it first measures the machine's speed (``reference_us``)
-and gives the fleet's cost in rounds of that reference load too.
+and gives the fleet's cost in rounds of that reference load too. Each worker runs on a
+monotonic clock of its own (this host's, shifted by a random offset: ``host_clock``), as
+workers on separate hosts do, unless ``--same-clock``: on one host their timers would fall
+in step where a real fleet's do not.
 
     python benchmarks/fleet.py --workers 1,2,4 --warmup-s 15 --window-s 40 \
         --out docs/benchmarks/fleet
@@ -54,6 +57,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="more clients, each awaiting one job that never ends: they read the ends stream "
         "as the services of a larger fleet would (its cost grows with clients x ends)",
+    )
+    parser.add_argument(
+        "--same-clock",
+        action="store_true",
+        help="the workers keep this host's monotonic clock; by default each gets its own "
+        "(shifted by a random offset), as workers on separate hosts have",
     )
     parser.add_argument("--warmup-s", type=float, default=20.0)
     parser.add_argument("--window-s", type=float, default=60.0, help="measured seconds per level")
@@ -427,6 +437,44 @@ def worker_settings(args: argparse.Namespace, model: str, url: str, tag: str) ->
     )
 
 
+# Imported first by a worker started under host_clock: its time.monotonic runs ahead by
+# FLEET_MONOTONIC_OFFSET_S, as another host's monotonic clock would (a shift of a constant
+# changes no interval this process measures; what it changes is where its own steps fall
+# against the other workers', such as its stream writer's flush grid without a measurement
+# of Redis's clock).
+HOST_CLOCK = """import os
+import time
+
+_offset = float(os.environ.get("FLEET_MONOTONIC_OFFSET_S") or 0)
+if _offset:
+    _monotonic = time.monotonic
+    time.monotonic = lambda: _monotonic() + _offset
+"""
+
+
+@contextlib.contextmanager
+def host_clock(tmp: Path, offset_s: float | None) -> Iterator[None]:
+    """Start the processes made inside with their monotonic clock ``offset_s`` ahead
+    (None: this host's own): a ``sitecustomize`` on their PYTHONPATH."""
+    if offset_s is None:
+        yield
+        return
+    shim = tmp / "host-clock"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(HOST_CLOCK)
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "FLEET_MONOTONIC_OFFSET_S")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), saved["PYTHONPATH"]]))
+    os.environ["FLEET_MONOTONIC_OFFSET_S"] = repr(offset_s)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_level(args: argparse.Namespace, model: str, url: str, n: int, tmp: Path) -> Level:
     """``n`` workers on one queue (one deployment, as a fleet runs), and beside each its
     service: a client of its own (its own connection and hub, reading the deployment's one
@@ -434,7 +482,10 @@ def run_level(args: argparse.Namespace, model: str, url: str, n: int, tmp: Path)
     tag = uuid.uuid4().hex[:8]
     base = worker_settings(args, model, url, tag)
     settings = [base] * n
-    workers = [start_worker(s, tmp / f"worker-{tag}-{i}.log") for i, s in enumerate(settings)]
+    workers = []
+    for i, one in enumerate(settings):
+        with host_clock(tmp, None if args.same_clock else random.uniform(0, 1000)):
+            workers.append(start_worker(one, tmp / f"worker-{tag}-{i}.log"))
     try:
         for worker in workers:
             worker.wait_ready(120)
@@ -460,7 +511,13 @@ def report(
         f"jobs of {args.job_tokens} tokens, {args.stream_share:.0%} of them streamed, the "
         f"others {'with' if args.awaited_stream else 'without'} their output written as it "
         f"comes (stream {str(args.awaited_stream).lower()}); {args.window_s:.0f} s measured "
-        f"per level after {args.warmup_s:.0f} s of warm-up.",
+        f"per level after {args.warmup_s:.0f} s of warm-up; "
+        + (
+            "every worker on this host's monotonic clock (`--same-clock`)."
+            if args.same_clock
+            else "each worker's monotonic clock shifted by an offset of its own, as on "
+            "separate hosts."
+        ),
         "",
         f"    {command}",
         "",

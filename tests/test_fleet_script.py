@@ -3,6 +3,12 @@ fleet itself is run by hand (benchmarks/README.md)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import redis
 from conftest import TEST_REDIS_URL
 from test_benchmark_script import _load
@@ -36,3 +42,21 @@ def test_the_report_gives_the_fleets_cost_in_reference_rounds() -> None:
     assert "| 4 | 2,000 (2,000) | 16.0 | 0.040 | 10.0 |" in text
     # And without a reference (a Redis the benchmark does not own) it says nothing of it
     assert "per round" not in fleet.report([level], args, "cmd", None)
+
+
+def test_a_process_started_under_another_hosts_clock_runs_its_monotonic_clock_ahead(
+    tmp_path: Path,
+) -> None:
+    probe = [sys.executable, "-c", "import time; print(time.monotonic())"]
+    # When a process starts under a host clock 500 s ahead, and another under this host's
+    with fleet.host_clock(tmp_path, 500.0):
+        ahead = float(subprocess.run(probe, capture_output=True, check=True, text=True).stdout)
+    with fleet.host_clock(tmp_path, None):
+        own = float(subprocess.run(probe, capture_output=True, check=True, text=True).stdout)
+    # Then the first read its clock 500 s ahead of ours, the second as ours (a process start
+    # apart), and this process's environment is as it was
+    now = time.monotonic()
+    assert 499.0 < ahead - now <= 500.0
+    assert -5.0 < own - now <= 0.0
+    assert "FLEET_MONOTONIC_OFFSET_S" not in os.environ
+    assert str(tmp_path) not in os.environ.get("PYTHONPATH", "")
