@@ -102,6 +102,7 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 # ends in one would name a record at another job's stream or lease (``x:lease``: job
 # ``x``'s lease, held for ever), so no id may.
 RESERVED_ID_ENDINGS = (":events", ":lease")
+RESERVED_ID_ENDINGS_TEXT = " or ".join(f"'{ending}'" for ending in RESERVED_ID_ENDINGS)
 
 
 def usable_job_id(text: str) -> bool:
@@ -533,8 +534,8 @@ class ChatJob(_Request):
     def _not_another_jobs_key(cls, value: str | None) -> str | None:
         if value is not None and value.endswith(RESERVED_ID_ENDINGS):
             raise ValueError(
-                "a job id must not end in ':events' or ':lease' (those name a job's stream "
-                "and lease)"
+                f"a job id must not end in {RESERVED_ID_ENDINGS_TEXT} (those name a job's "
+                "stream and lease)"
             )
         return value
 

@@ -37,7 +37,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from hermes_worker.contract import scripts
-from hermes_worker.contract.jobs import usable_job_id
+from hermes_worker.contract.jobs import RESERVED_ID_ENDINGS_TEXT, usable_job_id
 from hermes_worker.contract.store import ALIVE_TTL_S, as_text
 from hermes_worker.gateway.errors import GatewayError, invalid
 from hermes_worker.settings import Settings
@@ -240,7 +240,7 @@ class Caller:
             raise invalid(
                 f"id: a job id is 1 to {most} of A-Z a-z 0-9 . _ : - here (it is kept as "
                 f"{self.tenant}:<id>), starting with a letter or digit, not ending in "
-                "':events' or ':lease'",
+                f"{RESERVED_ID_ENDINGS_TEXT}",
                 param="id",
             )
         return scoped
