@@ -116,12 +116,35 @@ class Subscription:
     ) -> None:
         self.key = key
         self.cursor = cursor  # the hub reads after this id
+        # The seq of the entry at ``cursor`` (0: the stream was read empty from its start;
+        # None: not known yet): events a notice carries are taken when they follow it.
+        self.last_seq: int | None = None
         self.notices = notices
         self.job_id = job_id
         self._batches: asyncio.Queue[list[StreamEvent] | BaseException] = asyncio.Queue()
 
     def put(self, item: list[StreamEvent] | BaseException) -> None:
         self._batches.put_nowait(item)
+
+    def advance(self, events: list[StreamEvent]) -> None:
+        """Hand over ``events``, read after :attr:`cursor` and in order."""
+        if events:
+            self.cursor, self.last_seq = events[-1].id, events[-1].seq
+            self.put(events)
+
+    def take(self, carried: list[CarriedEvent]) -> bool:
+        """Take the events a notice carried for this job, when they are the stream's next
+        ones: their seqs follow :attr:`last_seq` without a gap (a job's events are written
+        in seq order, each seq once, by one writer at a time). Events it has already are
+        skipped. False: they do not follow, or none were carried; its stream is to be read."""
+        if not carried or self.last_seq is None:
+            return False
+        fresh = [item for item in carried if item[1] > self.last_seq]
+        for expected, item in enumerate(fresh, start=self.last_seq + 1):
+            if item[1] != expected:
+                return False
+        self.advance([carried_event(item) for item in fresh])
+        return True
 
     async def get(self, timeout_s: float) -> list[StreamEvent]:
         """The next batch of events; [] when ``timeout_s`` passes first."""
@@ -255,6 +278,30 @@ def written_ids(entries: list[tuple[Any, Any]]) -> list[str]:
         if named is not None:
             ids += as_text(named).split()
     return ids
+
+
+# An event a notice carried (Keys.notices, NOTICE_CARRY_BYTES): its entry id in the job's
+# stream, seq, type and data JSON, as (id, seq, type, data).
+CarriedEvent = tuple[str, int, str, Any]
+
+
+def carried_events(entries: list[tuple[Any, Any]]) -> dict[str, list[CarriedEvent]]:
+    """The events notice stream entries carry, by job id, in the order written (a field
+    each, named '<job id> <entry id> <seq> <type>', valued the data JSON: see
+    ``contract.scripts.WRITE``). Their data is decoded only when taken (:func:`carried_event`)."""
+    out: dict[str, list[CarriedEvent]] = {}
+    for _, fields in entries:
+        for name, value in fields.items():
+            parts = as_text(name).split(" ")
+            if len(parts) == 4 and parts[2].isdigit():
+                job_id, entry_id, seq, type_ = parts
+                out.setdefault(job_id, []).append((entry_id, int(seq), type_, value))
+    return out
+
+
+def carried_event(item: CarriedEvent) -> StreamEvent:
+    entry_id, seq, type_, data = item
+    return decode_event(entry_id, {"seq": str(seq), "type": type_, "data": data})
 
 
 def end_ids(entries: list[tuple[Any, Any]]) -> list[str]:
@@ -498,7 +545,7 @@ class StreamHub:
             self._due.add(key)
             return
         self._read_at[key] = time.monotonic()
-        self._dispatch(entries_by_stream(reply))
+        self._dispatch(entries_by_stream(reply), read=(key,))
 
     def _sweep(self, now: float) -> None:
         """Every NOTICE_SWEEP_S, the streams followed by notice that no read has named for
@@ -560,7 +607,7 @@ class StreamHub:
                 read_at = time.monotonic()
                 for key in streams:
                     self._read_at[key] = read_at
-            self._dispatch(entries_by_stream(reply))
+            self._dispatch(entries_by_stream(reply), read=streams if block_ms is None else ())
 
     def _update_cursor(self, key: str) -> None:
         # Followers of one key may be at different ids; read from the oldest.
@@ -576,7 +623,15 @@ class StreamHub:
             self._cursors.pop(key, None)
             self._blocking.pop(key, None)
 
-    def _dispatch(self, by_key: dict[str, list[tuple[Any, Any]]]) -> None:
+    def _dispatch(self, by_key: dict[str, list[tuple[Any, Any]]], read: Any = ()) -> None:
+        """Hand what a read returned to its waiters and followers. ``read``: the followed
+        streams it read without blocking (one it found empty from the start is known to be
+        empty: its first events can come by notice)."""
+        for key in read:
+            if key not in by_key:
+                for sub in self._subs.get(key, []):
+                    if sub.last_seq is None and sub.cursor == "0-0":
+                        sub.last_seq = 0
         for key, entries in by_key.items():
             if key == self._wake.key:
                 self._wake.read(entries)
@@ -584,19 +639,34 @@ class StreamHub:
             if key not in self._subs:  # an ends or notice stream (or one no longer followed)
                 for wait in self._ends.dispatch(key, entries, self._count):
                     wait.wake()
-                for sub in self._notices.dispatch(key, entries, self._count):
-                    if sub.key in self._subs:
-                        self._due.add(sub.key)
+                self._noticed(self._notices.dispatch(key, entries, self._count), entries)
                 continue
             events = [decode_event(entry_id, fields) for entry_id, fields in entries]
             for sub in self._subs.get(key, []):
-                fresh = [e for e in events if entry_order(e.id) > entry_order(sub.cursor)]
-                if fresh:
-                    sub.cursor = fresh[-1].id
-                    sub.put(fresh)
+                sub.advance([e for e in events if entry_order(e.id) > entry_order(sub.cursor)])
             self._update_cursor(key)
             if len(entries) >= self._count and key not in self._blocking:
                 self._due.add(key)  # a read that came back full: the rest, at once
+
+    def _noticed(self, named: list[Subscription], entries: list[tuple[Any, Any]]) -> None:
+        """The followers a notice read named: each takes the events the notices carried
+        for its job (:meth:`Subscription.take`), else its stream is read."""
+        if not named:
+            return
+        carried = carried_events(entries)
+        taken: set[str] = set()
+        for sub in named:
+            if sub.key not in self._subs:
+                continue
+            if sub.take(carried.get(sub.job_id, [])):
+                taken.add(sub.key)
+            else:
+                self._due.add(sub.key)
+        now = time.monotonic()
+        for key in taken:
+            self._update_cursor(key)
+            if key not in self._due:
+                self._read_at[key] = now
 
 
 class EndWatcher:

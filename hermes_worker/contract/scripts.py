@@ -21,7 +21,14 @@ lives beside its caller.
 from __future__ import annotations
 
 from hermes_worker.contract.jobs import TERMINAL_STATUSES
-from hermes_worker.contract.store import ENDS_MAXLEN, ENDS_TTL_S, NOTICES_SUFFIX
+from hermes_worker.contract.store import (
+    ENDS_MAXLEN,
+    ENDS_TTL_S,
+    NOTICE_CARRY_BYTES,
+    NOTICE_CARRY_FIELDS,
+    NOTICES_MAXLEN,
+    NOTICES_SUFFIX,
+)
 
 # A Lua table literal of the terminal statuses: {'cancelled', 'expired', ...}.
 ENDED = "{" + ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_STATUSES)) + "}"
@@ -84,24 +91,36 @@ end
 # own ends stream's name and ':written'), one entry per client, field ``ids`` (the job ids,
 # space-separated). A client's hub so blocks on that one stream rather than on the stream
 # of every job it follows, and then reads only the streams named (producers/hub.py).
-# ``notice`` gathers (ids, order: the streams in first-seen order), ``send_notices`` writes
-# them; a notice refused (not a stream, the ACL) is dropped: a hub reads the streams it
-# follows now and then besides. ``notify_written``: one job, on the notice stream beside
-# ``own``, the client's ends stream its record names (what notify_end returned; nil: none,
-# another producer's job gets no notice). (WRITE passes each job's notice stream instead,
-# found by the worker at its claim: no record read per job and flush.)
+# WRITE's notices also carry the events they announce, one field each, named
+# '<job id> <entry id> <seq> <type>' (store.NOTICE_EVENT_FIELD), its value the event's
+# data: a hub that has read a job's stream up to the seq before them takes them from the
+# notice and reads no stream (no second round trip a wake). A job's events go whole or not
+# at all: not when they hold more than NOTICE_CARRY_BYTES of data, nor past
+# NOTICE_CARRY_FIELDS fields in one entry (Lua's unpack has a limit); it is named all the
+# same, and its stream is read.
+# ``notice`` gathers (ids, order: the streams in first-seen order; carried: the fields of
+# each stream's entry), ``send_notices`` writes them; a notice refused (not a stream, the
+# ACL) is dropped: a hub reads the streams it follows now and then besides.
+# ``notify_written``: one job, on the notice stream beside ``own``, the client's ends
+# stream its record names (what notify_end returned; nil: none, another producer's job
+# gets no notice). (WRITE passes each job's notice stream instead, found by the worker at
+# its claim: no record read per job and flush.)
 _NOTIFY_WRITTEN = f"""
-local function notice(ids, order, key, id)
+local function notice(ids, order, carried, key, id, fields)
   if not ids[key] then
     ids[key] = {{}}
+    carried[key] = {{}}
     order[#order + 1] = key
   end
   table.insert(ids[key], id)
+  if fields and #carried[key] + #fields <= {NOTICE_CARRY_FIELDS} then
+    for _, field in ipairs(fields) do table.insert(carried[key], field) end
+  end
 end
-local function send_notices(ids, order)
+local function send_notices(ids, order, carried)
   for _, key in ipairs(order) do
-    local added = redis.pcall('XADD', key, 'MAXLEN', '~', '{ENDS_MAXLEN}', '*',
-                              'ids', table.concat(ids[key], ' '))
+    local added = redis.pcall('XADD', key, 'MAXLEN', '~', '{NOTICES_MAXLEN}', '*',
+                              'ids', table.concat(ids[key], ' '), unpack(carried[key]))
     if type(added) ~= 'table' or not added.err then
       redis.call('EXPIRE', key, '{ENDS_TTL_S}')
     end
@@ -109,9 +128,9 @@ local function send_notices(ids, order)
 end
 local function notify_written(own, id)
   if own then
-    local ids, order = {{}}, {{}}
-    notice(ids, order, own .. '{NOTICES_SUFFIX}', id)
-    send_notices(ids, order)
+    local ids, order, carried = {{}}, {{}}, {{}}
+    notice(ids, order, carried, own .. '{NOTICES_SUFFIX}', id)
+    send_notices(ids, order, carried)
   end
 end
 """
@@ -323,10 +342,10 @@ return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or '',
 WRITE = (
     _NOTIFY_END
     + _NOTIFY_WRITTEN
-    + """
-local out = {}
+    + f"""
+local out = {{}}
 local dirty = false
-local ids, order = {}, {}
+local ids, order, carried = {{}}, {{}}, {{}}
 local skip = #KEYS[1] - #'ends' + #'job:'
 local a = 2
 for j = 0, (#KEYS - 1) / 3 - 1 do
@@ -337,6 +356,11 @@ for j = 0, (#KEYS - 1) / 3 - 1 do
   else
     out[j + 1] = 1
     local wrote = false
+    local id = string.sub(record, skip + 1)
+    -- The events written, for the notice (nil: none goes there, too much data).
+    local fields = nil
+    if ARGV[a + 1] ~= '' then fields = {{}} end
+    local bulk = 0
     if not dirty then
       -- A write that needs no memory first: a full Redis (noeviction) then lets the script
       -- finish, so a running job can still write its end, and the memory it holds can expire.
@@ -347,9 +371,18 @@ for j = 0, (#KEYS - 1) / 3 - 1 do
     while i <= last do
       local op = ARGV[i]
       if op == 'x' then
-        redis.call('XADD', events, '*', 'seq', ARGV[i + 1], 'type', ARGV[i + 2],
-                   'data', ARGV[i + 3])
+        local entry = redis.call('XADD', events, '*', 'seq', ARGV[i + 1], 'type', ARGV[i + 2],
+                                 'data', ARGV[i + 3])
         wrote = true
+        if fields then
+          bulk = bulk + #ARGV[i + 3]
+          if bulk > {NOTICE_CARRY_BYTES} then
+            fields = nil
+          else
+            fields[#fields + 1] = id .. ' ' .. entry .. ' ' .. ARGV[i + 1] .. ' ' .. ARGV[i + 2]
+            fields[#fields + 1] = ARGV[i + 3]
+          end
+        end
         i = i + 4
       elseif op == 'h' then
         local n = tonumber(ARGV[i + 1])
@@ -364,12 +397,12 @@ for j = 0, (#KEYS - 1) / 3 - 1 do
       end
     end
     if wrote and ARGV[a + 1] ~= '' then
-      notice(ids, order, ARGV[a + 1], string.sub(record, skip + 1))
+      notice(ids, order, carried, ARGV[a + 1], id, fields)
     end
   end
   a = last + 1
 end
-send_notices(ids, order)
+send_notices(ids, order, carried)
 return out
 """
 )

@@ -97,6 +97,17 @@ ENDS_MAXLEN = 10_000
 ENDS_TTL_S = 24 * 3600
 # A client's notice stream is its ends stream's name with this after it (Keys.notices).
 NOTICES_SUFFIX = ":written"
+# About this many entries stay in a notice stream (XADD MAXLEN ~): one a worker's flush, with
+# the events it carries (a few KB at most). A hub that falls further behind misses the
+# oldest, and reads the streams it follows once a second besides (producers/hub.py).
+NOTICES_MAXLEN = 2_000
+# A worker's notice carries the events it announces (scripts.WRITE), a field each, named
+# '<job id> <entry id> <seq> <type>' (no part holds a space), the event's data JSON as the
+# value; a job whose events in one write hold more data than NOTICE_CARRY_BYTES is named
+# without them (its reader reads its stream), as are those past NOTICE_CARRY_FIELDS fields
+# in one entry.
+NOTICE_CARRY_BYTES = 4096
+NOTICE_CARRY_FIELDS = 2000
 
 
 @dataclass(frozen=True)
