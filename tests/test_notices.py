@@ -21,7 +21,12 @@ from test_ends_streams import submit_as_another_producer
 import producers.hub as hub_module
 from hermes_worker.contract import scripts
 from hermes_worker.contract.jobs import JobStatus
-from hermes_worker.contract.store import ENDS_TTL_S, Keys, encode_event
+from hermes_worker.contract.store import (
+    ENDS_TTL_S,
+    NOTICE_CARRY_BYTES,
+    Keys,
+    encode_event,
+)
 from hermes_worker.settings import Settings
 from producers.client import AsyncHermesClient, HermesClient
 from producers.hub import StreamHub
@@ -106,6 +111,39 @@ def test_a_cancel_names_the_job_and_another_producers_job_gets_no_notice(
         assert notices_on(r, keys.notices(client.ends_key)) == [[mine.id]]
         written = [k.decode() for k in r.scan_iter(f"{keys.prefix}ends:*:written")]
         assert written == [keys.notices(client.ends_key)]
+
+
+def test_a_flushs_notice_carries_the_events_it_announces_unless_they_are_large(
+    hermes_settings: Settings, redis_client: redis.Redis
+) -> None:
+    r, keys = redis_client, Keys(hermes_settings.key_prefix)
+    notices = keys.notices(keys.ends_for("client"))
+    for job_id in ("small", "large"):
+        r.set(keys.lease(job_id), "token")
+    # When one flush writes two events of one job and a large one of another
+    large = "x" * (NOTICE_CARRY_BYTES + 1)
+    call_keys, args = write_call(
+        keys,
+        [
+            ("small", "token", notices, [*event(1, "one"), *event(2, "two")]),
+            ("large", "token", notices, event(1, large)),
+        ],
+    )
+    assert r.register_script(scripts.WRITE)(keys=call_keys, args=args) == [1, 1]
+    # Then the notice names both, and carries the small job's events as its stream holds
+    # them: a field each, '<job id> <entry id> <seq> <type>', the data as value
+    [(_, fields)] = r.xrange(notices)
+    assert fields.pop(b"ids").decode() == "small large"
+    held = r.xrange(keys.events("small"))
+    assert {k.decode(): v for k, v in fields.items()} == {
+        f"small {entry_id.decode()} {f[b'seq'].decode()} content": f[b"data"]
+        for entry_id, f in held
+    }
+    assert len(held) == 2
+    # And the large job's event is in its stream only
+    assert [f[b"data"].decode() for _, f in r.xrange(keys.events("large"))] == [
+        encode_event(1, "content", {"text": large})["data"]
+    ]
 
 
 # --- the hub ------------------------------------------------------------------------------------
@@ -228,6 +266,95 @@ def test_a_stream_longer_than_a_read_is_read_whole_in_order(keys: Keys) -> None:
 
     # Then the 10 entries came in order, 4 a read, without waiting for a notice or a sweep
     assert asyncio.run(scenario()) == [f"t{n}" for n in range(10)]
+
+
+def carrying_notice(keys: Keys, ends: str, job_id: str, texts: list[str]) -> None:
+    """A worker's flush of events for one job (the next seqs of its stream), through the
+    WRITE script: the notice it writes carries them."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.set(keys.lease(job_id), "token", ex=60)
+    seq = 1 + client.xlen(keys.events(job_id))
+    ops = [op for n, text in enumerate(texts) for op in event(seq + n, text)]
+    call_keys, args = write_call(keys, [(job_id, "token", keys.notices(ends), ops)])
+    client.register_script(scripts.WRITE)(keys=call_keys, args=args)
+    client.close()
+
+
+def test_the_hub_takes_the_events_a_notice_carries_without_reading_the_stream(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "NOTICE_SWEEP_S", 60.0)
+    ends = keys.ends_for("client")
+
+    async def scenario() -> dict[str, Any]:
+        client = RecordingRedis.from_url(REDIS_URL)
+        hub = StreamHub(client, keys.prefix, block_s=5.0, count=256)
+        # Given a hub following two jobs by notice from the start of their (empty) streams
+        subs = {
+            j: await hub.follow(keys.events(j), "0-0", notices=keys.notices(ends), job_id=j)
+            for j in ("a", "b")
+        }
+        await asyncio.sleep(0.2)
+        RecordingRedis.sent = []
+        # When flushes write their events, two and then one for a, one for b
+        got: dict[str, list[str]] = {"a": [], "b": []}
+        await asyncio.to_thread(carrying_notice, keys, ends, "a", ["a1", "a2"])
+        await asyncio.to_thread(carrying_notice, keys, ends, "b", ["b1"])
+        await asyncio.to_thread(carrying_notice, keys, ends, "a", ["a3"])
+        for j, n in (("a", 3), ("b", 1)):
+            while len(got[j]) < n:
+                batch = await subs[j].get(2.0)
+                assert batch, got
+                got[j] += [e.data["text"] for e in batch]
+        # And the followers go on from there when the stream is read later (a sweep)
+        cursor = subs["a"].cursor
+        sent = list(RecordingRedis.sent)
+        await hub.aclose()
+        await client.aclose()
+        return {"got": got, "sent": sent, "cursor": cursor}
+
+    seen = asyncio.run(scenario())
+    # Then each follower got its events, in order, once
+    assert seen["got"] == {"a": ["a1", "a2", "a3"], "b": ["b1"]}
+    # And no XREAD named a job's stream: every one was the hub's blocking read
+    assert seen["sent"] and all(blocked for _, blocked in seen["sent"]), seen["sent"]
+    assert not any(keys.events(j) in names for names, _ in seen["sent"] for j in ("a", "b"))
+    # And the cursor is the stream's last entry id
+    last = redis.Redis.from_url(REDIS_URL).xrevrange(keys.events("a"), count=1)
+    assert seen["cursor"] == last[0][0].decode()
+
+
+def test_carried_events_after_a_gap_send_the_hub_to_the_stream(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "NOTICE_SWEEP_S", 60.0)
+    ends = keys.ends_for("client")
+
+    async def scenario() -> tuple[list[int], list[tuple[list[str], bool]]]:
+        client = RecordingRedis.from_url(REDIS_URL)
+        hub = StreamHub(client, keys.prefix, block_s=5.0, count=256)
+        sub = await hub.follow(keys.events("g"), "0-0", notices=keys.notices(ends), job_id="g")
+        await asyncio.sleep(0.2)
+        RecordingRedis.sent = []
+        # Given an event written with no notice (a worker older than notices, a notice
+        # Redis refused), then a flush whose notice carries the next one
+        await asyncio.to_thread(notice, keys, "elsewhere", ["g"], {"g": "unnamed"})
+        await asyncio.to_thread(carrying_notice, keys, ends, "g", ["carried"])
+        seqs: list[int] = []
+        while len(seqs) < 2:
+            batch = await sub.get(2.0)
+            assert batch, seqs
+            seqs += [e.seq for e in batch]
+        sent = list(RecordingRedis.sent)
+        await hub.aclose()
+        await client.aclose()
+        return seqs, sent
+
+    seqs, sent = asyncio.run(scenario())
+    # Then the carried event did not follow the last one it had (seq 2 after 0): the hub
+    # read the stream instead, and the follower got both, in order, once
+    assert seqs == [1, 2]
+    assert [names for names, blocked in sent if not blocked] == [[keys.events("g")]]
 
 
 # --- the client ---------------------------------------------------------------------------------

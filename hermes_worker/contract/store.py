@@ -30,8 +30,9 @@ Shared by the worker (writer) and producers (readers), so both sides agree on on
   job, whatever the tokens, and only for the jobs it awaits.
 * ``{prefix}ends:{owner}:written`` — a client's notice stream (``Keys.notices``): each
   flush of a worker adds one entry, ``ids`` = the space-separated ids of that client's jobs
-  whose event streams it wrote, after those writes and in the same call. The client's hub
-  blocks on it instead of on every stream it follows, then reads the streams named.
+  whose event streams it wrote, after those writes and in the same call, and the events
+  themselves (``NOTICE_CARRY_BYTES``). The client's hub blocks on it instead of on every
+  stream it follows, and takes the events from it (or reads the streams named).
 * ``{prefix}job:{id}:events`` — a Redis Stream. Each entry has ``seq`` (strictly
   increasing per job), ``type`` and ``data`` (JSON). Readers resume from the last entry id
   they saw. ``done``, ``error`` and ``cancelled`` are terminal: exactly one per attempt.
