@@ -855,13 +855,14 @@ class AsyncHermesClient:
         keys, args = sub.submit_call(
             self.keys, self.celery, self.settings.queue_name, tenant, self.ends_key
         )
+        mark = self.hub.end_mark(self.ends_key)  # before the job can end
         created = bool(
             await call_replicated_async(self.redis, self._submit, keys, args, *self._wait)
         )
         handle = AsyncJobHandle(self, sub.job_id, created=created)
         if created:
             self._gate.submitted()
-            handle._submitted(self.ends_key)
+            handle._submitted(self.ends_key, mark)
         return handle
 
     def job(self, job_id: str) -> AsyncJobHandle:
@@ -949,13 +950,16 @@ class AsyncJobHandle:
         self._watch = RecordWatch(job_id, seen=created)  # see JobHandle
         self._end_stream = client.keys.ends  # see JobHandle
         self._fresh = False  # see JobHandle
+        # Where the hub's reading of the ends stream stood before the submit (StreamHub.end_mark).
+        self._end_mark: Any = None
 
     def __repr__(self) -> str:
         return f"AsyncJobHandle(id={self.id!r}, created={self.created})"
 
-    def _submitted(self, ends: str) -> None:
-        """This client's submit just recorded the job, naming ``ends``."""
-        self._end_stream, self._fresh = ends, True
+    def _submitted(self, ends: str, mark: Any = None) -> None:
+        """This client's submit just recorded the job, naming ``ends``; ``mark``: the hub's
+        reading of ``ends`` before it was sent."""
+        self._end_stream, self._fresh, self._end_mark = ends, True, mark
 
     async def status(self) -> JobInfo:
         """The job record now; :class:`JobNotFound` if there is none."""
@@ -1060,16 +1064,22 @@ class AsyncJobHandle:
             found = await read_while_waiting_async(deadline, self._check_end)
             if found is not None:  # the usual case after reading the stream: one command
                 return found
-        self._fresh = False
+        fresh, self._fresh = self._fresh, False
         hub = self._client.hub
         # Watched before the record is read again: an end after that read wakes us.
         wait = await self._watch_end(deadline)
+        # A job just submitted, whose ends stream the hub has read without a break since
+        # before the submit, and no end of it read: its end is still to come, and wakes us.
+        unread = fresh and hub.end_unread(wait.key, self._end_mark, self.id)
+        self._end_mark = None
         checks = end_checks()
         try:
             while True:
-                found = await read_while_waiting_async(deadline, self._check_end)
-                if found is not None:
-                    return found
+                if not unread:
+                    found = await read_while_waiting_async(deadline, self._check_end)
+                    if found is not None:
+                        return found
+                unread = False
                 if wait.key != self._end_stream:  # see JobHandle.result
                     hub.unwatch_end(wait)
                     wait = await self._watch_end(deadline)

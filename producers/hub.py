@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -335,6 +336,45 @@ def entries_by_stream(reply: Any) -> dict[str, list[tuple[Any, Any]]]:
 
 Waiter = TypeVar("Waiter")
 
+# How many job ids a reader remembers of each ends stream it reads (ReadSince).
+READ_MEMORY = 4096
+
+
+class ReadSince:
+    """The job ids a reader read on one ends stream since it began reading it without a
+    break (its cursor set, no failed read, no read that came back full): the last
+    READ_MEMORY of them, and a count of all. A job submitted by this client while that
+    stream was read (:meth:`mark` taken before the submit was sent) ends with an entry
+    written after the mark, so that entry is either among the ids read since, or not read
+    yet, and then a waiter registered now is woken by it: that waiter needs no first look
+    at the record (:meth:`unread`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._ids: deque[str] = deque()
+        self._known: dict[str, int] = {}  # id -> how many times in _ids
+
+    def add(self, ids: list[str]) -> None:
+        for job_id in ids:
+            self.count += 1
+            self._ids.append(job_id)
+            self._known[job_id] = self._known.get(job_id, 0) + 1
+            if len(self._ids) > READ_MEMORY:
+                old = self._ids.popleft()
+                left = self._known[old] - 1
+                if left:
+                    self._known[old] = left
+                else:
+                    del self._known[old]
+
+    def mark(self) -> int:
+        return self.count
+
+    def unread(self, mark: int, job_id: str) -> bool:
+        """Whether no entry for ``job_id`` was read since ``mark`` (False when the ids read
+        since are more than it remembers)."""
+        return self.count - mark <= READ_MEMORY and job_id not in self._known
+
 
 class EndStreams(Generic[Waiter]):
     """The ends streams one reader reads for its waiters: for each stream that has a waiter,
@@ -346,10 +386,18 @@ class EndStreams(Generic[Waiter]):
     its last waiter, so only streams someone waits on are read. ``ids_of``: the job ids an
     entry names (:func:`end_ids` for ends streams, :func:`written_ids` for notice streams)."""
 
-    def __init__(self, ids_of: Callable[[list[tuple[Any, Any]]], list[str]] = end_ids) -> None:
+    def __init__(
+        self,
+        ids_of: Callable[[list[tuple[Any, Any]]], list[str]] = end_ids,
+        *,
+        remember: bool = False,
+    ) -> None:
         self._ids_of = ids_of
         self.cursors: dict[str, str] = {}  # what the next read asks for: key -> after this id
         self._waits: dict[str, dict[str, list[Waiter]]] = {}  # key -> job id -> waiters
+        # With ``remember``: for each stream read, the ids read since its cursor was set.
+        self._remember = remember
+        self.read_since: dict[str, ReadSince] = {}
 
     def __bool__(self) -> bool:
         return bool(self._waits)
@@ -369,6 +417,8 @@ class EndStreams(Generic[Waiter]):
             if cursor is None:
                 raise ValueError(f"a first waiter on {key!r} brings the stream's cursor")
             self.cursors[key] = cursor
+            if self._remember:
+                self.read_since[key] = ReadSince()
         self._waits.setdefault(key, {}).setdefault(job_id, []).append(waiter)
 
     def remove(self, key: str, job_id: str, waiter: Waiter) -> None:
@@ -381,11 +431,13 @@ class EndStreams(Generic[Waiter]):
         if not jobs:
             self._waits.pop(key, None)
             self.cursors.pop(key, None)
+            self.read_since.pop(key, None)
 
     def broken(self) -> list[Waiter]:
         """A read failed: every cursor goes (the waiters watch again, taking fresh ones, and
         check their records), and every waiter is returned, to be woken."""
         self.cursors.clear()
+        self.read_since.clear()
         return [w for jobs in self._waits.values() for ws in jobs.values() for w in ws]
 
     def dispatch(self, key: str, entries: list[tuple[Any, Any]], count: int) -> list[Waiter]:
@@ -402,8 +454,13 @@ class EndStreams(Generic[Waiter]):
             self.cursors[key] = last
         jobs = self._waits.get(key, {})
         if lagging(entries, count):  # every waiter of this stream checks its record
+            if key in self.read_since:  # entries may have been trimmed unread: a new count
+                self.read_since[key] = ReadSince()
             return [w for ws in jobs.values() for w in ws]
-        return [w for job_id in self._ids_of(entries) for w in jobs.get(job_id, [])]
+        ids = self._ids_of(entries)
+        if cursor is not None and key in self.read_since:
+            self.read_since[key].add(ids)
+        return [w for job_id in ids for w in jobs.get(job_id, [])]
 
 
 class StreamHub:
@@ -422,7 +479,7 @@ class StreamHub:
     def __init__(self, redis: Redis, prefix: str, *, block_s: float, count: int) -> None:
         self._redis = redis
         self._shared_ends = Keys(prefix).ends
-        self._ends: EndStreams[EndWait] = EndStreams()
+        self._ends: EndStreams[EndWait] = EndStreams(remember=True)
         self._notices: EndStreams[Subscription] = EndStreams(written_ids)
         self._ends_lock = asyncio.Lock()
         # The ends and notice streams the blocking XREAD in flight reads.
@@ -494,6 +551,22 @@ class StreamHub:
 
     def unwatch_end(self, wait: EndWait) -> None:
         self._ends.remove(wait.key, wait.job_id, wait)
+
+    def end_mark(self, key: str) -> tuple[ReadSince, int] | None:
+        """Taken before a submit whose job ends on ``key``: where the hub's reading of that
+        stream stands (None: it does not read it now). See :meth:`end_unread`."""
+        since = self._ends.read_since.get(key)
+        return None if since is None else (since, since.mark())
+
+    def end_unread(self, key: str, mark: tuple[ReadSince, int] | None, job_id: str) -> bool:
+        """Whether ``job_id``'s end cannot have been read and passed by before a waiter
+        registered now (after :meth:`watch_end`): the hub has read ``key`` without a break
+        since ``mark`` and read no entry for that job since. Its end is then still to be
+        read, and wakes the waiter: no first look at the record is needed."""
+        if mark is None:
+            return False
+        since, count = mark
+        return self._ends.read_since.get(key) is since and since.unread(count, job_id)
 
     @property
     def end_waits(self) -> int:

@@ -11,7 +11,7 @@ from conftest import TEST_REDIS_URL as REDIS_URL
 from redis.asyncio import Redis as AsyncRedis
 
 from hermes_worker.contract.store import Keys, encode_event
-from producers.hub import StreamHub, entries_by_stream
+from producers.hub import READ_MEMORY, ReadSince, StreamHub, entries_by_stream
 
 
 class CountingRedis(AsyncRedis):
@@ -128,3 +128,20 @@ def test_xread_replies_of_both_protocols_are_split_by_stream() -> None:
     assert entries_by_stream(resp2) == expected
     assert entries_by_stream(resp3) == expected
     assert entries_by_stream(None) == {}
+
+
+def test_a_read_since_vouches_only_for_ids_it_still_remembers() -> None:
+    since = ReadSince()
+    since.add(["before"])
+    mark = since.mark()
+    # An id read after the mark is read; one never read is unread
+    since.add(["a", "b", "a"])
+    assert not since.unread(mark, "a") and since.unread(mark, "c")
+    # Once more ids were read since the mark than it remembers, it vouches for none
+    since.add([f"x{n}" for n in range(READ_MEMORY)])
+    assert not since.unread(mark, "c")
+    # While a later mark, within its memory, still works, and forgotten ids are gone
+    later = since.mark()
+    since.add(["d"])
+    assert since.unread(later, "c") and not since.unread(later, "d")
+    assert since.unread(later, "b")  # read before this mark and forgotten since

@@ -401,6 +401,59 @@ def test_a_wait_on_a_job_just_submitted_reads_its_record_once_then_the_job_of_an
     counting.close()
 
 
+def test_a_job_submitted_while_its_ends_stream_is_read_is_awaited_without_a_record_read(
+    idle_deployment: Settings,
+) -> None:
+    settings = idle_deployment
+
+    async def scenario() -> dict[str, Any]:
+        counting = HmgetCountingAsyncRedis.from_url(settings.redis_url)
+        async with AsyncHermesClient(settings, redis=counting) as client:
+            # Given a client whose hub reads its ends stream (a wait on a queued job)
+            first = await client.submit(job(5))
+            keep = asyncio.create_task(first.result(timeout=10))
+            await asyncio.sleep(0.2)
+            # When it submits a job and awaits it, which stays queued through the wait
+            before = counting.hmgets
+            waited = await client.submit(job(5))
+            with pytest.raises(TimeoutError):
+                await waited.result(timeout=0.5)
+            quiet = counting.hmgets - before
+            # And submits one that ends (cancelled) before its wait begins, its end read
+            # by the hub with no waiter yet
+            early = await client.submit(job(5))
+            assert await client.job(early.id).cancel() == "cancelled"
+            await asyncio.sleep(0.3)
+            start = time.monotonic()
+            early_status = (await early.result(timeout=10)).job.status
+            early_s = time.monotonic() - start
+            # And submits one that ends while it is awaited
+            late = await client.submit(job(5))
+            wait = asyncio.create_task(late.result(timeout=10))
+            await asyncio.sleep(0.2)
+            start = time.monotonic()
+            assert await client.job(late.id).cancel() == "cancelled"
+            late_status = (await wait).job.status
+            late_s = time.monotonic() - start
+            keep.cancel()
+        await counting.aclose()
+        return {
+            "quiet": quiet,
+            "early": (early_status, early_s),
+            "late": (late_status, late_s),
+        }
+
+    seen = asyncio.run(scenario())
+    # Then the wait on the queued job read its record once only, when it timed out: its
+    # end could only come after the submit, on a stream the hub read since before it
+    assert seen["quiet"] == 1
+    # And the job whose end the hub had read already was found at once, by a read of its
+    # record (not at a periodic check, a second or more later)
+    assert seen["early"][0] is JobStatus.CANCELLED and seen["early"][1] < 0.5
+    # And the one that ended while awaited woke its waiter at once
+    assert seen["late"][0] is JobStatus.CANCELLED and seen["late"][1] < 0.5
+
+
 def test_result_waiters_of_one_client_read_their_records_together(
     idle_deployment: Settings,
 ) -> None:
