@@ -525,11 +525,12 @@ class HermesClient:
         keys, args = sub.submit_call(
             self.keys, self.celery, self.settings.queue_name, ends=self.ends_key
         )
+        mark = self.ends.mark(self.ends_key)  # before the job can end
         created = bool(call_replicated(self.redis, self._submit, keys, args, *self._wait))
         handle = JobHandle(self, sub.job_id, created=created)
         if created:
             self._gate.submitted()
-            handle._submitted(self.ends_key)
+            handle._submitted(self.ends_key, mark)
         return handle
 
     def job(self, job_id: str) -> JobHandle:
@@ -624,13 +625,17 @@ class JobHandle:
         # Just queued by this client's submit, nothing read through it since: a result
         # wait watches before its first read of the record (which could not find an end).
         self._fresh = False
+        # Where the reading of the ends stream stood before the submit (EndWatcher.mark):
+        # a wait on a job whose end no read has passed since needs no first record read.
+        self._end_mark: Any = None
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r}, created={self.created})"
 
-    def _submitted(self, ends: str) -> None:
-        """This client's submit just recorded the job, naming ``ends``."""
-        self._end_stream, self._fresh = ends, True
+    def _submitted(self, ends: str, mark: Any = None) -> None:
+        """This client's submit just recorded the job, naming ``ends``; ``mark``: the
+        reading of ``ends`` before it was sent."""
+        self._end_stream, self._fresh, self._end_mark = ends, True, mark
 
     def status(self) -> JobInfo:
         """The job record now; :class:`JobNotFound` if there is none."""
@@ -706,16 +711,22 @@ class JobHandle:
             found = read_while_waiting(deadline, self._check_end)
             if found is not None:  # the usual case after reading the stream: one command
                 return found
-        self._fresh = False
+        fresh, self._fresh = self._fresh, False
         ends = self._client.ends
         # Watched before the record is read again: an end after that read wakes us.
         woken = self._watch_end(deadline)
+        # Its end not read since before its submit, on a stream read without a break since:
+        # that end is still to come, and wakes us (see AsyncJobHandle.result).
+        unread = fresh and ends.unread(woken.key, self._end_mark, self.id)
+        self._end_mark = None
         checks = end_checks()
         try:
             while True:
-                found = read_while_waiting(deadline, self._check_end)
-                if found is not None:
-                    return found
+                if not unread:
+                    found = read_while_waiting(deadline, self._check_end)
+                    if found is not None:
+                        return found
+                unread = False
                 if woken.key != self._end_stream:
                     # The record names another stream than the one watched (it was made,
                     # or made again, meanwhile): watch that one, then read the record again.
@@ -725,9 +736,9 @@ class JobHandle:
                 if woken.wait(min(next(checks), deadline.block_ms() / 1000)):
                     # Watched afresh: a reader whose read failed woke everyone and stopped.
                     # The new watch comes first: a stream read on keeps its cursor.
-                    fresh = self._watch_end(deadline)
+                    again = self._watch_end(deadline)
                     ends.unwatch(woken)
-                    woken = fresh
+                    woken = again
         finally:
             ends.unwatch(woken)
 

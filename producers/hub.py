@@ -765,7 +765,7 @@ class EndWatcher:
         self._block_ms = max(1, int(block_s * 1000))
         self._count = count
         self._lock = threading.Lock()
-        self._ends: EndStreams[EndEvent] = EndStreams()
+        self._ends: EndStreams[EndEvent] = EndStreams(remember=True)
         # The ends streams the read in flight reads; None between two reads.
         self._reading: frozenset[str] | None = None
         self._wake = WakeStream(prefix)
@@ -799,6 +799,20 @@ class EndWatcher:
     def unwatch(self, woken: EndEvent) -> None:
         with self._lock:
             self._ends.remove(woken.key, woken.job_id, woken)
+
+    def mark(self, key: str) -> tuple[ReadSince, int] | None:
+        """See :meth:`StreamHub.end_mark`."""
+        with self._lock:
+            since = self._ends.read_since.get(key)
+            return None if since is None else (since, since.mark())
+
+    def unread(self, key: str, mark: tuple[ReadSince, int] | None, job_id: str) -> bool:
+        """See :meth:`StreamHub.end_unread` (after :meth:`watch`)."""
+        if mark is None:
+            return False
+        since, count = mark
+        with self._lock:
+            return self._ends.read_since.get(key) is since and since.unread(count, job_id)
 
     @property
     def waiting(self) -> int:

@@ -9,6 +9,7 @@ tests/test_ends_streams.py shows where each end goes, and whom it wakes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -452,6 +453,31 @@ def test_a_job_submitted_while_its_ends_stream_is_read_is_awaited_without_a_reco
     assert seen["early"][0] is JobStatus.CANCELLED and seen["early"][1] < 0.5
     # And the one that ended while awaited woke its waiter at once
     assert seen["late"][0] is JobStatus.CANCELLED and seen["late"][1] < 0.5
+    # And the blocking client does the same
+    counting = HmgetCountingRedis.from_url(settings.redis_url)
+    assert isinstance(counting, HmgetCountingRedis)
+    with HermesClient(settings, redis=counting) as client:
+        first = client.submit(job(5))
+        waiting = threading.Thread(target=_timing_out, args=(first, 3.0), daemon=True)
+        waiting.start()
+        time.sleep(0.3)
+        before = counting.hmgets
+        with pytest.raises(TimeoutError):
+            client.submit(job(5)).result(timeout=0.5)
+        assert counting.hmgets - before == 1
+        early = client.submit(job(5))
+        assert client.job(early.id).cancel() == "cancelled"
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert early.result(timeout=10).job.status is JobStatus.CANCELLED
+        assert time.monotonic() - start < 0.5
+        waiting.join()
+    counting.close()
+
+
+def _timing_out(handle: Any, timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        handle.result(timeout=timeout)
 
 
 def test_result_waiters_of_one_client_read_their_records_together(
