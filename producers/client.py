@@ -866,14 +866,16 @@ class AsyncHermesClient:
         keys, args = sub.submit_call(
             self.keys, self.celery, self.settings.queue_name, tenant, self.ends_key
         )
-        mark = self.hub.end_mark(self.ends_key)  # before the job can end
+        # Where the hub's reads stand before the job can end, or be written.
+        mark = self.hub.end_mark(self.ends_key)
+        notice_mark = self.hub.notice_mark(self.keys.notices(self.ends_key))
         created = bool(
             await call_replicated_async(self.redis, self._submit, keys, args, *self._wait)
         )
         handle = AsyncJobHandle(self, sub.job_id, created=created)
         if created:
             self._gate.submitted()
-            handle._submitted(self.ends_key, mark)
+            handle._submitted(self.ends_key, mark, notice_mark)
         return handle
 
     def job(self, job_id: str) -> AsyncJobHandle:
@@ -961,16 +963,20 @@ class AsyncJobHandle:
         self._watch = RecordWatch(job_id, seen=created)  # see JobHandle
         self._end_stream = client.keys.ends  # see JobHandle
         self._fresh = False  # see JobHandle
-        # Where the hub's reading of the ends stream stood before the submit (StreamHub.end_mark).
+        # Where the hub's reading of the ends stream stood before the submit (StreamHub.end_mark),
+        # and of the notice stream (StreamHub.notice_mark).
         self._end_mark: Any = None
+        self._notice_mark: Any = None
 
     def __repr__(self) -> str:
         return f"AsyncJobHandle(id={self.id!r}, created={self.created})"
 
-    def _submitted(self, ends: str, mark: Any = None) -> None:
-        """This client's submit just recorded the job, naming ``ends``; ``mark``: the hub's
-        reading of ``ends`` before it was sent."""
+    def _submitted(self, ends: str, mark: Any = None, notice_mark: Any = None) -> None:
+        """This client's submit just recorded the job, naming ``ends``; ``mark`` and
+        ``notice_mark``: the hub's reading of ``ends`` and of its notice stream before it
+        was sent."""
         self._end_stream, self._fresh, self._end_mark = ends, True, mark
+        self._notice_mark = notice_mark
 
     async def status(self) -> JobInfo:
         """The job record now; :class:`JobNotFound` if there is none."""
@@ -986,10 +992,11 @@ class AsyncJobHandle:
         deadline = Deadline(timeout, f"job {self.id}", self._chunk_s)
         cursor = after
         self._fresh = False
+        since, self._notice_mark = self._notice_mark, None  # a first follow only
         hub = self._client.hub
         key = self._keys.events(self.id)
         notices = await self._notices(deadline)
-        sub = await self._follow(key, after, deadline, notices)
+        sub = await self._follow(key, after, deadline, notices, since)
         try:
             while True:
                 try:
@@ -1020,12 +1027,15 @@ class AsyncJobHandle:
             hub.unfollow(sub)
 
     async def _follow(
-        self, key: str, cursor: str, deadline: Deadline, notices: str | None
+        self, key: str, cursor: str, deadline: Deadline, notices: str | None, since: Any = None
     ) -> Subscription:
-        """The hub's subscription to ``key``, waiting out a Redis out of reach."""
+        """The hub's subscription to ``key``, waiting out a Redis out of reach. ``since``:
+        the notice stream's mark from this handle's submit (StreamHub.follow)."""
         while True:
             try:
-                return await self._client.hub.follow(key, cursor, notices=notices, job_id=self.id)
+                return await self._client.hub.follow(
+                    key, cursor, notices=notices, job_id=self.id, since=since
+                )
             except RedisConnectionError as exc:
                 await asyncio.sleep(deadline.redis_away(exc))
 

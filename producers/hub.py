@@ -480,7 +480,7 @@ class StreamHub:
         self._redis = redis
         self._shared_ends = Keys(prefix).ends
         self._ends: EndStreams[EndWait] = EndStreams(remember=True)
-        self._notices: EndStreams[Subscription] = EndStreams(written_ids)
+        self._notices: EndStreams[Subscription] = EndStreams(written_ids, remember=True)
         self._ends_lock = asyncio.Lock()
         # The ends and notice streams the blocking XREAD in flight reads.
         self._reading_ends: frozenset[str] = frozenset()
@@ -502,22 +502,37 @@ class StreamHub:
         self._reading = False  # a blocking XREAD is in flight with the streams wanted then
 
     async def follow(
-        self, key: str, cursor: str, *, notices: str | None = None, job_id: str = ""
+        self,
+        key: str,
+        cursor: str,
+        *,
+        notices: str | None = None,
+        job_id: str = "",
+        since: tuple[ReadSince, int] | None = None,
     ) -> Subscription:
         """Start reading ``key`` after entry id ``cursor``. ``notices``: the notice stream
         that names ``job_id`` whenever ``key`` is written (``Keys.notices`` of the ends
         stream the job's record names); the hub then reads ``key`` once now and after each
-        notice that does not carry its next events, instead of blocking on it."""
+        notice that does not carry its next events, instead of blocking on it. ``since``:
+        :meth:`notice_mark` of ``notices`` taken before the job was submitted; when no
+        notice has named the job since, its stream is still empty, and is not read now."""
         sub = Subscription(key, cursor, notices=notices if job_id else None, job_id=job_id)
+        empty = False
         if sub.notices is not None:
             async with self._ends_lock:
                 notice_cursor = None
                 if self._notices.needs_cursor(sub.notices):
                     notice_cursor = newest_id(await self._redis.xrevrange(sub.notices, count=1))
                 self._notices.add(sub.notices, job_id, sub, notice_cursor)
+                # Every write of its stream names it in a notice read after the mark: none
+                # read yet, so any is still to come, and this follower gets it.
+                empty = cursor == "0-0" and self._unread(self._notices, sub.notices, since, job_id)
         self._subs.setdefault(key, []).append(sub)
         self._update_cursor(key)
-        if sub.notices is not None:
+        if empty:
+            sub.last_seq = 0
+            self._read_at[key] = time.monotonic()
+        elif sub.notices is not None:
             # What it holds already: no notice will name it. Read here, not by waking the
             # blocked read (a notice after the cursor taken above is read by the hub).
             await self._read_now(key)
@@ -555,18 +570,32 @@ class StreamHub:
     def end_mark(self, key: str) -> tuple[ReadSince, int] | None:
         """Taken before a submit whose job ends on ``key``: where the hub's reading of that
         stream stands (None: it does not read it now). See :meth:`end_unread`."""
-        since = self._ends.read_since.get(key)
-        return None if since is None else (since, since.mark())
+        return self._mark(self._ends, key)
+
+    def notice_mark(self, key: str) -> tuple[ReadSince, int] | None:
+        """The same for the notice stream ``key`` (see :meth:`follow`'s ``since``)."""
+        return self._mark(self._notices, key)
 
     def end_unread(self, key: str, mark: tuple[ReadSince, int] | None, job_id: str) -> bool:
         """Whether ``job_id``'s end cannot have been read and passed by before a waiter
         registered now (after :meth:`watch_end`): the hub has read ``key`` without a break
         since ``mark`` and read no entry for that job since. Its end is then still to be
         read, and wakes the waiter: no first look at the record is needed."""
+        return self._unread(self._ends, key, mark, job_id)
+
+    @staticmethod
+    def _mark(streams: EndStreams[Any], key: str) -> tuple[ReadSince, int] | None:
+        since = streams.read_since.get(key)
+        return None if since is None else (since, since.mark())
+
+    @staticmethod
+    def _unread(
+        streams: EndStreams[Any], key: str, mark: tuple[ReadSince, int] | None, job_id: str
+    ) -> bool:
         if mark is None:
             return False
         since, count = mark
-        return self._ends.read_since.get(key) is since and since.unread(count, job_id)
+        return streams.read_since.get(key) is since and since.unread(count, job_id)
 
     @property
     def end_waits(self) -> int:

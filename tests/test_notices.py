@@ -357,6 +357,64 @@ def test_carried_events_after_a_gap_send_the_hub_to_the_stream(
     assert [names for names, blocked in sent if not blocked] == [[keys.events("g")]]
 
 
+def test_a_job_just_submitted_is_followed_without_a_first_read_of_its_stream(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "NOTICE_SWEEP_S", 60.0)
+    keys = harness.keys
+
+    async def texts(handle: Any, n: int) -> list[str]:
+        got: list[str] = []
+        async for event in handle.stream(timeout=10):
+            got.append(event.data["text"])
+            if len(got) == n:
+                return got
+        return got
+
+    async def scenario() -> dict[str, Any]:
+        counting = RecordingRedis.from_url(REDIS_URL)
+        async with AsyncHermesClient(harness.settings, redis=counting) as client:
+            ends = client.ends_key
+            # Given a client whose hub reads its notice stream (it follows a queued job)
+            first = await client.submit(job({"text": STORY}))
+            keep = asyncio.create_task(texts(first, 1))
+            await asyncio.sleep(0.3)
+            # When it submits a job, follows it, and a worker writes it (notice and all)
+            RecordingRedis.sent = []
+            quiet = await client.submit(job({"text": STORY}))
+            following = asyncio.create_task(texts(quiet, 2))
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(carrying_notice, keys, ends, quiet.id, ["q1", "q2"])
+            got = await asyncio.wait_for(following, 5)
+            quiet_reads = [names for names, _ in RecordingRedis.sent]
+            # And submits one that is written before it is followed (its notice read by
+            # the hub with no follower yet)
+            early = await client.submit(job({"text": STORY}))
+            await asyncio.to_thread(carrying_notice, keys, ends, early.id, ["e1"])
+            await asyncio.sleep(0.3)
+            RecordingRedis.sent = []
+            early_got = await asyncio.wait_for(texts(early, 1), 5)
+            early_reads = [names for names, _ in RecordingRedis.sent]
+            keep.cancel()
+        await counting.aclose()
+        return {
+            "got": got,
+            "quiet": quiet_reads,
+            "early": (early_got, early_reads),
+            "ids": (quiet.id, early.id),
+        }
+
+    seen = asyncio.run(scenario())
+    quiet_id, early_id = seen["ids"]
+    # Then the job followed at once got its events from the notice, its stream never read
+    assert seen["got"] == ["q1", "q2"]
+    assert not any(keys.events(quiet_id) in names for names in seen["quiet"]), seen["quiet"]
+    # And the job written before it was followed was read at its follow, and got its event
+    early_got, early_reads = seen["early"]
+    assert early_got == ["e1"]
+    assert any(keys.events(early_id) in names for names in early_reads), early_reads
+
+
 # --- the client ---------------------------------------------------------------------------------
 
 
