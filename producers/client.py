@@ -94,6 +94,7 @@ from producers.hub import (
     EndEvent,
     EndWait,
     EndWatcher,
+    ReadMark,
     RecordReads,
     StreamHub,
     Subscription,
@@ -627,12 +628,12 @@ class JobHandle:
         self._fresh = False
         # Where the reading of the ends stream stood before the submit (EndWatcher.mark):
         # a wait on a job whose end no read has passed since needs no first record read.
-        self._end_mark: Any = None
+        self._end_mark: ReadMark | None = None
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r}, created={self.created})"
 
-    def _submitted(self, ends: str, mark: Any = None) -> None:
+    def _submitted(self, ends: str, mark: ReadMark | None = None) -> None:
         """This client's submit just recorded the job, naming ``ends``; ``mark``: the
         reading of ``ends`` before it was sent."""
         self._end_stream, self._fresh, self._end_mark = ends, True, mark
@@ -965,13 +966,15 @@ class AsyncJobHandle:
         self._fresh = False  # see JobHandle
         # Where the hub's reading of the ends stream stood before the submit (StreamHub.end_mark),
         # and of the notice stream (StreamHub.notice_mark).
-        self._end_mark: Any = None
-        self._notice_mark: Any = None
+        self._end_mark: ReadMark | None = None
+        self._notice_mark: ReadMark | None = None
 
     def __repr__(self) -> str:
         return f"AsyncJobHandle(id={self.id!r}, created={self.created})"
 
-    def _submitted(self, ends: str, mark: Any = None, notice_mark: Any = None) -> None:
+    def _submitted(
+        self, ends: str, mark: ReadMark | None = None, notice_mark: ReadMark | None = None
+    ) -> None:
         """This client's submit just recorded the job, naming ``ends``; ``mark`` and
         ``notice_mark``: the hub's reading of ``ends`` and of its notice stream before it
         was sent."""
@@ -1027,7 +1030,12 @@ class AsyncJobHandle:
             hub.unfollow(sub)
 
     async def _follow(
-        self, key: str, cursor: str, deadline: Deadline, notices: str | None, since: Any = None
+        self,
+        key: str,
+        cursor: str,
+        deadline: Deadline,
+        notices: str | None,
+        since: ReadMark | None = None,
     ) -> Subscription:
         """The hub's subscription to ``key``, waiting out a Redis out of reach. ``since``:
         the notice stream's mark from this handle's submit (StreamHub.follow)."""

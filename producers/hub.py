@@ -376,6 +376,11 @@ class ReadSince:
         return self.count - mark <= READ_MEMORY and job_id not in self._known
 
 
+# Where a reader's reading of one stream stood (StreamHub.end_mark, notice_mark,
+# EndWatcher.mark): the ReadSince of that stream then, and its count.
+ReadMark = tuple[ReadSince, int]
+
+
 class EndStreams(Generic[Waiter]):
     """The ends streams one reader reads for its waiters: for each stream that has a waiter,
     the entry id to read after and the waiters of each job id. The hub's and the
@@ -508,7 +513,7 @@ class StreamHub:
         *,
         notices: str | None = None,
         job_id: str = "",
-        since: tuple[ReadSince, int] | None = None,
+        since: ReadMark | None = None,
     ) -> Subscription:
         """Start reading ``key`` after entry id ``cursor``. ``notices``: the notice stream
         that names ``job_id`` whenever ``key`` is written (``Keys.notices`` of the ends
@@ -567,16 +572,16 @@ class StreamHub:
     def unwatch_end(self, wait: EndWait) -> None:
         self._ends.remove(wait.key, wait.job_id, wait)
 
-    def end_mark(self, key: str) -> tuple[ReadSince, int] | None:
+    def end_mark(self, key: str) -> ReadMark | None:
         """Taken before a submit whose job ends on ``key``: where the hub's reading of that
         stream stands (None: it does not read it now). See :meth:`end_unread`."""
         return self._mark(self._ends, key)
 
-    def notice_mark(self, key: str) -> tuple[ReadSince, int] | None:
+    def notice_mark(self, key: str) -> ReadMark | None:
         """The same for the notice stream ``key`` (see :meth:`follow`'s ``since``)."""
         return self._mark(self._notices, key)
 
-    def end_unread(self, key: str, mark: tuple[ReadSince, int] | None, job_id: str) -> bool:
+    def end_unread(self, key: str, mark: ReadMark | None, job_id: str) -> bool:
         """Whether ``job_id``'s end cannot have been read and passed by before a waiter
         registered now (after :meth:`watch_end`): the hub has read ``key`` without a break
         since ``mark`` and read no entry for that job since. Its end is then still to be
@@ -584,14 +589,12 @@ class StreamHub:
         return self._unread(self._ends, key, mark, job_id)
 
     @staticmethod
-    def _mark(streams: EndStreams[Any], key: str) -> tuple[ReadSince, int] | None:
+    def _mark(streams: EndStreams[Any], key: str) -> ReadMark | None:
         since = streams.read_since.get(key)
         return None if since is None else (since, since.mark())
 
     @staticmethod
-    def _unread(
-        streams: EndStreams[Any], key: str, mark: tuple[ReadSince, int] | None, job_id: str
-    ) -> bool:
+    def _unread(streams: EndStreams[Any], key: str, mark: ReadMark | None, job_id: str) -> bool:
         if mark is None:
             return False
         since, count = mark
@@ -829,13 +832,13 @@ class EndWatcher:
         with self._lock:
             self._ends.remove(woken.key, woken.job_id, woken)
 
-    def mark(self, key: str) -> tuple[ReadSince, int] | None:
+    def mark(self, key: str) -> ReadMark | None:
         """See :meth:`StreamHub.end_mark`."""
         with self._lock:
             since = self._ends.read_since.get(key)
             return None if since is None else (since, since.mark())
 
-    def unread(self, key: str, mark: tuple[ReadSince, int] | None, job_id: str) -> bool:
+    def unread(self, key: str, mark: ReadMark | None, job_id: str) -> bool:
         """See :meth:`StreamHub.end_unread` (after :meth:`watch`)."""
         if mark is None:
             return False

@@ -92,7 +92,7 @@ end
 # space-separated). A client's hub so blocks on that one stream rather than on the stream
 # of every job it follows, and then reads only the streams named (producers/hub.py).
 # WRITE's notices also carry the events they announce, one field each, named
-# '<job id> <entry id> <seq> <type>' (store.NOTICE_EVENT_FIELD), its value the event's
+# '<job id> <entry id> <seq> <type>' (see store.NOTICE_CARRY_BYTES), its value the event's
 # data: a hub that has read a job's stream up to the seq before them takes them from the
 # notice and reads no stream (no second round trip a wake). A job's events go whole or not
 # at all: not when they hold more than NOTICE_CARRY_BYTES of data, nor past
@@ -330,8 +330,8 @@ return {'claimed', tostring(before + 1), queued_at, tostring(seq), rec[3] or '',
 #                                and its id goes on its ends stream (its result waiters
 #                                wake: the record's own stream, else KEYS[1]; see notify_end)
 # The jobs whose events streams it wrote are then named on their notice streams, one entry
-# per stream (see _NOTIFY_WRITTEN; the job id is the record key after its prefix: KEYS[1]
-# without 'ends', then 'job:').
+# per stream, with the events written (see _NOTIFY_WRITTEN; the job id is the record key
+# after its prefix: KEYS[1] without 'ends', then 'job:').
 # One call writes for every job a worker's flush holds: one command, not one per job (each
 # call costs Redis more than the few writes a job's flush makes). Nothing of a job is
 # written unless its lease still holds the token: a worker that lost its job (paused past
