@@ -391,18 +391,12 @@ class EndStreams(Generic[Waiter]):
     its last waiter, so only streams someone waits on are read. ``ids_of``: the job ids an
     entry names (:func:`end_ids` for ends streams, :func:`written_ids` for notice streams)."""
 
-    def __init__(
-        self,
-        ids_of: Callable[[list[tuple[Any, Any]]], list[str]] = end_ids,
-        *,
-        remember: bool = False,
-    ) -> None:
+    def __init__(self, ids_of: Callable[[list[tuple[Any, Any]]], list[str]] = end_ids) -> None:
         self._ids_of = ids_of
         self.cursors: dict[str, str] = {}  # what the next read asks for: key -> after this id
         self._waits: dict[str, dict[str, list[Waiter]]] = {}  # key -> job id -> waiters
-        # With ``remember``: for each stream read, the ids read since its cursor was set.
-        self._remember = remember
-        self.read_since: dict[str, ReadSince] = {}
+        # For each stream read, the ids read since its cursor was set (see mark, unread).
+        self._read_since: dict[str, ReadSince] = {}
 
     def __bool__(self) -> bool:
         return bool(self._waits)
@@ -422,8 +416,7 @@ class EndStreams(Generic[Waiter]):
             if cursor is None:
                 raise ValueError(f"a first waiter on {key!r} brings the stream's cursor")
             self.cursors[key] = cursor
-            if self._remember:
-                self.read_since[key] = ReadSince()
+            self._read_since[key] = ReadSince()
         self._waits.setdefault(key, {}).setdefault(job_id, []).append(waiter)
 
     def remove(self, key: str, job_id: str, waiter: Waiter) -> None:
@@ -436,13 +429,13 @@ class EndStreams(Generic[Waiter]):
         if not jobs:
             self._waits.pop(key, None)
             self.cursors.pop(key, None)
-            self.read_since.pop(key, None)
+            self._read_since.pop(key, None)
 
     def broken(self) -> list[Waiter]:
         """A read failed: every cursor goes (the waiters watch again, taking fresh ones, and
         check their records), and every waiter is returned, to be woken."""
         self.cursors.clear()
-        self.read_since.clear()
+        self._read_since.clear()
         return [w for jobs in self._waits.values() for ws in jobs.values() for w in ws]
 
     def dispatch(self, key: str, entries: list[tuple[Any, Any]], count: int) -> list[Waiter]:
@@ -459,13 +452,27 @@ class EndStreams(Generic[Waiter]):
             self.cursors[key] = last
         jobs = self._waits.get(key, {})
         if lagging(entries, count):  # every waiter of this stream checks its record
-            if key in self.read_since:  # entries may have been trimmed unread: a new count
-                self.read_since[key] = ReadSince()
+            if key in self._read_since:  # entries may have been trimmed unread: a new count
+                self._read_since[key] = ReadSince()
             return [w for ws in jobs.values() for w in ws]
         ids = self._ids_of(entries)
-        if cursor is not None and key in self.read_since:
-            self.read_since[key].add(ids)
+        if cursor is not None and key in self._read_since:
+            self._read_since[key].add(ids)
         return [w for job_id in ids for w in jobs.get(job_id, [])]
+
+    def mark(self, key: str) -> ReadMark | None:
+        """Where the reading of ``key`` stands now (None: it is not read now); taken before
+        a submit, for :meth:`unread`."""
+        since = self._read_since.get(key)
+        return None if since is None else (since, since.mark())
+
+    def unread(self, key: str, mark: ReadMark | None, job_id: str) -> bool:
+        """Whether ``key`` has been read without a break since ``mark`` and no entry read
+        since named ``job_id``: an entry for it is still to be read."""
+        if mark is None:
+            return False
+        since, count = mark
+        return self._read_since.get(key) is since and since.unread(count, job_id)
 
 
 class StreamHub:
@@ -484,8 +491,8 @@ class StreamHub:
     def __init__(self, redis: Redis, prefix: str, *, block_s: float, count: int) -> None:
         self._redis = redis
         self._shared_ends = Keys(prefix).ends
-        self._ends: EndStreams[EndWait] = EndStreams(remember=True)
-        self._notices: EndStreams[Subscription] = EndStreams(written_ids, remember=True)
+        self._ends: EndStreams[EndWait] = EndStreams()
+        self._notices: EndStreams[Subscription] = EndStreams(written_ids)
         self._ends_lock = asyncio.Lock()
         # The ends and notice streams the blocking XREAD in flight reads.
         self._reading_ends: frozenset[str] = frozenset()
@@ -531,7 +538,7 @@ class StreamHub:
                 self._notices.add(sub.notices, job_id, sub, notice_cursor)
                 # Every write of its stream names it in a notice read after the mark: none
                 # read yet, so any is still to come, and this follower gets it.
-                empty = cursor == "0-0" and self._unread(self._notices, sub.notices, since, job_id)
+                empty = cursor == "0-0" and self._notices.unread(sub.notices, since, job_id)
         self._subs.setdefault(key, []).append(sub)
         self._update_cursor(key)
         if empty:
@@ -575,30 +582,18 @@ class StreamHub:
     def end_mark(self, key: str) -> ReadMark | None:
         """Taken before a submit whose job ends on ``key``: where the hub's reading of that
         stream stands (None: it does not read it now). See :meth:`end_unread`."""
-        return self._mark(self._ends, key)
+        return self._ends.mark(key)
 
     def notice_mark(self, key: str) -> ReadMark | None:
         """The same for the notice stream ``key`` (see :meth:`follow`'s ``since``)."""
-        return self._mark(self._notices, key)
+        return self._notices.mark(key)
 
     def end_unread(self, key: str, mark: ReadMark | None, job_id: str) -> bool:
         """Whether ``job_id``'s end cannot have been read and passed by before a waiter
         registered now (after :meth:`watch_end`): the hub has read ``key`` without a break
         since ``mark`` and read no entry for that job since. Its end is then still to be
         read, and wakes the waiter: no first look at the record is needed."""
-        return self._unread(self._ends, key, mark, job_id)
-
-    @staticmethod
-    def _mark(streams: EndStreams[Any], key: str) -> ReadMark | None:
-        since = streams.read_since.get(key)
-        return None if since is None else (since, since.mark())
-
-    @staticmethod
-    def _unread(streams: EndStreams[Any], key: str, mark: ReadMark | None, job_id: str) -> bool:
-        if mark is None:
-            return False
-        since, count = mark
-        return streams.read_since.get(key) is since and since.unread(count, job_id)
+        return self._ends.unread(key, mark, job_id)
 
     @property
     def end_waits(self) -> int:
@@ -797,7 +792,7 @@ class EndWatcher:
         self._block_ms = max(1, int(block_s * 1000))
         self._count = count
         self._lock = threading.Lock()
-        self._ends: EndStreams[EndEvent] = EndStreams(remember=True)
+        self._ends: EndStreams[EndEvent] = EndStreams()
         # The ends streams the read in flight reads; None between two reads.
         self._reading: frozenset[str] | None = None
         self._wake = WakeStream(prefix)
@@ -835,16 +830,12 @@ class EndWatcher:
     def mark(self, key: str) -> ReadMark | None:
         """See :meth:`StreamHub.end_mark`."""
         with self._lock:
-            since = self._ends.read_since.get(key)
-            return None if since is None else (since, since.mark())
+            return self._ends.mark(key)
 
     def unread(self, key: str, mark: ReadMark | None, job_id: str) -> bool:
         """See :meth:`StreamHub.end_unread` (after :meth:`watch`)."""
-        if mark is None:
-            return False
-        since, count = mark
         with self._lock:
-            return self._ends.read_since.get(key) is since and since.unread(count, job_id)
+            return self._ends.unread(key, mark, job_id)
 
     @property
     def waiting(self) -> int:
