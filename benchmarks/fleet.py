@@ -112,6 +112,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "as the services of a larger fleet would (its cost grows with clients x ends)",
     )
     parser.add_argument(
+        "--services",
+        type=int,
+        default=0,
+        help="service processes (clients) per level, the fleet's slots split among them; 0: "
+        "one per worker. A worker's flush names every client one of its jobs came from, so "
+        "more clients, more notices a flush: 4 workers with 25 services fan out as 100 "
+        "workers with 100 do",
+    )
+    parser.add_argument(
         "--same-clock",
         action="store_true",
         help="the workers keep this host's monotonic clock; by default each gets its own "
@@ -163,6 +172,7 @@ class Tally:
 @dataclass
 class Level:
     workers: int
+    services: int
     window_s: float
     redis_cpu_s: float
     jobs: int
@@ -297,17 +307,17 @@ async def lane(
 
 
 async def service(
-    settings: Settings, args: argparse.Namespace, start_at: float, end_at: float
+    settings: Settings, args: argparse.Namespace, lanes: int, start_at: float, end_at: float
 ) -> dict[str, float]:
-    """One worker's service: its client keeps the worker's slots full; what it saw between
+    """A service: its client keeps ``lanes`` of the fleet's slots full; what it saw between
     ``start_at`` and ``end_at`` (wall clock), and its CPU then."""
     tally = Tally()
     client = AsyncHermesClient(settings)
-    streaming = round(args.slots * args.stream_share)
+    streaming = max(1, round(lanes * args.stream_share))
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(lane(client, args, slot < streaming, tally, stop))
-        for slot in range(args.slots)
+        for slot in range(lanes)
     ]
     try:
         await asyncio.sleep(start_at - time.time())
@@ -333,7 +343,7 @@ async def service(
         # Every job runs at the same pace (one token per engine step), so the streamed jobs
         # are a fair sample of the tokens generated: counted as they are generated, not at
         # a job's end (the lanes' first jobs are shorter).
-        "tokens": (end.streamed_tokens - seen.streamed_tokens) * args.slots / streaming,
+        "tokens": (end.streamed_tokens - seen.streamed_tokens) * lanes / streaming,
         "cpu_s": cpu,
         "hub_reads": reads,
     }
@@ -363,22 +373,31 @@ def ends_readers_process(settings: Settings, count: int, end_at: float) -> None:
 
 
 def service_process(
-    settings: Settings, args: argparse.Namespace, start_at: float, end_at: float, out: Any
-) -> None:
-    out.send(asyncio.run(service(settings, args, start_at, end_at)))
+    settings: Settings, args: argparse.Namespace, lanes: int, start_at: float, end_at: float,
+    out: Any,
+) -> None:  # fmt: skip
+    out.send(asyncio.run(service(settings, args, lanes, start_at, end_at)))
+
+
+def split_lanes(slots: int, services: int) -> list[int]:
+    """The fleet's ``slots`` among ``services`` as evenly as they go."""
+    share, extra = divmod(slots, services)
+    return [share + (i < extra) for i in range(services)]
 
 
 def drive(settings: list[Settings], args: argparse.Namespace, pids: list[int]) -> Level:
-    """Each worker's service in a process of its own (as services are: one client's XREADs
-    wait for no other's CPU); measure over the window after the warm-up."""
+    """Each service in a process of its own (as services are: one client's XREADs wait
+    for no other's CPU); measure over the window after the warm-up."""
     server = redis.Redis.from_url(settings[0].redis_url)
     start_at = time.time() + args.warmup_s
     end_at = start_at + args.window_s
     context = multiprocessing.get_context("fork")
     pipes, children = [], []
-    for one in settings:
+    services = args.services or len(settings)
+    for lanes in split_lanes(args.slots * len(settings), services):
         receive, send = context.Pipe(duplex=False)
-        child = context.Process(target=service_process, args=(one, args, start_at, end_at, send))
+        work = (settings[0], args, lanes, start_at, end_at, send)
+        child = context.Process(target=service_process, args=work)
         child.start()
         pipes.append(receive)
         children.append(child)
@@ -409,6 +428,7 @@ def drive(settings: list[Settings], args: argparse.Namespace, pids: list[int]) -
 
     return Level(
         workers=len(settings),
+        services=services,
         window_s=args.window_s,
         redis_cpu_s=after["cpu_s"] - before["cpu_s"],
         jobs=round(total("jobs")),
@@ -537,15 +557,16 @@ def report(
             if reference
             else []
         ),
-        "| workers | tokens/s per worker (target) | jobs/s | Redis CPU (cores) "
+        "| workers | services | tokens/s per worker (target) | jobs/s | Redis CPU (cores) "
         "| Redis CPU per worker-second (ms) | per 1k tokens (ms) | per job (ms) "
         "| commands per job | workers at 0.5 core | workers' CPU (cores) "
         "| clients' CPU (cores) | XREADs per client-second |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for level in levels:
         lines.append(
-            f"| {level.workers} | {level.tokens_per_worker_s:,.0f} ({target:,.0f}) "
+            f"| {level.workers} | {level.services} "
+            f"| {level.tokens_per_worker_s:,.0f} ({target:,.0f}) "
             f"| {level.jobs / level.window_s:.1f} | {level.redis_core:.3f} "
             f"| {level.per_worker_s * 1e3:.1f} "
             f"| {level.redis_cpu_s / max(level.tokens, 1) * 1e6:.2f} "
@@ -554,7 +575,7 @@ def report(
             f"| {level.fleet_at_half_core(target):.0f} "
             f"| {level.worker_cpu_s / level.window_s:.2f} "
             f"| {level.harness_cpu_s / level.window_s:.2f} "
-            f"| {level.hub_reads / level.window_s / level.workers:.1f} |"
+            f"| {level.hub_reads / level.window_s / level.services:.1f} |"
         )
     top = levels[-1]
     lines += [

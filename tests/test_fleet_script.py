@@ -30,7 +30,7 @@ def test_the_reference_load_measures_redis_cpu_and_leaves_no_key(
 def test_the_report_gives_the_fleets_cost_in_reference_rounds() -> None:
     args = fleet.parse_args(["--workers", "4"])
     level = fleet.Level(
-        workers=4, window_s=10.0, redis_cpu_s=0.4, jobs=160, tokens=80_000, failed=0,
+        workers=4, services=4, window_s=10.0, redis_cpu_s=0.4, jobs=160, tokens=80_000, failed=0,
         events=0, worker_cpu_s=1.0, harness_cpu_s=1.0, hub_reads=800,
     )  # fmt: skip
     # Given 4 workers costing Redis 10 ms a worker-second, on a machine where a reference
@@ -39,9 +39,20 @@ def test_the_report_gives_the_fleets_cost_in_reference_rounds() -> None:
     # Then the report gives both, and the cost in rounds: 10,000 us / 50 us = 200
     assert "50 us of Redis CPU per round" in text
     assert "200 at 4" in text
-    assert "| 4 | 2,000 (2,000) | 16.0 | 0.040 | 10.0 |" in text
+    assert "| 4 | 4 | 2,000 (2,000) | 16.0 | 0.040 | 10.0 |" in text
     # And without a reference (a Redis the benchmark does not own) it says nothing of it
     assert "per round" not in fleet.report([level], args, "cmd", None)
+
+
+def test_the_fleets_slots_are_split_among_its_services_as_evenly_as_they_go() -> None:
+    # Given 4 workers of 256 slots and 25 services, each keeping its share of them full
+    lanes = fleet.split_lanes(4 * 256, 25)
+    # Then every slot has a lane, and no service has more than one lane more than another
+    assert sum(lanes) == 1024
+    assert len(lanes) == 25
+    assert max(lanes) - min(lanes) == 1
+    # And one service per worker keeps each worker's worth
+    assert fleet.split_lanes(4 * 256, 4) == [256] * 4
 
 
 def test_a_process_started_under_another_hosts_clock_runs_its_monotonic_clock_ahead(
