@@ -116,9 +116,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="service processes (clients) per level, the fleet's slots split among them; 0: "
-        "one per worker. A worker's flush names every client one of its jobs came from, so "
-        "more clients, more notices a flush: 4 workers with 25 services fan out as 100 "
-        "workers with 100 do",
+        "one per worker. A worker's flush names every client one of its jobs came from: "
+        "more services a worker, more notices a flush and more hubs woken a worker-second "
+        "(benchmarks/notice_storm.py makes a large fleet's notices to one client)",
+    )
+    parser.add_argument(
+        "--max-flush-ms",
+        type=float,
+        default=Settings.model_fields["stream_max_flush_ms"].default,
+        help="the workers' HERMES_STREAM_MAX_FLUSH_MS: a streamed job's text is written this "
+        "often at a GPU's pace (lower: more flushes, more notices a client-second)",
+    )
+    parser.add_argument(
+        "--read-interval-ms",
+        type=float,
+        default=Settings.model_fields["client_read_interval_ms"].default,
+        help="the services' HERMES_CLIENT_READ_INTERVAL_MS: their hubs' blocking reads start "
+        "at least this far apart (0: at once)",
     )
     parser.add_argument(
         "--same-clock",
@@ -452,6 +466,8 @@ def worker_settings(args: argparse.Namespace, model: str, url: str, tag: str) ->
         scripted_tokens_per_s=args.job_tokens_per_s,
         scripted_engine_tokens_per_s=args.engine_tokens_per_s,
         concurrency=args.slots,
+        client_read_interval_ms=args.read_interval_ms,
+        stream_max_flush_ms=args.max_flush_ms,
         max_model_len=args.job_tokens + 512,
         shutdown_grace_s=1.0,
     )
@@ -531,7 +547,9 @@ def report(
         f"jobs of {args.job_tokens} tokens, {args.stream_share:.0%} of them streamed, the "
         f"others {'with' if args.awaited_stream else 'without'} their output written as it "
         f"comes (stream {str(args.awaited_stream).lower()}); {args.window_s:.0f} s measured "
-        f"per level after {args.warmup_s:.0f} s of warm-up; "
+        f"per level after {args.warmup_s:.0f} s of warm-up; the services' hubs read "
+        f"{args.read_interval_ms:g} ms apart at least; streamed text written "
+        f"{args.max_flush_ms:g} ms after it came at the latest; "
         + (
             "every worker on this host's monotonic clock (`--same-clock`)."
             if args.same_clock

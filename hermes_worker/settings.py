@@ -156,6 +156,15 @@ class Settings(BaseSettings):
     max_queue_depth: int | None = Field(
         default=10000, gt=0, description="submit fails with queue_full beyond this many waiting."
     )
+    client_read_interval_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="An asyncio client's hub (producers/hub.py) starts its blocking reads at "
+        "least this far apart: a client whose notices come faster (its jobs on many "
+        "workers) takes them several at a time, up to this much later, for fewer XREADs; "
+        "one whose reads block longer than this waits for nothing. 0 (default): read again "
+        "at once (docs/architecture.md, Large fleets).",
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=0,

@@ -856,6 +856,7 @@ class AsyncHermesClient:
             self.settings.key_prefix,
             block_s=block_chunk_s(self.redis),
             count=READ_COUNT,
+            interval_s=self.settings.client_read_interval_ms / 1000,
         )
 
     async def submit(self, job: JobSource, *, tenant: str | None = None) -> AsyncJobHandle:

@@ -488,8 +488,13 @@ class StreamHub:
     all, so a wake-up is one XREAD, not two (about a third fewer XREADs a job in
     benchmarks/fleet.py)."""
 
-    def __init__(self, redis: Redis, prefix: str, *, block_s: float, count: int) -> None:
+    def __init__(
+        self, redis: Redis, prefix: str, *, block_s: float, count: int, interval_s: float = 0.0
+    ) -> None:
         self._redis = redis
+        self._interval_s = interval_s
+        # When the next blocking read may start (see _run: the pace of a busy client).
+        self._paced_until = 0.0
         self._shared_ends = Keys(prefix).ends
         self._ends: EndStreams[EndWait] = EndStreams()
         self._notices: EndStreams[Subscription] = EndStreams(written_ids)
@@ -665,6 +670,13 @@ class StreamHub:
     async def _run(self) -> None:
         while (self._subs or self._ends) and not self._closed:
             now = time.monotonic()
+            if not self._due and now < self._paced_until:
+                # Blocking reads start interval_s apart at most: a client woken by notices
+                # faster than that (its jobs spread over many workers, each flush a notice)
+                # gathers them for one read, where each would otherwise cost Redis a wake-up
+                # of its own. A read that blocked that long already goes again at once.
+                await asyncio.sleep(self._paced_until - now)
+                continue
             noticed = len(self._subs) > len(self._blocking)
             if noticed:
                 self._sweep(now)
@@ -689,6 +701,7 @@ class StreamHub:
                     self._notices.cursors
                 )
                 self._wake.reading()
+                self._paced_until = now + self._interval_s
             try:
                 self.reads += 1
                 reply = await self._redis.xread(streams, count=self._count, block=block_ms)

@@ -357,6 +357,89 @@ def test_carried_events_after_a_gap_send_the_hub_to_the_stream(
     assert [names for names, blocked in sent if not blocked] == [[keys.events("g")]]
 
 
+def flushes(keys: Keys, ends: str, jobs: list[str], count: int, gap_s: float) -> None:
+    """``count`` flushes through WRITE, ``gap_s`` apart, each one event of the next job in
+    turn, as workers' flushes reach a client whose jobs run on many workers."""
+    client = redis.Redis.from_url(REDIS_URL)
+    write = client.register_script(scripts.WRITE)
+    for job_id in jobs:
+        client.set(keys.lease(job_id), "token", ex=60)
+    for n in range(count):
+        job_id = jobs[n % len(jobs)]
+        ops = event(1 + n // len(jobs), f"{job_id}-{n // len(jobs)}")
+        write(*write_call(keys, [(job_id, "token", keys.notices(ends), ops)]))
+        time.sleep(gap_s)
+    client.close()
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 0.1])
+def test_a_hub_woken_faster_than_its_read_interval_takes_the_notices_a_few_at_a_time(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch, interval_s: float
+) -> None:
+    monkeypatch.setattr(hub_module, "NOTICE_SWEEP_S", 60.0)
+    ends = keys.ends_for(f"client-{interval_s}")
+    jobs = [f"p{interval_s}-{i}" for i in range(8)]
+
+    async def scenario() -> tuple[dict[str, list[str]], int, float]:
+        client = RecordingRedis.from_url(REDIS_URL)
+        hub = StreamHub(client, keys.prefix, block_s=5.0, count=256, interval_s=interval_s)
+        subs = {
+            j: await hub.follow(keys.events(j), "0-0", notices=keys.notices(ends), job_id=j)
+            for j in jobs
+        }
+        await asyncio.sleep(0.2)
+        RecordingRedis.sent = []
+        # When 160 flushes come 5 ms apart (a client's notices from a fleet's workers)
+        start = time.monotonic()
+        writer = asyncio.create_task(asyncio.to_thread(flushes, keys, ends, jobs, 160, 0.005))
+        got: dict[str, list[str]] = {j: [] for j in jobs}
+        while sum(map(len, got.values())) < 160:
+            for j, sub in subs.items():
+                got[j] += [e.data["text"] for e in await sub.get(0.01)]
+            assert time.monotonic() - start < 20, got
+        await writer
+        took = time.monotonic() - start
+        reads = sum(blocked for _, blocked in RecordingRedis.sent)
+        await hub.aclose()
+        await client.aclose()
+        return got, reads, took
+
+    got, reads, took = asyncio.run(scenario())
+    # Then every follower got its events, in order, once
+    assert got == {j: [f"{j}-{n}" for n in range(20)] for j in jobs}
+    if interval_s:
+        # And the hub's blocking reads started at most one an interval (plus the first)
+        assert reads <= took / interval_s + 2, (reads, took)
+    else:
+        # And without an interval the hub reads about as often as notices come: more than
+        # twice as often as an interval of 0.1 s would let it
+        assert reads > 2 * (took / 0.1 + 2), (reads, took)
+
+
+def test_a_paced_hub_that_waited_longer_than_its_interval_reads_at_once(keys: Keys) -> None:
+    ends = keys.ends_for("idle-client")
+
+    async def scenario() -> float:
+        client = AsyncRedis.from_url(REDIS_URL)
+        hub = StreamHub(client, keys.prefix, block_s=5.0, count=256, interval_s=2.0)
+        sub = await hub.follow(
+            keys.events("idle"), "0-0", notices=keys.notices(ends), job_id="idle"
+        )
+        # Given a hub with a 2 s interval, blocked on its notices for longer than that
+        await asyncio.sleep(2.5)
+        # When a flush writes its job's first event
+        start = time.monotonic()
+        await asyncio.to_thread(carrying_notice, keys, ends, "idle", ["now"])
+        assert [e.data["text"] for e in await sub.get(5.0)] == ["now"]
+        took = time.monotonic() - start
+        await hub.aclose()
+        await client.aclose()
+        return took
+
+    # Then it came at once, not at the end of an interval
+    assert asyncio.run(scenario()) < 1.0
+
+
 def test_a_job_just_submitted_is_followed_without_a_first_read_of_its_stream(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
