@@ -36,7 +36,9 @@ on every worker). On its own Redis it first measures the machine's speed (``refe
 and gives the fleet's cost in rounds of that reference load too. Each worker runs on a
 monotonic clock of its own (this host's, shifted by a random offset: ``host_clock``), as
 workers on separate hosts do, unless ``--same-clock``: on one host their timers would fall
-in step where a real fleet's do not.
+in step where a real fleet's do not. ``--services N`` splits the fleet's slots among N
+services instead (more services a worker, more clients each flush names);
+benchmarks/notice_storm.py shows what a 100-worker fleet's notices do to one client.
 
     python benchmarks/fleet.py --workers 1,2,4 --warmup-s 15 --window-s 40 \
         --out docs/benchmarks/fleet
