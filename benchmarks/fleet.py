@@ -615,20 +615,40 @@ def report(
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def measured_redis(redis_url: str | None, tmp: Path) -> Iterator[tuple[str, float | None]]:
+    """The Redis to load and this machine's speed on it: ``redis_url``, or a
+    ``redis-server`` of its own (nothing else's load counts), measured first with the
+    reference load (None on a Redis it does not own)."""
+    if redis_url:
+        yield redis_url, None
+        return
+    own = LocalRedis.start(tmp / "redis")
+    try:
+        reference = reference_us(own.url)
+        progress(f"reference load: {reference:.0f} us of Redis CPU a round")
+        yield own.url, reference
+    finally:
+        own.stop()
+
+
+def write_outputs(path: str | None, text: str, data: dict[str, Any]) -> None:
+    """The report as PATH.md and ``data`` as PATH.json, when a path is given."""
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python benchmarks/fleet.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    levels = []
     with tempfile.TemporaryDirectory(prefix="hermes-fleet-") as tmp_name:
         tmp = Path(tmp_name)
         model = resolve_model(args.model, tmp)
-        own = None if args.redis_url else LocalRedis.start(tmp / "redis")
-        url = args.redis_url or own.url  # type: ignore[union-attr]
-        levels = []
-        reference = None
-        try:
-            if own is not None:  # a Redis nothing else uses
-                reference = reference_us(url)
-                progress(f"reference load: {reference:.0f} us of Redis CPU a round")
+        with measured_redis(args.redis_url, tmp) as (url, reference):
             for n in args.workers:
                 level = run_level(args, model, url, n, tmp)
                 levels.append(level)
@@ -637,26 +657,19 @@ def main(argv: list[str] | None = None) -> int:
                     f"{level.redis_core:.3f} cores, {level.per_worker_s * 1e3:.1f} ms per "
                     f"worker-second"
                 )
-        finally:
-            if own is not None:
-                own.stop()
     text = report(levels, args, command, reference)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(text)
-        data = {
-            "args": vars(args),
-            "command": command,
-            "reference_us": reference,
-            "levels": [
-                {**asdict(level), "per_worker_s": level.per_worker_s,
-                 "fleet_at_half_core": level.fleet_at_half_core(args.engine_tokens_per_s)}
-                for level in levels
-            ],
-        }  # fmt: skip
-        out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    data = {
+        "args": vars(args),
+        "command": command,
+        "reference_us": reference,
+        "levels": [
+            {**asdict(level), "per_worker_s": level.per_worker_s,
+             "fleet_at_half_core": level.fleet_at_half_core(args.engine_tokens_per_s)}
+            for level in levels
+        ],
+    }  # fmt: skip
+    write_outputs(args.out, text, data)
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import random
 import sys
@@ -44,11 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from fleet import proc_cpu_s, redis_sample, reference_us
+from fleet import measured_redis, proc_cpu_s, redis_sample, write_outputs
 from redis.asyncio import Redis as AsyncRedis
 from serving import progress
 
-from hermes_worker.cli.services import LocalRedis
 from hermes_worker.contract import scripts
 from hermes_worker.contract.store import Keys, encode_event
 from producers.hub import StreamHub
@@ -366,38 +364,27 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/notice_storm.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    with tempfile.TemporaryDirectory(prefix="hermes-storm-") as tmp_name:
-        own = None if args.redis_url else LocalRedis.start(Path(tmp_name) / "redis")
-        url = args.redis_url or own.url  # type: ignore[union-attr]
-        reference = None
-        levels = []
-        try:
-            if own is not None:
-                reference = reference_us(url)
-                progress(f"reference load: {reference:.0f} us of Redis CPU a round")
-            for interval_ms in args.intervals:
-                level = run_level(args, url, interval_ms)
-                levels.append(level)
-                progress(
-                    f"interval {interval_ms:g} ms: Redis {level.redis_cpu_s / level.window_s:.3f} "
-                    f"cores, {level.per_reader_s(level.hub_reads):.1f} XREADs per reader-second"
-                )
-        finally:
-            if own is not None:
-                own.stop()
+    levels = []
+    with (
+        tempfile.TemporaryDirectory(prefix="hermes-storm-") as tmp_name,
+        measured_redis(args.redis_url, Path(tmp_name)) as (url, reference),
+    ):
+        for interval_ms in args.intervals:
+            level = run_level(args, url, interval_ms)
+            levels.append(level)
+            progress(
+                f"interval {interval_ms:g} ms: Redis {level.redis_cpu_s / level.window_s:.3f} "
+                f"cores, {level.per_reader_s(level.hub_reads):.1f} XREADs per reader-second"
+            )
     text = report(levels, args, command, reference)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(text)
-        data = {
-            "args": vars(args),
-            "command": command,
-            "reference_us": reference,
-            "levels": [asdict(level) for level in levels],
-        }
-        out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    data = {
+        "args": vars(args),
+        "command": command,
+        "reference_us": reference,
+        "levels": [asdict(level) for level in levels],
+    }
+    write_outputs(args.out, text, data)
     return 0
 
 
