@@ -492,7 +492,7 @@ class StreamHub:
         self, redis: Redis, prefix: str, *, block_s: float, count: int, interval_s: float = 0.0
     ) -> None:
         self._redis = redis
-        self._interval_s = interval_s
+        self.interval_s = interval_s  # blocking reads at least this far apart (s)
         # When the next blocking read may start (see _run: the pace of a busy client).
         self._paced_until = 0.0
         self._shared_ends = Keys(prefix).ends
@@ -671,7 +671,7 @@ class StreamHub:
         while (self._subs or self._ends) and not self._closed:
             now = time.monotonic()
             if not self._due and now < self._paced_until:
-                # Blocking reads start interval_s apart at most: a client woken by notices
+                # Blocking reads start at least interval_s apart: a client woken by notices
                 # faster than that (its jobs spread over many workers, each flush a notice)
                 # gathers them for one read, where each would otherwise cost Redis a wake-up
                 # of its own. A read that blocked that long already goes again at once.
@@ -701,7 +701,7 @@ class StreamHub:
                     self._notices.cursors
                 )
                 self._wake.reading()
-                self._paced_until = now + self._interval_s
+                self._paced_until = now + self.interval_s
             try:
                 self.reads += 1
                 reply = await self._redis.xread(streams, count=self._count, block=block_ms)

@@ -549,3 +549,37 @@ def test_an_async_client_streams_its_jobs_and_others_by_notice_and_blocking(
     # stream (started, the text, the end), and named the other producer's job nowhere
     assert seen["named"] and set(" ".join(seen["named"]).split()) == {seen["mine"]}
     assert seen["streams"] == [seen["notices"]]
+
+
+def test_a_client_with_a_read_interval_streams_every_job_whole_through_a_worker(
+    harness: Harness,
+) -> None:
+    harness.start()
+    settings = harness.settings.model_copy(update={"client_read_interval_ms": 100.0})
+
+    async def scenario() -> tuple[float, list[list[int]], list[str]]:
+        async with AsyncHermesClient(settings) as client:
+            # Given a client whose hub reads at most every 100 ms, following 6 jobs
+            handles = [await client.submit(job({"text": STORY})) for _ in range(6)]
+
+            async def follow(handle: Any) -> list[int]:
+                return [e.seq async for e in handle.stream(timeout=30)]
+
+            tasks = [asyncio.create_task(follow(h)) for h in handles]
+            # When a worker runs them all
+            for handle in handles:
+                status = await asyncio.to_thread(
+                    lambda j=handle.id: harness.deliver(harness.runtimes[0], j).result(timeout=30)
+                )
+                assert status is JobStatus.SUCCEEDED
+            seqs = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            results = [(await h.result(timeout=10)).job.status for h in handles]
+            return client.hub.interval_s, seqs, results
+
+    interval_s, seqs, results = asyncio.run(scenario())
+    # Then the setting reached the hub
+    assert interval_s == 0.1
+    # And every follower read its job's whole stream, each event once, in order
+    for got in seqs:
+        assert got == list(range(1, len(got) + 1)) and len(got) >= 3, got
+    assert results == ["succeeded"] * 6
