@@ -486,7 +486,10 @@ class StreamHub:
     A flush's notice carries the events it announces too: a follower whose events those
     follow takes them from it (:meth:`Subscription.take`), and its stream is not read at
     all, so a wake-up is one XREAD, not two (about a third fewer XREADs a job in
-    benchmarks/fleet.py)."""
+    benchmarks/fleet.py). ``interval_s`` (``HERMES_CLIENT_READ_INTERVAL_MS``; 0 by default)
+    starts blocking reads at least that far apart: a client whose jobs run on many workers
+    is named by each one's flush, and takes their notices several at a time instead of
+    waking for each (benchmarks/notice_storm.py)."""
 
     def __init__(
         self, redis: Redis, prefix: str, *, block_s: float, count: int, interval_s: float = 0.0
