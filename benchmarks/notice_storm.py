@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Fleet:
     """The virtual fleet's jobs: ``owner[w][i]`` is the client of worker w's job i."""
 
-    prefix: str
+    keys: Keys
     workers: int
     jobs: int
     clients: int
@@ -101,11 +101,11 @@ class Fleet:
         owner = [
             [rng.randrange(args.clients) for _ in range(args.jobs)] for _ in range(args.workers)
         ]
-        return cls(prefix, args.workers, args.jobs, args.clients, owner)
+        return cls(Keys(prefix), args.workers, args.jobs, args.clients, owner)
 
     @property
-    def keys(self) -> Keys:
-        return Keys(self.prefix)
+    def prefix(self) -> str:
+        return self.keys.prefix
 
     def job_id(self, worker: int, job: int) -> str:
         return f"w{worker}-j{job}"
